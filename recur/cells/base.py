@@ -1,0 +1,177 @@
+"""The cell interface every recurrent cell in recur implements, and the helpers cells share.
+
+A cell is a frozen dataclass of hyper-parameters with four pure functions:
+
+    init(key, input_size)          -> params     a pytree of arrays
+    initial_carry(batch_size)      -> carry      a pytree whose leaves have a leading batch axis
+    project(params, xs_BxTxI)      -> us         everything that depends on the inputs only,
+                                                  for all T steps at once (one large matmul)
+    step(params, carry, u_t)       -> (carry, h_t)   one step of the recurrence; h_t is [B, O]
+
+Shape letters: B batch, T time, I input features, H hidden units, G = gates * H, O output
+features (H, or the projection size for LSTMP).
+
+Precision: parameters are stored in ``param_dtype`` (float32 by default); matmuls run in
+``dtype`` and the outputs h_t are ``dtype``; the carry (the state) is kept in
+``state_dtype`` = promote(dtype, float32), so bfloat16 runs keep a float32 state.
+
+Weights follow the layout of the equations (and of PyTorch): an input matrix is ``W_x`` of
+shape [G, I], a recurrent matrix ``W_h`` of shape [G, H]; the Keras kernel is the transpose.
+
+Cells whose recurrence is linear in the state, s_t = a_t * s_{t-1} + b_t with a_t and b_t
+functions of the inputs only, subclass :class:`LinearCell`: they expose that (a, b) form so
+``recur.scan(..., mode="parallel")`` can run them with an associative scan.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+
+class Cell:
+    """Base class of all cells. Subclasses are ``@dataclasses.dataclass(frozen=True)``."""
+
+    hidden_size: int
+    dtype: Any
+    param_dtype: Any
+
+    #: True for cells that implement the (a, b) form of :class:`LinearCell`.
+    linear = False
+
+    # --- the interface -------------------------------------------------------------------
+    def init(self, key: Array, input_size: int) -> PyTree:
+        raise NotImplementedError
+
+    def initial_carry(self, batch_size: int) -> PyTree:
+        return jnp.zeros((batch_size, self.hidden_size), self.state_dtype)
+
+    def project(self, params: PyTree, xs_BxTxI: Array) -> PyTree:
+        raise NotImplementedError
+
+    def step(self, params: PyTree, carry: PyTree, u_t: PyTree) -> tuple[PyTree, Array]:
+        raise NotImplementedError
+
+    # --- derived facts -------------------------------------------------------------------
+    @property
+    def output_size(self) -> int:
+        """Features of each output h_t."""
+        return self.hidden_size
+
+    @property
+    def state_dtype(self):
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+    def input_size(self, params: PyTree) -> int:
+        """The input feature size these params were initialised for."""
+        return int(params["W_x"].shape[-1])
+
+    @property
+    def name(self) -> str:
+        """The registry name with the switches that differ from the defaults."""
+        from recur.cells.registry import name_of
+
+        return name_of(self)
+
+    def _check(self):
+        if not isinstance(self.hidden_size, (int, np.integer)) or self.hidden_size <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: hidden_size must be a positive int, got {self.hidden_size!r}"
+            )
+
+
+class LinearCell(Cell):
+    """A cell whose state obeys s_t = a_t * s_{t-1} + b_t (element-wise), a_t, b_t from inputs.
+
+    Subclasses implement ``coefficients`` and ``readout``; ``step`` follows from them, so the
+    sequential and the parallel scan compute the same function by construction of the (a, b)
+    form, and the test that they agree checks the scan machinery.
+    """
+
+    linear = True
+
+    def coefficients(self, params: PyTree, us: PyTree) -> tuple[Array, Array]:
+        """(a, b) for every step, each [B, T, S] (or [B, S] for a single step's u_t)."""
+        raise NotImplementedError
+
+    def readout(self, params: PyTree, s: Array, us: PyTree) -> Array:
+        """The output h_t from the state s_t (and the step's inputs); works on [B, S] or [B, T, S]."""
+        return s.astype(self.dtype)
+
+    def step(self, params, carry, u_t):
+        a, b = self.coefficients(params, u_t)
+        s = a * carry + b
+        return s, self.readout(params, s, u_t)
+
+
+# --- shared numerics ---------------------------------------------------------------------
+def dense(x: Array, W_GxI: Array, dtype) -> Array:
+    """x @ W.T over the last axis of x, computed in ``dtype`` with float32 accumulation."""
+    acc = jnp.promote_types(dtype, jnp.float32)
+    return jnp.einsum(
+        "...i,gi->...g", x.astype(dtype), W_GxI.astype(dtype), preferred_element_type=acc
+    )
+
+
+def add_bias(x: Array, b: Array) -> Array:
+    """x + b with b broadcast explicitly over the leading axes of x (no rank promotion)."""
+    return x + jnp.reshape(b, (1,) * (x.ndim - b.ndim) + b.shape).astype(x.dtype)
+
+
+def scale(x: Array, w: Array) -> Array:
+    """x * w with w broadcast explicitly over the leading axes of x."""
+    return x * jnp.reshape(w, (1,) * (x.ndim - w.ndim) + w.shape).astype(x.dtype)
+
+
+def layer_norm(x: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> Array:
+    """LayerNorm over the last axis (Ba et al. 2016), in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return add_bias(scale((x - mean) * jax.lax.rsqrt(var + eps), gamma), beta)
+
+
+ACTIVATIONS = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str, where: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"{where}: unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+# --- initialisers --------------------------------------------------------------------------
+def glorot(key: Array, rows: int, cols: int, blocks: int, dtype) -> Array:
+    """[blocks * rows, cols], each gate block Glorot-uniform (Keras' kernel default)."""
+    keys = jax.random.split(key, blocks)
+    init = jax.nn.initializers.glorot_uniform(in_axis=1, out_axis=0)
+    return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=0)
+
+
+def orthogonal(key: Array, rows: int, cols: int, blocks: int, dtype) -> Array:
+    """[blocks * rows, cols], each gate block orthogonal (Keras' recurrent default)."""
+    keys = jax.random.split(key, blocks)
+    init = jax.nn.initializers.orthogonal()
+    return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=0)
+
+
+def uniform(key: Array, shape, bound: float, dtype) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def replace(cell: Cell, **changes) -> Cell:
+    return dataclasses.replace(cell, **changes)

@@ -1,0 +1,65 @@
+"""The Elman RNN (Elman 1990), in the three textbook forms.
+
+    h_t = f(W_x x_t + W_h h_{t-1} + b)
+
+f is tanh (wikidocs, Keras SimpleRNN), relu (WildML's alternative; Le et al. 2015 with an identity
+W_h init) or sigmoid (CS224N lecture 6). ``bias=False`` gives WildML's s_t = f(U x_t + W s_{t-1}).
+The output layer (V s_t, softmax) belongs to the model, not the cell.
+
+Parameters (PyTorch ``nn.RNN`` layout; Keras' ``kernel`` is ``W_x.T``, ``recurrent_kernel`` is
+``W_h.T``; PyTorch's ``bias_ih + bias_hh`` is ``b``):
+    W_x [H, I]   W_h [H, H]   b [H] (absent when bias=False)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from recur.cells import base
+from recur.cells.registry import register
+
+
+@register(
+    "elman",
+    variants={
+        "tanh": dict(activation="tanh"),
+        "relu": dict(activation="relu"),
+        "sigmoid": dict(activation="sigmoid"),
+        "nobias": dict(bias=False),
+    },
+)
+@dataclasses.dataclass(frozen=True)
+class Elman(base.Cell):
+    hidden_size: int
+    activation: str = "tanh"  # tanh | relu | sigmoid
+    bias: bool = True  # False: WildML's bias-free form
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._check()
+        base.activation(self.activation, "elman")
+
+    def init(self, key, input_size):
+        kx, kh = jax.random.split(key)
+        H = self.hidden_size
+        params = {
+            "W_x": base.glorot(kx, H, input_size, 1, self.param_dtype),
+            "W_h": base.orthogonal(kh, H, H, 1, self.param_dtype),
+        }
+        if self.bias:
+            params["b"] = jnp.zeros((H,), self.param_dtype)
+        return params
+
+    def project(self, params, xs_BxTxI):
+        us = base.dense(xs_BxTxI, params["W_x"], self.dtype)
+        return base.add_bias(us, params["b"]) if self.bias else us
+
+    def step(self, params, h_BxH, u_BxH):
+        f = base.activation(self.activation, "elman")
+        pre = u_BxH + base.dense(h_BxH, params["W_h"], self.dtype)
+        h = f(pre).astype(self.state_dtype)
+        return h, h.astype(self.dtype)

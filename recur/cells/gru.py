@@ -1,0 +1,119 @@
+"""The GRU (Cho et al. 2014) in both of its forms, and the MGU (Zhou et al. 2016).
+
+GRU, reset applied after the recurrent matmul (cuDNN, PyTorch ``nn.GRU``, Keras
+``reset_after=True``; the default, ``reset_after=True``):
+
+    r_t = σ(W_r x_t + b_xr + R_r h_{t-1} + b_hr)
+    z_t = σ(W_z x_t + b_xz + R_z h_{t-1} + b_hz)
+    n_t = tanh(W_n x_t + b_xn + r_t ⊙ (R_n h_{t-1} + b_hn))
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+Cho et al.'s original (``gru:cho``, ``reset_after=False``) resets the state before the matmul:
+
+    n_t = tanh(W_n x_t + b_xn + R_n (r_t ⊙ h_{t-1}) + b_hn)
+
+Parameters (PyTorch ``nn.GRU`` layout, gate order r, z, n):
+    W_x [3H, I] (weight_ih_l0)   W_h [3H, H] (weight_hh_l0)   b_x [3H] (bias_ih_l0)   b_h [3H] (bias_hh_l0)
+Keras orders the gates z, r, n: reorder the blocks when loading its kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from recur.cells import base
+from recur.cells.registry import register
+
+
+@register(
+    "gru",
+    variants={
+        "cho": dict(reset_after=False),
+        "reset_before": dict(reset_after=False),
+        "reset_after": dict(reset_after=True),
+    },
+)
+@dataclasses.dataclass(frozen=True)
+class GRU(base.Cell):
+    hidden_size: int
+    reset_after: bool = True  # False: Cho et al. 2014 (reset before the recurrent matmul)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._check()
+
+    def init(self, key, input_size):
+        kx, kh = jax.random.split(key)
+        H, pd = self.hidden_size, self.param_dtype
+        return {
+            "W_x": base.glorot(kx, H, input_size, 3, pd),
+            "W_h": base.orthogonal(kh, H, H, 3, pd),
+            "b_x": jnp.zeros((3 * H,), pd),
+            "b_h": jnp.zeros((3 * H,), pd),
+        }
+
+    def project(self, params, xs_BxTxI):
+        return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b_x"])
+
+    def step(self, params, h_BxH, u_Bx3H):
+        H = self.hidden_size
+        ur, uz, un = jnp.split(u_Bx3H, 3, axis=-1)
+        W_h, b_h = params["W_h"], params["b_h"]
+        if self.reset_after:
+            rr, rz, rn = jnp.split(base.add_bias(base.dense(h_BxH, W_h, self.dtype), b_h), 3, axis=-1)
+            r = jax.nn.sigmoid(ur + rr)
+            z = jax.nn.sigmoid(uz + rz)
+            n = jnp.tanh(un + r * rn)
+        else:
+            rrz = base.add_bias(base.dense(h_BxH, W_h[: 2 * H], self.dtype), b_h[: 2 * H])
+            rr, rz = jnp.split(rrz, 2, axis=-1)
+            r = jax.nn.sigmoid(ur + rr)
+            z = jax.nn.sigmoid(uz + rz)
+            rn = base.add_bias(base.dense(r * h_BxH, W_h[2 * H :], self.dtype), b_h[2 * H :])
+            n = jnp.tanh(un + rn)
+        h = ((1.0 - z) * n + z * h_BxH).astype(self.state_dtype)
+        return h, h.astype(self.dtype)
+
+
+@register("mgu")
+@dataclasses.dataclass(frozen=True)
+class MGU(base.Cell):
+    """Minimal gated unit (Zhou et al. 2016, "Minimal Gated Unit for Recurrent Neural Networks"):
+
+        f_t = σ(W_f x_t + R_f h_{t-1} + b_f)
+        n_t = tanh(W_n x_t + R_n (f_t ⊙ h_{t-1}) + b_n)
+        h_t = (1 - f_t) ⊙ h_{t-1} + f_t ⊙ n_t
+
+    Parameters (gate order f, n): W_x [2H, I], W_h [2H, H], b [2H].
+    """
+
+    hidden_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._check()
+
+    def init(self, key, input_size):
+        kx, kh = jax.random.split(key)
+        H, pd = self.hidden_size, self.param_dtype
+        return {
+            "W_x": base.glorot(kx, H, input_size, 2, pd),
+            "W_h": base.orthogonal(kh, H, H, 2, pd),
+            "b": jnp.zeros((2 * H,), pd),
+        }
+
+    def project(self, params, xs_BxTxI):
+        return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
+
+    def step(self, params, h_BxH, u_Bx2H):
+        H = self.hidden_size
+        uf, un = jnp.split(u_Bx2H, 2, axis=-1)
+        f = jax.nn.sigmoid(uf + base.dense(h_BxH, params["W_h"][:H], self.dtype))
+        n = jnp.tanh(un + base.dense(f * h_BxH, params["W_h"][H:], self.dtype))
+        h = ((1.0 - f) * h_BxH + f * n).astype(self.state_dtype)
+        return h, h.astype(self.dtype)

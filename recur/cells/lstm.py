@@ -1,0 +1,175 @@
+"""The LSTM (Hochreiter & Schmidhuber 1997; forget gate Gers et al. 2000) and the variants of
+Greff et al. 2015, "LSTM: A Search Space Odyssey", plus LSTMP and layer normalisation.
+
+The default is the colah / PyTorch form, without peepholes:
+
+    i_t = σ(W_i x_t + R_i h_{t-1} + p_i ⊙ c_{t-1} + b_i)        input gate
+    f_t = σ(W_f x_t + R_f h_{t-1} + p_f ⊙ c_{t-1} + b_f)        forget gate
+    g_t = act_in(W_g x_t + R_g h_{t-1} + b_g)                     candidate (act_in = tanh)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t
+    o_t = σ(W_o x_t + R_o h_{t-1} + p_o ⊙ c_t + b_o)            output gate
+    h_t = o_t ⊙ act_out(c_t)                                      (act_out = tanh)
+
+The p terms exist only with ``peepholes=True`` (Greff's vanilla LSTM "V"; Gers & Schmidhuber
+2000). Greff's variants are switches:
+
+    NP   peepholes=False              NIG  input_gate=False   (i_t = 1)
+    NFG  forget_gate=False (f_t = 1)  NOG  output_gate=False  (o_t = 1)
+    NIAF input_activation=False (g_t = W_g x + R_g h + b_g)   NOAF output_activation=False (h = o ⊙ c)
+    CIFG coupled=True (f_t = 1 - i_t; no forget-gate weights; b_i starts at -forget_bias)
+    FGR  full_gate_recurrence=True: i, f, o also receive the previous step's i, f, o activations,
+         + R_gates [i_{t-1}; f_{t-1}; o_{t-1}] (nine H×H blocks, kept in the carry as "gates")
+
+Further switches: ``forget_bias`` (initial b_f, Gers et al. 2000 / Jozefowicz et al. 2015);
+``proj_size`` P > 0 gives LSTMP (Sak et al. 2014): h_t = W_p (o_t ⊙ act_out(c_t)), and the
+recurrence reads the projected h; ``layer_norm`` follows Ba et al. 2016:
+pre = LN(W x_t) + LN(R h_{t-1}) + b and h_t = o_t ⊙ act_out(LN(c_t)).
+
+Parameters (gate blocks in PyTorch's order i, f, g, o, leaving out removed gates; n = number of
+gate blocks present, P = proj_size or H):
+    W_x [nH, I]  W_h [nH, P]  b [nH]  (PyTorch: weight_ih_l0, weight_hh_l0, bias_ih + bias_hh;
+    Keras: kernel.T, recurrent_kernel.T, bias; Keras' order i, f, c, o is the same)
+    p_i, p_f, p_o [H] (peepholes)   R_gates [3H, 3H] (FGR)   W_p [P, H] (PyTorch weight_hr_l0)
+    ln_x_scale, ln_x_bias, ln_h_scale, ln_h_bias [nH], ln_c_scale, ln_c_bias [H] (layer_norm)
+Carry: {"h": [B, P], "c": [B, H]} (+ "gates": [B, 3H] with FGR).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from recur.cells import base
+from recur.cells.registry import register
+
+
+@register(
+    "lstm",
+    variants={
+        "vanilla": dict(peepholes=True),
+        "peepholes": dict(peepholes=True),
+        "np": dict(peepholes=False),
+        "nig": dict(input_gate=False),
+        "nfg": dict(forget_gate=False),
+        "nog": dict(output_gate=False),
+        "niaf": dict(input_activation=False),
+        "noaf": dict(output_activation=False),
+        "cifg": dict(coupled=True),
+        "fgr": dict(full_gate_recurrence=True),
+        "ln": dict(layer_norm=True),
+    },
+)
+@dataclasses.dataclass(frozen=True)
+class LSTM(base.Cell):
+    hidden_size: int
+    peepholes: bool = False
+    input_gate: bool = True
+    forget_gate: bool = True
+    output_gate: bool = True
+    input_activation: bool = True
+    output_activation: bool = True
+    coupled: bool = False
+    full_gate_recurrence: bool = False
+    forget_bias: float = 1.0
+    proj_size: int = 0
+    layer_norm: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._check()
+        if self.coupled and not (self.input_gate and self.forget_gate):
+            raise ValueError("lstm: cifg couples the input and forget gates; it needs both (no nig/nfg)")
+        if self.full_gate_recurrence and not (self.input_gate and self.forget_gate and self.output_gate and not self.coupled):
+            raise ValueError("lstm: fgr connects all three gates i, f, o; it cannot be combined with nig/nfg/nog/cifg")
+        if self.proj_size < 0:
+            raise ValueError(f"lstm: proj_size must be >= 0, got {self.proj_size}")
+
+    # gate blocks present in W_x / W_h / b, in order
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        keep = {"i": self.input_gate, "f": self.forget_gate and not self.coupled, "g": True, "o": self.output_gate}
+        return tuple(g for g in "ifgo" if keep[g])
+
+    @property
+    def output_size(self):
+        return self.proj_size or self.hidden_size
+
+    def initial_carry(self, batch_size):
+        zeros = lambda n: jnp.zeros((batch_size, n), self.state_dtype)
+        carry = {"h": zeros(self.output_size), "c": zeros(self.hidden_size)}
+        if self.full_gate_recurrence:
+            carry["gates"] = zeros(3 * self.hidden_size)
+        return carry
+
+    def init(self, key, input_size):
+        H, P, n = self.hidden_size, self.output_size, len(self.blocks)
+        k = iter(jax.random.split(key, 8))
+        pd = self.param_dtype
+        b = jnp.zeros((n, H), pd)
+        if "f" in self.blocks:
+            b = b.at[self.blocks.index("f")].set(self.forget_bias)
+        elif self.coupled:
+            b = b.at[self.blocks.index("i")].set(-self.forget_bias)
+        params = {
+            "W_x": base.glorot(next(k), H, input_size, n, pd),
+            "W_h": base.orthogonal(next(k), H, P, n, pd),
+            "b": b.reshape(n * H),
+        }
+        if self.peepholes:
+            for g in "ifo":
+                if g in self.blocks:  # a removed or coupled gate has no peephole
+                    params[f"p_{g}"] = base.uniform(next(k), (H,), 0.1, pd)
+        if self.full_gate_recurrence:
+            params["R_gates"] = base.orthogonal(next(k), H, 3 * H, 3, pd)
+        if self.proj_size:
+            params["W_p"] = base.glorot(next(k), P, H, 1, pd)
+        if self.layer_norm:
+            for part, size in (("x", n * H), ("h", n * H), ("c", H)):
+                params[f"ln_{part}_scale"] = jnp.ones((size,), pd)
+                params[f"ln_{part}_bias"] = jnp.zeros((size,), pd)
+        return params
+
+    def project(self, params, xs_BxTxI):
+        us = base.dense(xs_BxTxI, params["W_x"], self.dtype)
+        if self.layer_norm:
+            us = base.layer_norm(us, params["ln_x_scale"], params["ln_x_bias"])
+        return base.add_bias(us, params["b"])
+
+    def step(self, params, carry, u_BxG):
+        h, c = carry["h"], carry["c"]
+        rec = base.dense(h, params["W_h"], self.dtype)
+        if self.layer_norm:
+            rec = base.layer_norm(rec, params["ln_h_scale"], params["ln_h_bias"])
+        pre = u_BxG + rec
+        parts = dict(zip(self.blocks, jnp.split(pre, len(self.blocks), axis=-1)))
+        if self.full_gate_recurrence:
+            fg = base.dense(carry["gates"], params["R_gates"], self.dtype)
+            for g, extra in zip("ifo", jnp.split(fg, 3, axis=-1)):
+                parts[g] = parts[g] + extra
+
+        def gate(g, cell_state):
+            z = parts[g]
+            if self.peepholes:
+                z = z + base.scale(cell_state, params[f"p_{g}"])
+            return jax.nn.sigmoid(z)
+
+        i = gate("i", c) if self.input_gate else 1.0
+        if self.coupled:
+            f = 1.0 - i
+        else:
+            f = gate("f", c) if self.forget_gate else 1.0
+        g = jnp.tanh(parts["g"]) if self.input_activation else parts["g"]
+        c_new = (f * c + i * g).astype(self.state_dtype)
+        o = gate("o", c_new) if self.output_gate else 1.0
+        c_out = base.layer_norm(c_new, params["ln_c_scale"], params["ln_c_bias"]) if self.layer_norm else c_new
+        h_new = o * (jnp.tanh(c_out) if self.output_activation else c_out)
+        if self.proj_size:
+            h_new = base.dense(h_new, params["W_p"], self.dtype)
+        h_new = h_new.astype(self.state_dtype)
+        new = {"h": h_new, "c": c_new}
+        if self.full_gate_recurrence:
+            new["gates"] = jnp.concatenate([i, f, o], axis=-1).astype(self.state_dtype)
+        return new, h_new.astype(self.dtype)

@@ -1,0 +1,222 @@
+"""Run any cell over time: ``hs, carry = recur.scan(cell, params, xs_BxTxI, ...)``.
+
+Inputs are batch-major [B, T, I]; the result is every step's output [B, T, O] and the final carry
+(Keras' ``return_sequences`` and ``return_state`` at once).
+
+Semantics, for batch row b:
+- ``initial_carry``: the carry before step 0 (default ``cell.initial_carry(B)``, zeros). Pass the
+  previous window's final carry (under ``jax.lax.stop_gradient``) for truncated BPTT.
+- ``lengths`` [B] ints in [0, T]: a right-padded batch. Steps t >= lengths[b] leave the carry
+  alone and output zeros, so the final carry is the carry after step lengths[b] - 1.
+- ``resets`` [B, T] bools: a packed batch. Where resets[b, t] is true a new sequence begins at t:
+  the carry is replaced by ``reset_carry`` (default ``cell.initial_carry(B)``) before step t.
+- ``reverse=True``: each row's valid part (its first lengths[b] steps) is read from its last step
+  to its first; outputs stay at their original positions and the final carry is the carry after
+  reading step 0. With ``resets``, each packed sequence is read backwards on its own.
+- ``mode="sequential"`` runs ``cell.step`` in ``jax.lax.scan``; ``mode="parallel"`` runs the
+  (a, b) form of a :class:`~recur.cells.base.LinearCell` with ``jax.lax.associative_scan``.
+- ``unroll``: steps per loop iteration of ``jax.lax.scan``.
+- ``remat``: what the backward pass recomputes instead of storing. "none" stores every step's
+  residuals; "step" stores only the carries between steps; "sqrt" stores carries every
+  ceil(sqrt(T)) steps and recomputes each chunk; an int sets that chunk length.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recur.cells.base import Cell
+
+MODES = ("sequential", "parallel")
+
+
+def _concrete(x):
+    """x as a NumPy array, or None while tracing (values unknown until run time)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _bcast(mask_B, leaf):
+    """mask [B] reshaped to broadcast against leaf [B, ...] without rank promotion."""
+    return jnp.reshape(mask_B, mask_B.shape + (1,) * (leaf.ndim - 1))
+
+
+def tree_where(mask_B, on_true, on_false):
+    """Per batch row: the leaves of on_true where mask, of on_false elsewhere."""
+    return jax.tree.map(lambda a, b: jnp.where(_bcast(mask_B, a), a, b), on_true, on_false)
+
+
+def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan"):
+    if not isinstance(cell, Cell):
+        raise TypeError(f"{where}: cell must be a recur cell, got {type(cell).__name__}")
+    if getattr(xs, "ndim", None) != 3:
+        raise ValueError(
+            f"{where}: xs must have shape [batch, time, features], got shape {getattr(xs, 'shape', None)}"
+        )
+    B, T, I = xs.shape
+    expected = cell.input_size(params)
+    if I != expected:
+        raise ValueError(
+            f"{where}: xs has {I} features per step but the {cell.name} params were made for "
+            f"input_size={expected}"
+        )
+    if lengths is not None:
+        if getattr(lengths, "shape", None) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(
+                f"{where}: lengths must be an int array of shape [batch]=({B},), got "
+                f"{getattr(lengths, 'dtype', type(lengths).__name__)} {getattr(lengths, 'shape', '')}"
+            )
+        values = _concrete(lengths)
+        if values is not None and ((values < 0) | (values > T)).any():
+            bad = int(np.flatnonzero((values < 0) | (values > T))[0])
+            raise ValueError(
+                f"{where}: lengths must lie in [0, T={T}]; lengths[{bad}] = {int(values[bad])}"
+            )
+    if resets is not None and getattr(resets, "shape", None) != (B, T):
+        raise ValueError(
+            f"{where}: resets must have shape [batch, time]=({B}, {T}), got {getattr(resets, 'shape', None)}"
+        )
+    if initial_carry is not None:
+        want = jax.eval_shape(cell.initial_carry, B)
+        got_def, want_def = jax.tree.structure(initial_carry), jax.tree.structure(want)
+        if got_def != want_def:
+            raise ValueError(f"{where}: initial_carry must have the structure {want_def}, got {got_def}")
+        for g, w in zip(jax.tree.leaves(initial_carry), jax.tree.leaves(want)):
+            if g.shape != w.shape:
+                raise ValueError(f"{where}: initial_carry leaf has shape {g.shape}, expected {w.shape}")
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "parallel" and not cell.linear:
+        from recur.cells import linear_cells
+
+        raise ValueError(
+            f"{where}: mode='parallel' needs a cell that is linear in its state; {cell.name} is not. "
+            f"Linear cells: {', '.join(linear_cells())}"
+        )
+    if not (remat in ("none", "step", "sqrt") or (isinstance(remat, int) and remat > 0)):
+        raise ValueError(f"{where}: remat must be 'none', 'step', 'sqrt' or a positive int, got {remat!r}")
+
+
+def reverse_index(lengths_B, T: int):
+    """[B, T] gather index that reverses each row's first lengths[b] steps, leaving padding."""
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    n = lengths_B.astype(jnp.int32)[:, None]
+    return jnp.where(t < n, n - 1 - t, t)
+
+
+def _gather_time(x, idx_BxT):
+    return jnp.take_along_axis(x, jnp.reshape(idx_BxT, idx_BxT.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, reset_carry=None,
+         reverse=False, mode="sequential", unroll=1, remat="none"):
+    """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
+    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat)
+    B, T, _ = xs.shape
+    mask = None if lengths is None else jnp.arange(T)[None, :] < lengths[:, None]
+    if resets is not None:
+        resets = resets.astype(bool)
+        if mask is not None:
+            resets = resets & mask
+    if reverse:
+        idx = reverse_index(lengths if lengths is not None else jnp.full((B,), T, jnp.int32), T)
+        xs = _gather_time(xs, idx)
+        if resets is not None:
+            # reading backwards, a sequence that begins at t + 1 ends at t: restart there
+            ends = jnp.concatenate([resets[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+            resets = _gather_time(ends if mask is None else ends & mask, idx)
+    carry0 = cell.initial_carry(B) if initial_carry is None else initial_carry
+    if resets is not None and reset_carry is None:
+        reset_carry = cell.initial_carry(B)
+    us = cell.project(params, xs)
+    run = _parallel if mode == "parallel" else _sequential
+    hs, carry = run(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
+    if mask is not None:
+        hs = jnp.where(mask[:, :, None], hs, jnp.zeros((), hs.dtype))
+    if reverse:
+        hs = _gather_time(hs, idx)
+    return hs, carry
+
+
+def _time_major(tree):
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
+
+
+def _sequential(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T):
+    def body(carry, inputs):
+        u_t, m_t, r_t = inputs
+        if r_t is not None:
+            carry = tree_where(r_t, reset_carry, carry)
+        new, h = cell.step(params, carry, u_t)
+        if m_t is not None:
+            new = tree_where(m_t, new, carry)
+        return new, h
+
+    xs = (_time_major(us), None if mask is None else mask.T, None if resets is None else resets.T)
+    if remat == "none":
+        carry, hs = jax.lax.scan(body, carry0, xs, unroll=unroll)
+    elif remat == "step":
+        carry, hs = jax.lax.scan(jax.checkpoint(body), carry0, xs, unroll=unroll)
+    else:
+        chunk = math.isqrt(T - 1) + 1 if remat == "sqrt" else remat
+        carry, hs = _chunked(body, carry0, xs, T, min(chunk, T), unroll)
+    return jnp.swapaxes(hs, 0, 1), carry
+
+
+def _chunked(body, carry0, xs, T, chunk, unroll):
+    """Scan over chunks of ``chunk`` steps, each recomputed in the backward pass."""
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    u, m, r = xs
+    B = jax.tree.leaves(u)[0].shape[1]
+    if pad:
+        # padded steps are masked out: they leave the carry alone
+        u = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), u)
+        m = jnp.ones((T, B), bool) if m is None else m
+        m = jnp.concatenate([m, jnp.zeros((pad, B), bool)])
+        r = None if r is None else jnp.concatenate([r, jnp.zeros((pad, B), bool)])
+    split = lambda x: None if x is None else jnp.reshape(x, (n, chunk) + x.shape[1:])
+    xs_chunks = (jax.tree.map(split, u), split(m), split(r))
+
+    @jax.checkpoint
+    def run_chunk(carry, chunk_xs):
+        return jax.lax.scan(body, carry, chunk_xs, unroll=unroll)
+
+    carry, hs = jax.lax.scan(run_chunk, carry0, xs_chunks)
+    hs = jnp.reshape(hs, (n * chunk,) + hs.shape[2:])[:T]
+    return carry, hs
+
+
+def _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T):
+    """s_t = a_t s_{t-1} + b_t for all t with an associative scan over (a, b) pairs.
+
+    Resets and the initial carry are folded into the coefficients: where the carry restarts from
+    c (the initial carry at t = 0, the reset carry at a reset), b_t <- a_t c + b_t and a_t <- 0.
+    Padded steps get a = 1, b = 0 so the state passes through unchanged.
+    """
+    a, b = cell.coefficients(params, us)  # [B, T, S]
+    expand = lambda m: m[:, :, None]
+    if mask is not None:
+        a = jnp.where(expand(mask), a, jnp.ones((), a.dtype))
+        b = jnp.where(expand(mask), b, jnp.zeros((), b.dtype))
+    restart = jnp.zeros(a.shape[:2], bool).at[:, 0].set(True)
+    start = jnp.broadcast_to(carry0[:, None, :], a.shape).astype(b.dtype)
+    if resets is not None:
+        restart = restart | resets
+        rc = jnp.broadcast_to(reset_carry[:, None, :], a.shape).astype(b.dtype)
+        start = jnp.where(expand(resets), rc, start)
+    b = jnp.where(expand(restart), a * start + b, b)
+    a = jnp.where(expand(restart), jnp.zeros((), a.dtype), a)
+
+    def combine(left, right):
+        a1, b1 = left
+        a2, b2 = right
+        return a1 * a2, a2 * b1 + b2
+
+    _, states = jax.lax.associative_scan(combine, (a, b), axis=1)
+    return cell.readout(params, states, us), states[:, -1]

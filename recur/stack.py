@@ -1,0 +1,119 @@
+"""Bidirectional and stacked (deep) recurrent layers, built on :func:`recur.scan`.
+
+Bidirectional (Schuster & Paliwal 1997): a forward scan and a padding-aware backward scan
+(``reverse=True``: each sequence's valid part read from its end), merged per step:
+
+    h_t = [h→_t ; h←_t]  (merge="concat", O_fw + O_bw features)  or  h→_t + h←_t  (merge="sum")
+
+Stacked: layer l reads the outputs of layer l - 1, each with its own weights; optional dropout
+between layers (Zaremba et al. 2014; ``locked=True`` uses one mask for every step, Gal &
+Ghahramani 2016) and residual connections h^(l) = scan^(l)(h^(l-1)) + h^(l-1) on every layer but
+the first (Wu et al. 2016).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from recur.cells.base import Cell
+from recur.scan import scan
+
+MERGES = ("concat", "sum")
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, Cell) else tuple(x)
+
+
+def merged_size(cell, merge: str) -> int:
+    """Output features of a bidirectional layer of ``cell`` (a cell or a (forward, backward) pair)."""
+    fw, bw = _pair(cell)
+    if merge not in MERGES:
+        raise ValueError(f"bidirectional: merge must be one of {MERGES}, got {merge!r}")
+    if merge == "sum" and fw.output_size != bw.output_size:
+        raise ValueError(f"bidirectional: merge='sum' needs equal output sizes, got {fw.output_size} and {bw.output_size}")
+    return fw.output_size + bw.output_size if merge == "concat" else fw.output_size
+
+
+def bidirectional(cell, params, xs, *, lengths=None, resets=None, initial_carry=None,
+                  merge="concat", **scan_kwargs):
+    """Run forwards and backwards over xs [B, T, I]; returns (hs [B, T, O'], (carry_fw, carry_bw)).
+
+    ``cell`` is one cell (used in both directions, with separate weights) or a (forward, backward)
+    pair; ``params`` is (params_fw, params_bw); ``initial_carry`` is None or a pair.
+    """
+    fw, bw = _pair(cell)
+    merged_size((fw, bw), merge)
+    p_fw, p_bw = params
+    c_fw, c_bw = (None, None) if initial_carry is None else initial_carry
+    common = dict(lengths=lengths, resets=resets, **scan_kwargs)
+    h_fw, carry_fw = scan(fw, p_fw, xs, initial_carry=c_fw, **common)
+    h_bw, carry_bw = scan(bw, p_bw, xs, initial_carry=c_bw, reverse=True, **common)
+    hs = jnp.concatenate([h_fw, h_bw], axis=-1) if merge == "concat" else h_fw + h_bw
+    return hs, (carry_fw, carry_bw)
+
+
+def init_stack(cells: Sequence[Cell], key, input_size: int, *, bidirectional=False, merge="concat"):
+    """Parameters for :func:`stack`: a list with one entry per layer (a pair when bidirectional)."""
+    params = []
+    for cell, k in zip(cells, jax.random.split(key, len(cells))):
+        if bidirectional:
+            fw, bw = _pair(cell)
+            k_fw, k_bw = jax.random.split(k)
+            params.append((fw.init(k_fw, input_size), bw.init(k_bw, input_size)))
+            input_size = merged_size(cell, merge)
+        else:
+            params.append(cell.init(k, input_size))
+            input_size = cell.output_size
+    return params
+
+
+def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initial_carries=None,
+          bidirectional=False, merge="concat", dropout=0.0, dropout_key=None, locked=False,
+          residual=False, **scan_kwargs):
+    """Run layers of cells over xs [B, T, I]; returns (hs of the top layer, [final carry per layer]).
+
+    ``dropout`` (a rate) is applied to each layer's input except the first, only when a
+    ``dropout_key`` is given (training); ``locked=True`` draws one mask per sequence and feature,
+    shared by all steps. ``residual=True`` adds each layer's input to its output from the second
+    layer on (their sizes must agree).
+    """
+    if len(cells) != len(params):
+        raise ValueError(f"stack: got {len(cells)} cells but {len(params)} parameter sets")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"stack: dropout must be a rate in [0, 1), got {dropout}")
+    layer = _bidirectional_layer(merge) if bidirectional else scan
+    carries = []
+    keys = jax.random.split(dropout_key, len(cells)) if dropout_key is not None else [None] * len(cells)
+    for l, (cell, p, k) in enumerate(zip(cells, params, keys)):
+        inputs = xs
+        if l > 0 and dropout > 0.0 and k is not None:
+            inputs = drop(k, xs, dropout, locked)
+        carry0 = None if initial_carries is None else initial_carries[l]
+        hs, carry = layer(cell, p, inputs, lengths=lengths, resets=resets, initial_carry=carry0, **scan_kwargs)
+        if residual and l > 0:
+            if hs.shape != xs.shape:
+                raise ValueError(
+                    f"stack: residual connection around layer {l} needs equal input and output "
+                    f"sizes, got {xs.shape[-1]} in and {hs.shape[-1]} out"
+                )
+            hs = hs + xs.astype(hs.dtype)
+        carries.append(carry)
+        xs = hs
+    return xs, carries
+
+
+def _bidirectional_layer(merge):
+    def layer(cell, p, xs, **kwargs):
+        return bidirectional(cell, p, xs, merge=merge, **kwargs)
+
+    return layer
+
+
+def drop(key, x_BxTxF, rate: float, locked: bool = False):
+    """Inverted dropout; ``locked`` shares one mask [B, 1, F] across all T steps."""
+    shape = (x_BxTxF.shape[0], 1, x_BxTxF.shape[2]) if locked else x_BxTxF.shape
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jnp.where(keep, x_BxTxF / (1.0 - rate), jnp.zeros((), x_BxTxF.dtype)).astype(x_BxTxF.dtype)
