@@ -7,6 +7,6 @@
 from recur import cells
 from recur.cells import get_cell, linear_cells, list_cells, register
 from recur.scan import scan
-from recur.stack import bidirectional, init_stack, stack
+from recur.layers import bidirectional, init_stack, stack
 
 __all__ = ["cells", "get_cell", "list_cells", "linear_cells", "register", "scan", "bidirectional", "stack", "init_stack"]

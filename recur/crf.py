@@ -66,15 +66,10 @@ def log_likelihood(params: Params, emissions_BxTxK: Array, tags_BxT: Array,
     The training loss is ``-log_likelihood(...).mean()`` (or a sum divided by the tag count).
     """
     _check_shapes(params, emissions_BxTxK, lengths_B)
-    lengths_B = jnp.asarray(lengths_B)
     if jnp.shape(tags_BxT) != emissions_BxTxK.shape[:2]:
         raise ValueError(f"tags have shape {jnp.shape(tags_BxT)}; expected [B, T] = "
                          f"{emissions_BxTxK.shape[:2]} to match the emissions")
-    emissions_BxTxK, mask_BxT, trans_KxK, start_K, end_K = _prepare(params, emissions_BxTxK,
-                                                                    lengths_B)
-    return _path_score(emissions_BxTxK, tags_BxT, mask_BxT, lengths_B, trans_KxK, start_K,
-                       end_K) - _log_partition(emissions_BxTxK, mask_BxT, trans_KxK, start_K,
-                                               end_K, lengths_B)
+    return _log_likelihood(params, emissions_BxTxK, jnp.asarray(tags_BxT), jnp.asarray(lengths_B))
 
 
 def viterbi(params: Params, emissions_BxTxK: Array, lengths_B: Array) -> tuple[Array, Array]:
@@ -83,7 +78,23 @@ def viterbi(params: Params, emissions_BxTxK: Array, lengths_B: Array) -> tuple[A
     Padded positions (t >= length) hold tag 0. Ties go to the lowest tag index.
     """
     _check_shapes(params, emissions_BxTxK, lengths_B)
-    lengths_B = jnp.asarray(lengths_B)
+    return _viterbi(params, emissions_BxTxK, jnp.asarray(lengths_B))
+
+
+# The checks above run in Python on every call; the computations below are jitted once per
+# shape (they also nest inside a caller's jit, grad or vmap).
+
+@jax.jit
+def _log_likelihood(params, emissions_BxTxK, tags_BxT, lengths_B):
+    emissions_BxTxK, mask_BxT, trans_KxK, start_K, end_K = _prepare(params, emissions_BxTxK,
+                                                                    lengths_B)
+    return _path_score(emissions_BxTxK, tags_BxT, mask_BxT, lengths_B, trans_KxK, start_K,
+                       end_K) - _log_partition(emissions_BxTxK, mask_BxT, trans_KxK, start_K,
+                                               end_K, lengths_B)
+
+
+@jax.jit
+def _viterbi(params, emissions_BxTxK, lengths_B):
     emissions_BxTxK, mask_BxT, trans_KxK, start_K, end_K = _prepare(params, emissions_BxTxK,
                                                                     lengths_B)
     emissions_TxBxK = jnp.swapaxes(emissions_BxTxK, 0, 1)

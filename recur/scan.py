@@ -82,7 +82,7 @@ def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat,
             f"{where}: resets must have shape [batch, time]=({B}, {T}), got {getattr(resets, 'shape', None)}"
         )
     if initial_carry is not None:
-        want = jax.eval_shape(cell.initial_carry, B)
+        want = jax.eval_shape(lambda: cell.initial_carry(B))
         got_def, want_def = jax.tree.structure(initial_carry), jax.tree.structure(want)
         if got_def != want_def:
             raise ValueError(f"{where}: initial_carry must have the structure {want_def}, got {got_def}")

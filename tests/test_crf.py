@@ -144,9 +144,9 @@ def test_gradients_match_finite_differences_in_float64():
         params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
         emissions64 = jnp.asarray(np.nan_to_num(emissions, nan=0.0), jnp.float64)
         lengths, tags64 = jnp.asarray(LENGTHS), jnp.asarray(tags)
-        ll = lambda p, e: crf.log_likelihood(p, e, tags64, lengths)
+        ll = jax.jit(lambda p, e: crf.log_likelihood(p, e, tags64, lengths))
         assert ll(params64, emissions64).dtype == jnp.float64
-        check_grads(ll, (params64, emissions64), order=2, modes=("fwd", "rev"))
+        check_grads(ll, (params64, emissions64), order=1, modes=("fwd", "rev"))
 
 
 def test_jit_gives_the_same_results():

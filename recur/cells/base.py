@@ -130,8 +130,8 @@ def scale(x: Array, w: Array) -> Array:
 
 
 def layer_norm(x: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> Array:
-    """LayerNorm over the last axis (Ba et al. 2016), in float32."""
-    x = x.astype(jnp.float32)
+    """LayerNorm over the last axis (Ba et al. 2016), in float32 or wider."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return add_bias(scale((x - mean) * jax.lax.rsqrt(var + eps), gamma), beta)
@@ -159,14 +159,19 @@ def glorot(key: Array, rows: int, cols: int, blocks: int, dtype) -> Array:
     """[blocks * rows, cols], each gate block Glorot-uniform (Keras' kernel default)."""
     keys = jax.random.split(key, blocks)
     init = jax.nn.initializers.glorot_uniform(in_axis=1, out_axis=0)
-    return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=0)
+    return jnp.concatenate([init(k, (rows, cols), _init_dtype(dtype)) for k in keys], axis=0).astype(dtype)
 
 
 def orthogonal(key: Array, rows: int, cols: int, blocks: int, dtype) -> Array:
     """[blocks * rows, cols], each gate block orthogonal (Keras' recurrent default)."""
     keys = jax.random.split(key, blocks)
     init = jax.nn.initializers.orthogonal()
-    return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=0)
+    return jnp.concatenate([init(k, (rows, cols), _init_dtype(dtype)) for k in keys], axis=0).astype(dtype)
+
+
+def _init_dtype(dtype):
+    """Draw in float32 (or float64) and cast: QR and friends do not take half precision."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def uniform(key: Array, shape, bound: float, dtype) -> Array:

@@ -2,8 +2,9 @@
 
     h_t = f(W_x x_t + W_h h_{t-1} + b)
 
-f is tanh (wikidocs, Keras SimpleRNN), relu (WildML's alternative; Le et al. 2015 with an identity
-W_h init) or sigmoid (CS224N lecture 6). ``bias=False`` gives WildML's s_t = f(U x_t + W s_{t-1}).
+f is tanh (wikidocs, Keras SimpleRNN), relu (WildML's alternative) or sigmoid (CS224N lecture 6).
+W_h starts orthogonal whatever f is (for Le et al. 2015's IRNN, set it to the identity).
+``bias=False`` gives WildML's s_t = f(U x_t + W s_{t-1}).
 The output layer (V s_t, softmax) belongs to the model, not the cell.
 
 Parameters (PyTorch ``nn.RNN`` layout; Keras' ``kernel`` is ``W_x.T``, ``recurrent_kernel`` is

@@ -23,13 +23,15 @@ The p terms exist only with ``peepholes=True`` (Greff's vanilla LSTM "V"; Gers &
 Further switches: ``forget_bias`` (initial b_f, Gers et al. 2000 / Jozefowicz et al. 2015);
 ``proj_size`` P > 0 gives LSTMP (Sak et al. 2014): h_t = W_p (o_t ⊙ act_out(c_t)), and the
 recurrence reads the projected h; ``layer_norm`` follows Ba et al. 2016:
-pre = LN(W x_t) + LN(R h_{t-1}) + b and h_t = o_t ⊙ act_out(LN(c_t)).
+pre = LN(W x_t) + LN(R h_{t-1}) + b and h_t = o_t ⊙ act_out(LN(c_t)); peephole and FGR terms are
+added after the normalisation.
 
 Parameters (gate blocks in PyTorch's order i, f, g, o, leaving out removed gates; n = number of
 gate blocks present, P = proj_size or H):
     W_x [nH, I]  W_h [nH, P]  b [nH]  (PyTorch: weight_ih_l0, weight_hh_l0, bias_ih + bias_hh;
     Keras: kernel.T, recurrent_kernel.T, bias; Keras' order i, f, c, o is the same)
-    p_i, p_f, p_o [H] (peepholes)   R_gates [3H, 3H] (FGR)   W_p [P, H] (PyTorch weight_hr_l0)
+    p_i, p_f, p_o [H] (peepholes, for the gates that exist: cifg has no p_f, nig no p_i, nog no p_o)
+    R_gates [3H, 3H] (FGR)   W_p [P, H] (PyTorch weight_hr_l0)
     ln_x_scale, ln_x_bias, ln_h_scale, ln_h_bias [nH], ln_c_scale, ln_c_bias [H] (layer_norm)
 Carry: {"h": [B, P], "c": [B, H]} (+ "gates": [B, 3H] with FGR).
 """

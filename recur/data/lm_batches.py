@@ -16,19 +16,17 @@ L - 1 (input, target) pairs; when T does not divide L - 1 the last window is sho
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
+from recur.data.epochs import EpochIterator
 
-class LMBatches:
+
+class LMBatches(EpochIterator):
     """Iterates over (inputs [B, T], targets [B, T]) int32 windows of a token stream.
 
-    Iterating yields the remaining batches of the current epoch and then moves to the next
-    epoch, so `for inputs, targets in batches:` is one epoch. `state_dict()` taken after any
-    batch, loaded into a fresh `LMBatches` of the same stream, continues with exactly the
-    batches that an uninterrupted run would read next (the recurrent state of the model is
-    not part of it: checkpoint it with the model).
+    `for inputs, targets in batches:` runs the rest of the current epoch (see
+    `EpochIterator`); every epoch reads the same batches. `state_dict()` / `load_state_dict()`
+    resume exactly; the model's recurrent state is not part of it: checkpoint it with the model.
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, *,
@@ -48,11 +46,14 @@ class LMBatches:
         self.num_dropped = len(ids_N) - batch_size * stream_len  # tail that fills no stream
         self.seq_len = seq_len
         self.drop_last = drop_last
-        self.epoch = 0
-        self.position = 0  # index of the next batch within the epoch
+        self.epoch, self.position = 0, 0
+        if self.num_batches == 0:
+            raise ValueError(f"Streams of {stream_len} tokens hold no full window of "
+                             f"{seq_len} steps, and drop_last=True drops the partial one.")
 
     @property
     def batch_size(self) -> int:
+        """B, the number of parallel streams."""
         return self.streams_BxL.shape[0]
 
     @property
@@ -61,40 +62,15 @@ class LMBatches:
         steps = self.streams_BxL.shape[1] - 1
         return steps // self.seq_len if self.drop_last else -(-steps // self.seq_len)
 
-    def __len__(self) -> int:
-        return self.num_batches
-
     def batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns batch k of an epoch: inputs int32 [B, T'] and targets int32 [B, T'].
 
         targets[:, t] == inputs[:, t + 1] within the window, and the targets' last column is
         the input that the next window starts with. T' = T except for a shorter last window.
         """
-        if not 0 <= k < self.num_batches:
-            raise IndexError(f"Batch {k} out of range; an epoch has {self.num_batches}.")
+        self._check_index(k)
         start = k * self.seq_len
         stop = min(start + self.seq_len, self.streams_BxL.shape[1] - 1)
         inputs_BxT = self.streams_BxL[:, start:stop].copy()
         targets_BxT = self.streams_BxL[:, start + 1:stop + 1].copy()
         return inputs_BxT, targets_BxT
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields the remaining batches of the current epoch, then starts the next epoch."""
-        while self.position < self.num_batches:
-            k = self.position
-            self.position += 1  # counted before yielding: a state taken now resumes after it
-            yield self.batch(k)
-        self.epoch += 1
-        self.position = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Returns where the iteration stands: {"epoch": int, "position": int}."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continues from a `state_dict()` of an `LMBatches` over the same data and sizes."""
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.num_batches:
-            raise ValueError(f"State {state} does not fit: an epoch has {self.num_batches} "
-                             "batches (the data or the batch sizes differ from the saved run?).")
-        self.epoch, self.position = epoch, position

@@ -38,19 +38,21 @@ def merged_size(cell, merge: str) -> int:
 
 
 def bidirectional(cell, params, xs, *, lengths=None, resets=None, initial_carry=None,
-                  merge="concat", **scan_kwargs):
+                  reset_carry=None, merge="concat", **scan_kwargs):
     """Run forwards and backwards over xs [B, T, I]; returns (hs [B, T, O'], (carry_fw, carry_bw)).
 
     ``cell`` is one cell (used in both directions, with separate weights) or a (forward, backward)
-    pair; ``params`` is (params_fw, params_bw); ``initial_carry`` is None or a pair.
+    pair; ``params`` is (params_fw, params_bw); ``initial_carry`` and ``reset_carry`` are None or
+    (forward, backward) pairs.
     """
     fw, bw = _pair(cell)
     merged_size((fw, bw), merge)
     p_fw, p_bw = params
     c_fw, c_bw = (None, None) if initial_carry is None else initial_carry
+    r_fw, r_bw = (None, None) if reset_carry is None else reset_carry
     common = dict(lengths=lengths, resets=resets, **scan_kwargs)
-    h_fw, carry_fw = scan(fw, p_fw, xs, initial_carry=c_fw, **common)
-    h_bw, carry_bw = scan(bw, p_bw, xs, initial_carry=c_bw, reverse=True, **common)
+    h_fw, carry_fw = scan(fw, p_fw, xs, initial_carry=c_fw, reset_carry=r_fw, **common)
+    h_bw, carry_bw = scan(bw, p_bw, xs, initial_carry=c_bw, reset_carry=r_bw, reverse=True, **common)
     hs = jnp.concatenate([h_fw, h_bw], axis=-1) if merge == "concat" else h_fw + h_bw
     return hs, (carry_fw, carry_bw)
 
@@ -71,9 +73,12 @@ def init_stack(cells: Sequence[Cell], key, input_size: int, *, bidirectional=Fal
 
 
 def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initial_carries=None,
-          bidirectional=False, merge="concat", dropout=0.0, dropout_key=None, locked=False,
+          reset_carries=None, bidirectional=False, merge="concat", dropout=0.0, dropout_key=None, locked=False,
           residual=False, **scan_kwargs):
     """Run layers of cells over xs [B, T, I]; returns (hs of the top layer, [final carry per layer]).
+
+    ``initial_carries`` and ``reset_carries`` are None or one entry per layer (a pair when
+    bidirectional), passed to :func:`recur.scan` as ``initial_carry`` and ``reset_carry``.
 
     ``dropout`` (a rate) is applied to each layer's input except the first, only when a
     ``dropout_key`` is given (training); ``locked=True`` draws one mask per sequence and feature,
@@ -92,7 +97,9 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
         if l > 0 and dropout > 0.0 and k is not None:
             inputs = drop(k, xs, dropout, locked)
         carry0 = None if initial_carries is None else initial_carries[l]
-        hs, carry = layer(cell, p, inputs, lengths=lengths, resets=resets, initial_carry=carry0, **scan_kwargs)
+        reset0 = None if reset_carries is None else reset_carries[l]
+        hs, carry = layer(cell, p, inputs, lengths=lengths, resets=resets, initial_carry=carry0,
+                          reset_carry=reset0, **scan_kwargs)
         if residual and l > 0:
             if hs.shape != xs.shape:
                 raise ValueError(
