@@ -1,0 +1,164 @@
+"""A sentence classifier: embeddings -> recurrent encoder -> pooled sentence vector -> MLP.
+
+    model = Classifier(vocab_size, num_classes, embed_dim=100, hidden_size=128, cell="lstm",
+                       bidirectional=True, pooling="max", embed_dropout=0.1, dropout=0.3,
+                       rngs=nnx.Rngs(0))
+    logits_BxC = model(tokens_BxT, lengths_B, dropout_key=key)   # a key only when training
+
+Shape letters: B batch, T time (padded sentence length), E embedding size, O the encoder's
+output features per step (H, or 2H when bidirectional), D the sentence embedding (= O),
+C classes.
+
+Pooling turns the encoder outputs h_1 .. h_L of a sentence of L words into one vector
+(Conneau et al. 2017, "Supervised Learning of Universal Sentence Representations", compare the
+three on the same encoders):
+
+    "last":  [h→_L ; h←_1]         the forward state after the last word and the backward state
+                                   after reading back to the first (just h_L if unidirectional)
+    "mean":  (1 / L) sum_t h_t     over the L valid steps only
+    "max":   max_t h_t             per feature, over the L valid steps only (padding is -inf)
+
+A sentence of length 0 pools to zeros with each of the three.
+
+"last" reads the outputs at steps L - 1 (forward) and 0 (backward) rather than the final
+carries the RNN returns: the two agree for cells whose carry holds the output (LSTM's "h", GRU,
+Elman; the tests check it against the carries), but not every cell's carry is its output (the
+LRU's carry is a complex state read out through C and D; the depth-gated LSTM's holds every
+inner layer), and the outputs are there for every cell.
+
+Dropout is applied only when a ``dropout_key`` is given (training), in three places:
+- ``embed_dropout``: word-level dropout (Iyyer et al. 2015, "Deep Unordered Composition Rivals
+  Syntactic Methods"; Dai & Le 2015): each word's whole embedding vector is zeroed with
+  probability p and the kept ones scaled by 1 / (1 - p), so the encoder learns not to rely on
+  any single word. (Feature-wise dropout on embeddings mostly adds noise to every word alike.)
+- ``dropout`` between recurrent layers (``locked_dropout=True``: one mask per sentence shared by
+  every step, Gal & Ghahramani 2016), and on the sentence embedding before the MLP.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from recur.nnx import RNN
+
+POOLINGS = ("last", "mean", "max")
+
+
+def valid_mask(lengths_B, T: int):
+    """[B, T] bools, True at the first lengths[b] steps of row b."""
+    return jnp.arange(T)[None, :] < lengths_B[:, None]
+
+
+def word_dropout(key, x_BxTxE, rate: float):
+    """Zeroes whole vectors x[b, t] with probability ``rate``; keeps the rest scaled by 1/(1-rate)."""
+    keep_BxTx1 = jax.random.bernoulli(key, 1.0 - rate, x_BxTxE.shape[:2] + (1,))
+    return jnp.where(keep_BxTx1, x_BxTxE / (1.0 - rate), jnp.zeros((), x_BxTxE.dtype)).astype(x_BxTxE.dtype)
+
+
+def element_dropout(key, x, rate: float):
+    """Inverted dropout of every element of x."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def pool_last(hs_BxTxO, lengths_B, bidirectional: bool):
+    """[forward output at step L - 1 ; backward output at step 0] per row (padded steps are zero).
+
+    ``hs`` is a (concatenated, when bidirectional) recur RNN output whose padded steps are zero,
+    so a length-0 row gives zeros. Unidirectional: the output at step L - 1.
+    """
+    last_B = jnp.maximum(lengths_B - 1, 0)
+    at_last_BxO = jnp.take_along_axis(hs_BxTxO, last_B[:, None, None], axis=1)[:, 0]
+    if not bidirectional:
+        return at_last_BxO
+    half = hs_BxTxO.shape[-1] // 2
+    return jnp.concatenate([at_last_BxO[:, :half], hs_BxTxO[:, 0, half:]], axis=-1)
+
+
+def pool(hs_BxTxO, lengths_B, pooling: str, bidirectional: bool):
+    """The sentence vector [B, O] from the encoder outputs (see the module docstring)."""
+    if pooling == "last":
+        return pool_last(hs_BxTxO, lengths_B, bidirectional)
+    mask_BxTx1 = valid_mask(lengths_B, hs_BxTxO.shape[1])[:, :, None]
+    if pooling == "mean":
+        total_BxO = jnp.sum(jnp.where(mask_BxTx1, hs_BxTxO, 0), axis=1)
+        count_Bx1 = jnp.maximum(lengths_B, 1)[:, None].astype(total_BxO.dtype)
+        return total_BxO / count_Bx1
+    if pooling == "max":
+        top_BxO = jnp.max(jnp.where(mask_BxTx1, hs_BxTxO, -jnp.inf), axis=1)
+        return jnp.where(lengths_B[:, None] > 0, top_BxO, 0)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def check_rate(name: str, rate: float, where: str):
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{where}: {name} must be a rate in [0, 1), got {rate}")
+
+
+class Classifier(nnx.Module):
+    """Sentence classification: ``model(tokens_BxT, lengths_B) -> logits [B, num_classes]``.
+
+    ``cell`` is a registry name (``"lstm"``, ``"gru"``, ``"lstm:cifg"`` ...). ``mlp_hidden=0`` puts
+    a single linear layer on the sentence embedding; otherwise Linear -> ReLU -> Linear.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int, hidden_size: int,
+                 cell: str = "lstm", num_layers: int = 1, bidirectional: bool = False,
+                 pooling: str = "last", mlp_hidden: int = 0, embed_dropout: float = 0.0,
+                 dropout: float = 0.0, locked_dropout: bool = False, rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_rate("embed_dropout", embed_dropout, "Classifier")
+        check_rate("dropout", dropout, "Classifier")
+        self.pooling, self.bidirectional = pooling, bidirectional
+        self.embed_dropout, self.dropout = embed_dropout, dropout
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.rnn = RNN(cell, embed_dim, hidden_size=hidden_size, num_layers=num_layers,
+                       bidirectional=bidirectional, dropout=dropout, locked_dropout=locked_dropout,
+                       rngs=rngs)
+        D = self.rnn.output_size
+        if mlp_hidden:
+            self.hidden = nnx.Linear(D, mlp_hidden, rngs=rngs)
+            self.out = nnx.Linear(mlp_hidden, num_classes, rngs=rngs)
+        else:
+            self.hidden = None
+            self.out = nnx.Linear(D, num_classes, rngs=rngs)
+
+    @property
+    def sentence_size(self) -> int:
+        """D, the features of :meth:`embed_sentence`."""
+        return self.rnn.output_size
+
+    def encode(self, tokens_BxT, lengths_B, *, dropout_key=None):
+        """The encoder's outputs and final carries: (hs [B, T, D], [carry per layer])."""
+        xs_BxTxE = self.embed(tokens_BxT)
+        k_embed, k_rnn = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        if k_embed is not None and self.embed_dropout > 0.0:
+            xs_BxTxE = word_dropout(k_embed, xs_BxTxE, self.embed_dropout)
+        return self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
+
+    def embed_sentence(self, tokens_BxT, lengths_B, *, dropout_key=None):
+        """The pooled sentence embedding [B, D]."""
+        hs_BxTxD, _ = self.encode(tokens_BxT, lengths_B, dropout_key=dropout_key)
+        return pool(hs_BxTxD, lengths_B, self.pooling, self.bidirectional)
+
+    def __call__(self, tokens_BxT, lengths_B, *, dropout_key=None):
+        """Logits [B, num_classes]; dropout only when ``dropout_key`` is given."""
+        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        s_BxD = self.embed_sentence(tokens_BxT, lengths_B, dropout_key=k_encode)
+        if k_head is not None and self.dropout > 0.0:
+            s_BxD = element_dropout(k_head, s_BxD, self.dropout)
+        if self.hidden is not None:
+            s_BxD = jax.nn.relu(self.hidden(s_BxD))
+        return self.out(s_BxD)
+
+    def loss(self, batch, *, dropout_key=None):
+        """Mean cross-entropy of ``batch["labels"]`` over the batch, a scalar."""
+        logits_BxC = self(batch["tokens"], batch["lengths"], dropout_key=dropout_key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+
+    def predict(self, batch):
+        """The most likely class of each sentence, int32 [B]."""
+        return jnp.argmax(self(batch["tokens"], batch["lengths"]), axis=-1).astype(jnp.int32)

@@ -1,0 +1,1 @@
+"""Training: optimisers, checkpoints, metric logging and the task loops."""

@@ -1,0 +1,135 @@
+"""recur.models.classifier: pooling over valid steps only, padding invariance, dropout, learning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from recur.models.classifier import Classifier
+
+V, C = 20, 3  # vocabulary, classes
+TOKENS = np.array([[3, 4, 5, 6, 7],
+                   [8, 9, 0, 0, 0],
+                   [10, 11, 12, 13, 0],
+                   [0, 0, 0, 0, 0]], np.int32)
+LENGTHS = np.array([5, 2, 4, 0], np.int32)  # a length-0 row pools to zeros
+
+
+# Eager calls re-trace the scans on every call (about a second each here); jitted, once per shape.
+logits_of = nnx.jit(lambda model, tokens, lengths, key: model(tokens, lengths, dropout_key=key))
+sentence_of = nnx.jit(lambda model, tokens, lengths: model.embed_sentence(tokens, lengths))
+encode = nnx.jit(lambda model, tokens, lengths: model.encode(tokens, lengths))
+predict = nnx.jit(lambda model, batch: model.predict(batch))
+
+
+def make(pooling="last", bidirectional=False, cell="lstm", seed=0, **kwargs):
+    kwargs = dict(dict(embed_dim=6, hidden_size=5, num_layers=2), **kwargs)
+    return Classifier(V, C, cell=cell, bidirectional=bidirectional, pooling=pooling,
+                      rngs=nnx.Rngs(seed), **kwargs)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("mlp_hidden", [0, 7])
+def test_shapes(pooling, bidirectional, mlp_hidden):
+    model = make(pooling, bidirectional, mlp_hidden=mlp_hidden)
+    D = 10 if bidirectional else 5
+    assert model.sentence_size == D
+    batch = {"tokens": TOKENS, "lengths": LENGTHS, "labels": np.array([0, 1, 2, 0], np.int32)}
+    shapes = nnx.eval_shape(lambda m: (m.embed_sentence(TOKENS, LENGTHS), m(TOKENS, LENGTHS),
+                                       m(TOKENS, LENGTHS, dropout_key=jax.random.key(0)),
+                                       m.loss(batch), m.predict(batch)), model)
+    sentence, logits, dropped, loss, pred = shapes
+    assert sentence.shape == (4, D)
+    assert logits.shape == dropped.shape == (4, C)
+    assert loss.shape == ()
+    assert pred.shape == (4,) and pred.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("pooling,bidirectional", [("last", False), ("last", True), ("mean", True),
+                                                   ("max", True)])
+def test_padding_does_not_change_logits(pooling, bidirectional):
+    model = make(pooling, bidirectional, mlp_hidden=4)
+    logits = logits_of(model, TOKENS, LENGTHS, None)
+    # other ids in the padded positions, then three more padding columns of non-zero ids
+    mask = np.arange(5)[None, :] < LENGTHS[:, None]
+    noisy = np.where(mask, TOKENS, 17)
+    wider = np.concatenate([noisy, np.full((4, 3), 19, np.int32)], axis=1)
+    np.testing.assert_allclose(logits_of(model, noisy, LENGTHS, None), logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits_of(model, wider, LENGTHS, None), logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mean_and_max_pool_over_valid_steps(pooling, bidirectional):
+    model = make(pooling, bidirectional)
+    hs, _ = encode(model, TOKENS, LENGTHS)
+    hs = np.asarray(hs)
+    want = np.zeros((4, hs.shape[-1]), np.float32)
+    for b, L in enumerate(LENGTHS):
+        if L:
+            want[b] = hs[b, :L].mean(0) if pooling == "mean" else hs[b, :L].max(0)
+    np.testing.assert_allclose(sentence_of(model, TOKENS, LENGTHS), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm:proj_size=3"])
+def test_bidirectional_last_is_forward_last_and_backward_first(cell):
+    model = make("last", True, cell=cell)
+    hs, carries = encode(model, TOKENS, LENGTHS)
+    hs = np.asarray(hs)
+    half = hs.shape[-1] // 2
+    want = np.stack([np.concatenate([hs[b, max(L - 1, 0), :half], hs[b, 0, half:]])
+                     for b, L in enumerate(LENGTHS)])
+    got = sentence_of(model, TOKENS, LENGTHS)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # the same as the top layer's final carries, which the scan keeps at each row's last valid step
+    fw, bw = carries[-1]
+    h = (lambda c: c["h"]) if cell.startswith("lstm") else (lambda c: c)
+    np.testing.assert_allclose(got, np.concatenate([h(fw), h(bw)], axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_with_a_key():
+    model = make("mean", True, mlp_hidden=4, embed_dropout=0.3, dropout=0.3, locked_dropout=True)
+    plain = logits_of(model, TOKENS, LENGTHS, None)
+    np.testing.assert_array_equal(logits_of(model, TOKENS, LENGTHS, None), plain)
+    a = logits_of(model, TOKENS, LENGTHS, jax.random.key(1))
+    b = logits_of(model, TOKENS, LENGTHS, jax.random.key(2))
+    np.testing.assert_array_equal(logits_of(model, TOKENS, LENGTHS, jax.random.key(1)), a)
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+
+
+def test_unknown_pooling_is_an_error():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        make("sum")
+
+
+def keyword_task(n=16, T=7, seed=0):
+    """Sentence b has class labels[b], marked by one occurrence of keyword id 1 + labels[b]
+    among random filler ids >= 4; lengths vary from 3 to T."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, n).astype(np.int32)
+    lengths = rng.integers(3, T + 1, n).astype(np.int32)
+    tokens = np.zeros((n, T), np.int32)
+    for b in range(n):
+        tokens[b, :lengths[b]] = rng.integers(4, V, lengths[b])
+        tokens[b, rng.integers(0, lengths[b])] = 1 + labels[b]
+    return {"tokens": tokens, "lengths": lengths, "labels": labels}
+
+
+@pytest.mark.parametrize("pooling,bidirectional", [("last", True), ("max", False)])
+def test_overfits_a_tiny_task(pooling, bidirectional):
+    batch = keyword_task()
+    model = make(pooling, bidirectional, embed_dim=16, hidden_size=16, num_layers=1, mlp_hidden=16,
+                 embed_dropout=0.1, dropout=0.1)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch, key):
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(batch, dropout_key=key))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for key in jax.random.split(jax.random.key(0), 100):
+        train_step(model, optimizer, batch, key)
+    np.testing.assert_array_equal(predict(model, batch), batch["labels"])
