@@ -122,7 +122,7 @@ def train(config, workdir) -> dict:
     batches = LMBatches(splits["train"], c_data.batch_size, c_data.seq_len)
     total_steps = c_train.max_steps or c_train.epochs * batches.num_batches
     schedule = Schedule(c_opt.schedule, c_opt.lr, total_steps=total_steps, warmup_steps=c_opt.warmup_steps,
-                        decay=c_opt.decay, decay_start=c_opt.decay_start, patience=c_opt.patience,
+                        decay=c_opt.decay, decay_after=c_opt.decay_after, patience=c_opt.patience,
                         min_lr=c_opt.min_lr)
     ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric="valid_loss")
     restored = ckpt.restore(state)

@@ -46,7 +46,8 @@ class Schedule:
     """The learning rate as a function of step and epoch, plus decay-on-plateau state.
 
     constant: lr.  cosine: linear warmup then cosine decay to min_lr over total_steps.
-    epoch_decay: lr * decay ** max(0, epoch + 1 - decay_start) (Zaremba et al. 2014, 1-based epochs).
+    epoch_decay: lr * decay ** max(0, epoch + 1 - decay_after), epoch counted from 0: the first
+    ``decay_after`` epochs run at lr (Zaremba et al. 2014's max_epoch).
     plateau: lr is multiplied by ``decay`` whenever the validation loss fails to improve on the
     best by ``1e-4`` relative ``patience`` times in a row; never below min_lr.
     """
@@ -56,7 +57,7 @@ class Schedule:
     total_steps: int = 0
     warmup_steps: int = 0
     decay: float = 0.5
-    decay_start: int = 0
+    decay_after: int = 0
     patience: int = 0
     min_lr: float = 0.0
     # plateau state
@@ -74,7 +75,7 @@ class Schedule:
         if self.kind == "constant":
             return self.lr
         if self.kind == "epoch_decay":
-            return max(self.min_lr, self.lr * self.decay ** max(0, epoch + 1 - self.decay_start))
+            return max(self.min_lr, self.lr * self.decay ** max(0, epoch + 1 - self.decay_after))
         if self.kind == "plateau":
             return self.current
         if step < self.warmup_steps:
