@@ -119,8 +119,17 @@ def _bidirectional_layer(merge):
     return layer
 
 
-def drop(key, x_BxTxF, rate: float, locked: bool = False):
-    """Inverted dropout; ``locked`` shares one mask [B, 1, F] across all T steps."""
-    shape = (x_BxTxF.shape[0], 1, x_BxTxF.shape[2]) if locked else x_BxTxF.shape
+def drop(key, x, rate: float, locked: bool = False, whole_vectors: bool = False):
+    """Inverted dropout of x (any shape): kept values are scaled by 1 / (1 - rate).
+
+    ``locked`` (x [B, T, F]) shares one mask [B, 1, F] across all T steps (Gal & Ghahramani 2016);
+    ``whole_vectors`` (x [B, T, F]) drops whole vectors x[b, t] (word dropout on embeddings).
+    """
+    if locked:
+        shape = (x.shape[0], 1, x.shape[2])
+    elif whole_vectors:
+        shape = x.shape[:2] + (1,)
+    else:
+        shape = x.shape
     keep = jax.random.bernoulli(key, 1.0 - rate, shape)
-    return jnp.where(keep, x_BxTxF / (1.0 - rate), jnp.zeros((), x_BxTxF.dtype)).astype(x_BxTxF.dtype)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)

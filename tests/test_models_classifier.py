@@ -24,7 +24,9 @@ predict = nnx.jit(lambda model, batch: model.predict(batch))
 
 
 def make(pooling="last", bidirectional=False, cell="lstm", seed=0, **kwargs):
-    kwargs = dict(dict(embed_dim=6, hidden_size=5, num_layers=2), **kwargs)
+    """A small model; tests that share the defaults share the jitted functions' compilations."""
+    kwargs = dict(dict(embed_dim=6, hidden_size=5, num_layers=2, mlp_hidden=4, embed_dropout=0.3,
+                       dropout=0.3, locked_dropout=True), **kwargs)
     return Classifier(V, C, cell=cell, bidirectional=bidirectional, pooling=pooling,
                       rngs=nnx.Rngs(seed), **kwargs)
 
@@ -49,7 +51,7 @@ def test_shapes(pooling, bidirectional, mlp_hidden):
 
 @pytest.mark.parametrize("pooling,bidirectional", [("last", False), ("last", True), ("max", True)])
 def test_padding_does_not_change_logits(pooling, bidirectional):
-    model = make(pooling, bidirectional, mlp_hidden=4)
+    model = make(pooling, bidirectional)
     logits = logits_of(model, TOKENS, LENGTHS, None)
     # other ids in the padded positions, then three more padding columns of non-zero ids
     mask = np.arange(5)[None, :] < LENGTHS[:, None]
@@ -88,7 +90,7 @@ def test_bidirectional_last_is_forward_last_and_backward_first(cell):
 
 
 def test_dropout_only_with_a_key():
-    model = make("mean", True, mlp_hidden=4, embed_dropout=0.3, dropout=0.3, locked_dropout=True)
+    model = make("max", True)
     plain = logits_of(model, TOKENS, LENGTHS, None)
     np.testing.assert_array_equal(logits_of(model, TOKENS, LENGTHS, None), plain)
     a = logits_of(model, TOKENS, LENGTHS, jax.random.key(1))

@@ -27,6 +27,21 @@ def test_smoke_training_lowers_the_validation_loss(tmp_path):
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
 
 
+def test_word_lm_smoke_trains_on_a_slice_of_ptb(tmp_path):
+    from recur.data.files import DataNotFoundError
+
+    try:
+        cfg = config_lib.load("configs/word_lm.py:smoke", [("max_steps", "20"), ("eval_every", "10"), ("lr", "3.0")])
+        lm.load_data("ptb")
+    except DataNotFoundError as e:
+        pytest.skip(f"PTB is not available: {e}")
+    lm.train(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r["split"] == "valid"]
+    assert rows[1]["loss"] < rows[0]["loss"] < np.log(10_000)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["test_perplexity"] == pytest.approx(np.exp(result["test_loss"]))
+
+
 def test_lm_learns_a_synthetic_sequence_to_near_zero_loss():
     # a fixed cycle of 7 symbols: each next symbol is determined by the current one
     cfg = smoke(hidden=32, lr=0.02, output_dropout=0.0, warmup_steps=1)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from recur.layers import drop
 from recur.nnx import RNN
 
 POOLINGS = ("last", "mean", "max")
@@ -49,18 +50,6 @@ POOLINGS = ("last", "mean", "max")
 def valid_mask(lengths_B, T: int):
     """[B, T] bools, True at the first lengths[b] steps of row b."""
     return jnp.arange(T)[None, :] < lengths_B[:, None]
-
-
-def word_dropout(key, x_BxTxE, rate: float):
-    """Zeroes whole vectors x[b, t] with probability ``rate``; keeps the rest scaled by 1/(1-rate)."""
-    keep_BxTx1 = jax.random.bernoulli(key, 1.0 - rate, x_BxTxE.shape[:2] + (1,))
-    return jnp.where(keep_BxTx1, x_BxTxE / (1.0 - rate), jnp.zeros((), x_BxTxE.dtype)).astype(x_BxTxE.dtype)
-
-
-def element_dropout(key, x, rate: float):
-    """Inverted dropout of every element of x."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 def pool_last(hs_BxTxO, lengths_B, bidirectional: bool):
@@ -136,7 +125,7 @@ class Classifier(nnx.Module):
         xs_BxTxE = self.embed(tokens_BxT)
         k_embed, k_rnn = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if k_embed is not None and self.embed_dropout > 0.0:
-            xs_BxTxE = word_dropout(k_embed, xs_BxTxE, self.embed_dropout)
+            xs_BxTxE = drop(k_embed, xs_BxTxE, self.embed_dropout, whole_vectors=True)
         return self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
 
     def embed_sentence(self, tokens_BxT, lengths_B, *, dropout_key=None):
@@ -149,7 +138,7 @@ class Classifier(nnx.Module):
         k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         s_BxD = self.embed_sentence(tokens_BxT, lengths_B, dropout_key=k_encode)
         if k_head is not None and self.dropout > 0.0:
-            s_BxD = element_dropout(k_head, s_BxD, self.dropout)
+            s_BxD = drop(k_head, s_BxD, self.dropout)
         if self.hidden is not None:
             s_BxD = jax.nn.relu(self.hidden(s_BxD))
         return self.out(s_BxD)

@@ -38,7 +38,8 @@ import optax
 from flax import nnx
 
 from recur import crf as crf_lib
-from recur.models.classifier import check_rate, element_dropout, pool_last, valid_mask, word_dropout
+from recur.layers import drop
+from recur.models.classifier import check_rate, pool_last, valid_mask
 from recur.nnx import RNN, values
 
 
@@ -88,7 +89,7 @@ class Tagger(nnx.Module):
         k_embed, k_rnn, k_out = [None] * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         xs_BxTxE = self.embed(tokens_BxT)
         if k_embed is not None and self.embed_dropout > 0.0:
-            xs_BxTxE = word_dropout(k_embed, xs_BxTxE, self.embed_dropout)
+            xs_BxTxE = drop(k_embed, xs_BxTxE, self.embed_dropout, whole_vectors=True)
         if self.char_rnn is not None:
             if chars_BxTxW is None or word_lengths_BxT is None:
                 raise ValueError("Tagger: the model has character features (char_vocab_size > 0), "
@@ -97,7 +98,7 @@ class Tagger(nnx.Module):
             xs_BxTxE = jnp.concatenate([xs_BxTxE, feats_BxTx2Hc.astype(xs_BxTxE.dtype)], axis=-1)
         hs_BxTx2H, _ = self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
         if k_out is not None and self.dropout > 0.0:
-            hs_BxTx2H = element_dropout(k_out, hs_BxTx2H, self.dropout)
+            hs_BxTx2H = drop(k_out, hs_BxTx2H, self.dropout)
         scores_BxTxK = self.out(hs_BxTx2H)
         mask_BxTx1 = valid_mask(lengths_B, tokens_BxT.shape[1])[:, :, None]
         return jnp.where(mask_BxTx1, scores_BxTxK, jnp.zeros((), scores_BxTxK.dtype))

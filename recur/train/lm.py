@@ -119,7 +119,8 @@ def train(config, workdir) -> dict:
     model = build_model(config.model, len(vocab), c_train.seed)
     graphdef, state, tx = init_state(config, model)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    batches = LMBatches(splits["train"], c_data.batch_size, c_data.seq_len)
+    # drop_last: a last window of a few steps makes a noisy full-size Adam step
+    batches = LMBatches(splits["train"], c_data.batch_size, c_data.seq_len, drop_last=True)
     total_steps = c_train.max_steps or c_train.epochs * batches.num_batches
     schedule = Schedule(c_opt.schedule, c_opt.lr, total_steps=total_steps, warmup_steps=c_opt.warmup_steps,
                         decay=c_opt.decay, decay_after=c_opt.decay_after, patience=c_opt.patience,

@@ -4,15 +4,19 @@ from __future__ import annotations
 import json
 import pathlib
 
-TASKS = ("lm",)
+TASKS = ("lm", "classify", "tag")
 
 
 def train(config, workdir):
     if config.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
-    from recur.train import lm
+    if config.task == "lm":
+        from recur.train import lm
 
-    return lm.train(config, workdir)
+        return lm.train(config, workdir)
+    from recur.train import supervised
+
+    return supervised.train(config, workdir)
 
 
 def evaluate_workdir(workdir, which: str = "best") -> dict:
@@ -22,6 +26,10 @@ def evaluate_workdir(workdir, which: str = "best") -> dict:
     task = json.loads(path.read_text())["task"]
     if task not in TASKS:
         raise ValueError(f"{path}: unknown task {task!r}")
-    from recur.train import lm
+    if task == "lm":
+        from recur.train import lm
 
-    return lm.evaluate_workdir(workdir, which)
+        return lm.evaluate_workdir(workdir, which)
+    from recur.train import supervised
+
+    return supervised.evaluate_workdir(workdir, which)

@@ -1,0 +1,171 @@
+"""Sentence classification (many-to-one) and sequence tagging (many-to-many) training.
+
+Both read padded, length-bucketed batches (:class:`recur.data.SequenceBatches`), train a model
+that has ``loss(batch, dropout_key=...)`` and ``predict(batch)`` with one jit-compiled step
+(state donated), evaluate on the validation split every epoch (accuracy, token accuracy or span
+F1), keep the last checkpoints and the best by the validation metric, and report the test
+metric of the best checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recur import metrics
+from recur.data import SequenceBatches, Vocab
+from recur.train import tasks
+from recur.train.checkpoint import Checkpoints
+from recur.train.log import MetricWriter
+from recur.train.optim import Schedule, make_optimizer, with_learning_rate
+
+
+def make_steps(graphdef, tx):
+    def loss_fn(params, batch, key):
+        return nnx.merge(graphdef, params).loss(batch, dropout_key=key)
+
+    def train_step(state, batch, lr):
+        key, sub = jax.random.split(state["key"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, sub)
+        opt_state = with_learning_rate(state["opt_state"], lr)
+        updates, opt_state = tx.update(grads, opt_state, state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}, loss
+
+    @jax.jit
+    def predict(params, batch):
+        return nnx.merge(graphdef, params).predict(batch)
+
+    return jax.jit(train_step, donate_argnums=0), predict
+
+
+def eval_batches_of(task, split: str, batch_size: int) -> SequenceBatches:
+    """Every sentence of ``split`` once, in batches of similar lengths (few shapes to compile);
+    :func:`evaluate` puts the predictions back in order by each sentence's index."""
+    return task.batches(split, batch_size, order="bucket", pad_multiple=16)
+
+
+def evaluate(predict, params, batches: SequenceBatches, task, data) -> dict:
+    """The task's metrics over every sentence of ``batches`` (each exactly once)."""
+    batches.epoch, batches.position = 0, 0
+    preds = {}
+    for batch in batches:
+        out = np.asarray(predict(params, _device(batch)))
+        for row, i in enumerate(batch["index"]):
+            n = int(batch["lengths"][row])
+            preds[int(i)] = out[row] if out.ndim == 1 else out[row, :n]
+    return task.score([preds[i] for i in range(len(preds))], data)
+
+
+def _device(batch):
+    return {k: jnp.asarray(v) for k, v in batch.items() if k != "index"}
+
+
+def init_state(config, task):
+    """(graphdef, the training state pytree, the optax transformation) of a fresh run."""
+    c_opt = config.optim
+    model = task.model(config.model, config.train.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(c_opt.name, c_opt.lr, momentum=c_opt.momentum, weight_decay=c_opt.weight_decay,
+                        clip_norm=c_opt.clip_norm)
+    state = {"params": params, "opt_state": tx.init(params),
+             "key": jax.random.key_data(jax.random.key(config.train.seed)), "step": jnp.zeros((), jnp.int32)}
+    return graphdef, state, tx
+
+
+def evaluate_workdir(workdir, which: str = "best") -> dict:
+    """The task's metrics of a trained workdir's best (or latest) checkpoint on dev and test."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    task = tasks.build(config)
+    graphdef, state, tx = init_state(config, task)
+    ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints, best_metric=task.metric, best_mode="max")
+    restored = ckpt.restore(state, which) or ckpt.restore(state, "latest")
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint to restore")
+    _, predict = make_steps(graphdef, tx)
+    return {split: evaluate(predict, restored[0]["params"], eval_batches_of(task, split, config.data.eval_batch_size),
+                            task, data)
+            for split, data in task.splits.items() if split != "train"}
+
+
+def train(config, workdir) -> dict:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    c_data, c_opt, c_train = config.data, config.optim, config.train
+    task = tasks.build(config)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "vocab.json").write_text(json.dumps(task.vocabs_dict()))
+    graphdef, state, tx = init_state(config, task)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    train_batches = task.batches("train", c_data.batch_size, order="bucket", seed=c_train.seed)
+    eval_batches = {s: eval_batches_of(task, s, c_data.eval_batch_size) for s in task.splits if s != "train"}
+    total_steps = c_train.max_steps or c_train.epochs * train_batches.num_batches
+    schedule = Schedule(c_opt.schedule, c_opt.lr, total_steps=total_steps, warmup_steps=c_opt.warmup_steps,
+                        decay=c_opt.decay, decay_after=c_opt.decay_after, patience=c_opt.patience,
+                        min_lr=c_opt.min_lr)
+    metric = task.metric
+    ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric=metric, best_mode="max")
+    restored = ckpt.restore(state)
+    meta = {"elapsed": 0.0}
+    if restored is not None:
+        state, meta = restored
+        train_batches.load_state_dict(meta["data"])
+        schedule.load_state_dict(meta["schedule"])
+        print(f"resumed from step {int(state['step'])} (epoch {train_batches.epoch})")
+    state["key"] = jax.random.wrap_key_data(state["key"])
+    train_step, predict = make_steps(graphdef, tx)
+    writer = MetricWriter(workdir)
+    print(f"{task.describe()}; model {config.model.cell} {n_params:,} parameters")
+    start = time.time() - float(meta.get("elapsed", 0.0))
+    elapsed = lambda: time.time() - start
+    budget = 60.0 * c_train.max_minutes if c_train.max_minutes else math.inf
+    step = int(state["step"])
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+    valid = None
+    while step < total_steps and elapsed() < budget:
+        epoch, losses = train_batches.epoch, []
+        for batch in train_batches:
+            lr = schedule(step, epoch)
+            state, loss = train_step(state, _device(batch), jnp.asarray(lr, jnp.float32))
+            losses.append(loss)
+            step += 1
+            bar.update(1)
+            if step % c_train.log_every == 0:
+                mean = float(np.mean(jax.device_get(losses[-c_train.log_every:])))
+                writer.write(step, {"loss": mean, "lr": lr}, "train")
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2g}")
+            if step >= total_steps or elapsed() >= budget:
+                break
+        if train_batches.position >= train_batches.num_batches:
+            train_batches.epoch, train_batches.position = train_batches.epoch + 1, 0
+        valid = evaluate(predict, state["params"], eval_batches[task.valid_split], task, task.splits[task.valid_split])
+        writer.write(step, valid, "valid")
+        bar.write(f"epoch {epoch + 1} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
+                  + f", {elapsed() / 60:.1f} min")
+        schedule.observe(-valid[metric])
+        s = dict(state, key=jax.random.key_data(state["key"]))
+        ckpt.save(step, s, {"data": train_batches.state_dict(), "schedule": schedule.state_dict(),
+                            "elapsed": elapsed(), "valid": valid}, valid)
+    bar.close()
+    result = {"step": step, "valid": valid, "elapsed_s": elapsed()}
+    best = ckpt.restore(dict(state, key=jax.random.key_data(state["key"])), which="best")
+    best_params = best[0]["params"] if best is not None else state["params"]
+    for split, batches in eval_batches.items():
+        result[f"best_{split}"] = evaluate(predict, best_params, batches, task, task.splits[split])
+        writer.write(step, result[f"best_{split}"], f"best_{split}")
+    ckpt.close()
+    writer.close()
+    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result

@@ -1,0 +1,61 @@
+"""Sentiment classification and tagging end to end on slices of the real datasets."""
+import json
+
+import numpy as np
+import pytest
+
+from recur import config as config_lib
+from recur.cli import main as cli
+from recur.data import DataNotFoundError
+from recur.train import supervised
+from recur.train.log import read_metrics
+
+SMOKES = {
+    "sst2": "configs/sentiment.py:smoke",
+    "ewt": "configs/tagging.py:smoke",
+    "conll2000": "configs/tagging.py:conll2000,smoke",
+}
+
+
+def _load(spec, **overrides):
+    return config_lib.load(spec, [(k, str(v)) for k, v in overrides.items()])
+
+
+def _train(spec, workdir, **overrides):
+    try:
+        return supervised.train(_load(spec, **overrides), workdir)
+    except DataNotFoundError as e:
+        pytest.skip(f"dataset not available: {e}")
+
+
+@pytest.mark.parametrize("name", list(SMOKES))
+def test_smoke_training_lowers_the_loss(name, tmp_path):
+    # sentiment needs a few epochs of its 400-sentence slice before the training loss moves
+    steps = 100 if name == "sst2" else 40
+    result = _train(SMOKES[name], tmp_path, max_steps=steps, log_every=5, lr=0.01)
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert len(losses) == steps // 5 and np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
+    metric = "f1" if name == "conll2000" else "accuracy"
+    assert 0.0 <= result["best_test"][metric] <= 1.0
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == steps
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    spec = SMOKES["sst2"]
+    common = dict(max_steps=50, log_every=1, lr=0.01, dropout=0.3, max_sentences=200)
+    _train(spec, tmp_path / "straight", **common)
+    # batch size 16 over 200 sentences: 13 batches per epoch, so a checkpoint at the first epoch's end
+    _train(spec, tmp_path / "resumed", **dict(common, max_steps=13))
+    _train(spec, tmp_path / "resumed", **common)
+    loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["split"] == "train"}
+    straight, resumed = loss(tmp_path / "straight"), loss(tmp_path / "resumed")
+    for step in range(14, 51):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_eval_command_restores_the_best_checkpoint(tmp_path, capsys):
+    result = _train(SMOKES["ewt"], tmp_path, max_steps=10)
+    capsys.readouterr()
+    assert cli(["eval", "--workdir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test"]["accuracy"] == pytest.approx(result["best_test"]["accuracy"])
