@@ -28,6 +28,7 @@ def get_config(arg=None):
         word_column=0, tag_column=-1,  # data=conll: 0-based columns (negative from the end)
         lowercase=True,  # word embeddings read lowercased words; characters keep their case
         chars=True,  # character-level BiLSTM features per word
+        max_word_chars=16,  # longer words keep their first and last 8 characters (0 = all)
         min_freq=1,
         max_sentences=0,  # 0 = all; else the first N of each split (smoke runs)
         batch_size=32,

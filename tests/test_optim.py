@@ -1,7 +1,6 @@
 """Learning-rate schedules and optimisers against the recipes they reproduce."""
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from recur.train.optim import Schedule, make_optimizer, with_learning_rate

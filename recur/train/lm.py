@@ -23,7 +23,7 @@ from recur.data import LMBatches, Vocab, load_ptb, load_tinyshakespeare
 from recur.models.lm import LanguageModel
 from recur.train.checkpoint import Checkpoints
 from recur.train.log import MetricWriter
-from recur.train.optim import Schedule, make_optimizer, with_learning_rate
+from recur.train.common import apply_gradients, optimizer_from, resume, schedule_from
 
 DATASETS = {"tinyshakespeare": load_tinyshakespeare, "ptb": load_ptb}
 
@@ -54,9 +54,7 @@ def make_steps(graphdef, tx):
         key, sub = jax.random.split(state["key"])
         (loss, carries), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["carries"], inputs, targets, sub)
-        opt_state = with_learning_rate(state["opt_state"], lr)
-        updates, opt_state = tx.update(grads, opt_state, state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        params, opt_state = apply_gradients(tx, state, grads, lr)
         new = {"params": params, "opt_state": opt_state, "carries": jax.lax.stop_gradient(carries),
                "key": key, "step": state["step"] + 1}
         return new, {"loss": loss, "grad_norm": optax_global_norm(grads)}
@@ -93,10 +91,8 @@ def _key_data(key):
 
 def init_state(config, model):
     """(graphdef, the training state pytree, the optax transformation) of a fresh run."""
-    c_opt = config.optim
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(c_opt.name, c_opt.lr, momentum=c_opt.momentum, weight_decay=c_opt.weight_decay,
-                        clip_norm=c_opt.clip_norm)
+    tx = optimizer_from(config.optim)
     state = {"params": params, "opt_state": tx.init(params),
              "carries": model.initial_carries(config.data.batch_size),
              "key": _key_data(jax.random.key(config.train.seed)), "step": jnp.zeros((), jnp.int32)}
@@ -122,18 +118,9 @@ def train(config, workdir) -> dict:
     # drop_last: a last window of a few steps makes a noisy full-size Adam step
     batches = LMBatches(splits["train"], c_data.batch_size, c_data.seq_len, drop_last=True)
     total_steps = c_train.max_steps or c_train.epochs * batches.num_batches
-    schedule = Schedule(c_opt.schedule, c_opt.lr, total_steps=total_steps, warmup_steps=c_opt.warmup_steps,
-                        decay=c_opt.decay, decay_after=c_opt.decay_after, patience=c_opt.patience,
-                        min_lr=c_opt.min_lr)
+    schedule = schedule_from(c_opt, total_steps)
     ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric="valid_loss")
-    restored = ckpt.restore(state)
-    meta = {"elapsed": 0.0}
-    if restored is not None:
-        state, meta = restored
-        batches.load_state_dict(meta["data"])
-        schedule.load_state_dict(meta["schedule"])
-        print(f"resumed from step {int(state['step'])} (epoch {batches.epoch}, batch {batches.position})")
-    state["key"] = jax.random.wrap_key_data(state["key"])
+    state, meta = resume(ckpt, state, batches, schedule)
     train_step, eval_step = make_steps(graphdef, tx)
     writer = MetricWriter(workdir)
     print(f"{c_data.name}: {len(vocab)} symbols, {len(splits['train']):,} training tokens; "

@@ -29,6 +29,17 @@ def _head(split, n: int):
     return (split[0][:n], split[1][:n]) if isinstance(split, tuple) else split[:n]
 
 
+def clip_word(word: str, n: int) -> list[str]:
+    """The characters of ``word``, or its first and last n // 2 when it is longer than n (0: all).
+
+    Prefixes and suffixes carry what character features are for (capitals, -ing, -ly, digits);
+    a bound on the word length bounds the shapes the tagger is compiled for (URLs run to 80+).
+    """
+    if not n or len(word) <= n:
+        return list(word)
+    return list(word[: n // 2] + word[len(word) - (n - n // 2):])
+
+
 def _norm(word: str, lowercase: bool) -> str:
     return word.lower() if lowercase else word
 
@@ -91,6 +102,7 @@ class TagTask:
         self.splits = {k: _head(v, d.max_sentences) for k, v in self.splits.items()}
         self.metric = "f1" if d.scheme else "accuracy"
         self.scheme, self.lowercase, self.use_chars = d.scheme, d.lowercase, d.chars
+        self.max_word_chars = d.max_word_chars
         train = self.splits["train"]
         self.vocab = Vocab.build((_norm(w, d.lowercase) for words, _ in train for w in words), min_freq=d.min_freq)
         # the label inventory comes from every split: a tag absent from train (CoNLL-2000's I-LST)
@@ -110,7 +122,9 @@ class TagTask:
         data = self.splits[split]
         tokens = [self.vocab.encode([_norm(w, self.lowercase) for w in words]) for words, _ in data]
         tags = [self.tags.encode(t) for _, t in data]
-        chars = [[self.chars.encode(list(w)) for w in words] for words, _ in data] if self.use_chars else None
+        chars = None
+        if self.use_chars:
+            chars = [[self.chars.encode(clip_word(w, self.max_word_chars)) for w in words] for words, _ in data]
         return SequenceBatches(tokens, tags=tags, chars=chars, batch_size=batch_size, order=order, seed=seed,
                                pad_multiple=pad_multiple)
 
