@@ -59,3 +59,11 @@ def test_eval_command_restores_the_best_checkpoint(tmp_path, capsys):
     assert cli(["eval", "--workdir", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["test"]["accuracy"] == pytest.approx(result["best_test"]["accuracy"])
+
+
+def test_clip_word_keeps_prefix_and_suffix():
+    from recur.train.tasks import clip_word
+
+    assert clip_word("running", 16) == list("running")
+    assert clip_word("https://example.com/index.html", 16) == list("https://" + ".com/index.html"[-8:])
+    assert len(clip_word("x" * 17, 16)) == 16 and clip_word("abcdefghij", 0) == list("abcdefghij")
