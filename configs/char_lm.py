@@ -45,6 +45,7 @@ def get_config(arg=None):
         momentum=0.0,  # sgd only
         weight_decay=0.0,
         clip_norm=1.0,  # clip gradients by global norm (0 = off)
+        loss_reduction="mean",  # mean over tokens | sum_over_time (Zaremba et al.'s: sum over T, mean over B)
         schedule="cosine",  # constant | cosine | epoch_decay | plateau
         warmup_steps=50,
         decay=0.5,  # epoch_decay / plateau factor

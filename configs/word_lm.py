@@ -15,10 +15,11 @@ from recur.config import apply_variant
 
 PRESETS = {
     "small": dict(hidden=200, embed_dim=200, layers=2, embed_dropout=0.0, dropout=0.0, output_dropout=0.0,
-                  init_scale=0.1, batch_size=20, seq_len=20, epochs=13, lr=1.0, decay=0.5, decay_after=4),
+                  init_scale=0.1, batch_size=20, seq_len=20, epochs=13, lr=1.0, decay=0.5, decay_after=4,
+                  loss_reduction="sum_over_time"),
     "medium": dict(hidden=650, embed_dim=650, layers=2, embed_dropout=0.5, dropout=0.5, output_dropout=0.5,
                    init_scale=0.05, batch_size=20, seq_len=35, epochs=39, lr=1.0, decay=1 / 1.2,
-                   decay_after=6),
+                   decay_after=6, loss_reduction="sum_over_time"),
     "smoke": dict(hidden=32, embed_dim=32, batch_size=8, seq_len=16, max_steps=30, eval_every=15, log_every=5,
                   max_train_tokens=20_000, max_eval_tokens=3_000, eval_batch_size=4),
 }
@@ -53,6 +54,7 @@ def get_config(arg=None):
         momentum=0.0,
         weight_decay=0.0,
         clip_norm=5.0,
+        loss_reduction="sum_over_time",  # mean over tokens | sum_over_time (Zaremba et al.'s: sum over T, mean over B)
         schedule="epoch_decay",  # lr * decay ** max(0, epoch + 1 - decay_after), epochs from 0
         warmup_steps=0,
         decay=0.5,

@@ -30,7 +30,7 @@ def test_word_lm_smoke_trains_on_a_slice_of_ptb(tmp_path):
     from recur.data.files import DataNotFoundError
 
     try:
-        cfg = config_lib.load("configs/word_lm.py:smoke", [("max_steps", "20"), ("eval_every", "10"), ("lr", "3.0")])
+        cfg = config_lib.load("configs/word_lm.py:smoke", [("max_steps", "20"), ("eval_every", "10"), ("lr", "1.0")])
         lm.load_data("ptb")
     except DataNotFoundError as e:
         pytest.skip(f"PTB is not available: {e}")

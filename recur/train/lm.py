@@ -41,18 +41,26 @@ def build_model(m, vocab_size: int, seed: int) -> LanguageModel:
                          locked_dropout=m.locked_dropout, init_scale=m.init_scale, rngs=nnx.Rngs(seed))
 
 
-def make_steps(graphdef, tx):
-    """The jit-compiled train and eval steps over (params, opt_state, carries)."""
+def make_steps(graphdef, tx, loss_reduction: str = "mean"):
+    """The jit-compiled train and eval steps over (params, opt_state, carries).
+
+    ``loss_reduction``: "mean" trains on the mean loss per token; "sum_over_time" on its sum over
+    the T steps of a window, averaged over the batch, as Zaremba et al.'s code does (so their
+    learning rate and clipping threshold apply unchanged). Reported losses are per token.
+    """
+    if loss_reduction not in ("mean", "sum_over_time"):
+        raise ValueError(f"optim.loss_reduction must be 'mean' or 'sum_over_time', got {loss_reduction!r}")
 
     def loss_fn(params, carries, inputs, targets, key):
         model = nnx.merge(graphdef, params)
         logits, carries = model(inputs, carries, dropout_key=key)
         total, count = metrics.cross_entropy(logits, targets)
-        return total / count, carries
+        scale = inputs.shape[1] if loss_reduction == "sum_over_time" else 1
+        return scale * total / count, (carries, total / count)
 
     def train_step(state, inputs, targets, lr):
         key, sub = jax.random.split(state["key"])
-        (loss, carries), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (carries, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["carries"], inputs, targets, sub)
         params, opt_state = apply_gradients(tx, state, grads, lr)
         new = {"params": params, "opt_state": opt_state, "carries": jax.lax.stop_gradient(carries),
@@ -121,7 +129,7 @@ def train(config, workdir) -> dict:
     schedule = schedule_from(c_opt, total_steps)
     ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric="valid_loss")
     state, meta = resume(ckpt, state, batches, schedule)
-    train_step, eval_step = make_steps(graphdef, tx)
+    train_step, eval_step = make_steps(graphdef, tx, c_opt.loss_reduction)
     writer = MetricWriter(workdir)
     print(f"{c_data.name}: {len(vocab)} symbols, {len(splits['train']):,} training tokens; "
           f"model {config.model.cell} {config.model.layers}x{config.model.hidden}, {n_params:,} parameters")
