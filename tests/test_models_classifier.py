@@ -2,8 +2,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from fit import fit
 from flax import nnx
 
 from recur.models.classifier import Classifier
@@ -121,14 +121,5 @@ def test_overfits_a_tiny_task():
     batch = keyword_task()
     model = make("last", True, embed_dim=16, hidden_size=16, num_layers=1, mlp_hidden=16,
                  embed_dropout=0.1, dropout=0.1)
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, batch, key):
-        loss, grads = nnx.value_and_grad(lambda m: m.loss(batch, dropout_key=key))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    for key in jax.random.split(jax.random.key(0), 100):
-        train_step(model, optimizer, batch, key)
+    fit(model, batch, steps=100)
     np.testing.assert_array_equal(predict(model, batch), batch["labels"])

@@ -1,9 +1,8 @@
 """recur.models.tagger: padding invariance, per-word char features, CRF and token losses, learning."""
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from fit import fit
 from flax import nnx
 
 from recur import crf
@@ -136,14 +135,5 @@ def test_crf_tagger_overfits_a_tiny_task():
     batch = context_task()
     model = make(use_crf=True, embed_dim=16, hidden_size=16, char_hidden=8, num_layers=1,
                  embed_dropout=0.1, dropout=0.1)
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, batch, key):
-        loss, grads = nnx.value_and_grad(lambda m: m.loss(batch, dropout_key=key))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    for key in jax.random.split(jax.random.key(0), 100):
-        train_step(model, optimizer, batch, key)
+    fit(model, batch, steps=100)
     np.testing.assert_array_equal(predict(model, batch), batch["tags"])
