@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from recur import metrics
@@ -65,7 +66,7 @@ def make_steps(graphdef, tx, loss_reduction: str = "mean"):
         params, opt_state = apply_gradients(tx, state, grads, lr)
         new = {"params": params, "opt_state": opt_state, "carries": jax.lax.stop_gradient(carries),
                "key": key, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax_global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
     @jax.jit
@@ -76,10 +77,6 @@ def make_steps(graphdef, tx, loss_reduction: str = "mean"):
         return carries, total, count
 
     return jax.jit(train_step, donate_argnums=0), eval_step
-
-
-def optax_global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def evaluate(eval_step, params, model, ids, batch_size: int, seq_len: int) -> float:
@@ -93,17 +90,13 @@ def evaluate(eval_step, params, model, ids, batch_size: int, seq_len: int) -> fl
     return total / count
 
 
-def _key_data(key):
-    return jax.random.key_data(key)
-
-
 def init_state(config, model):
     """(graphdef, the training state pytree, the optax transformation) of a fresh run."""
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optimizer_from(config.optim)
     state = {"params": params, "opt_state": tx.init(params),
              "carries": model.initial_carries(config.data.batch_size),
-             "key": _key_data(jax.random.key(config.train.seed)), "step": jnp.zeros((), jnp.int32)}
+             "key": jax.random.key_data(jax.random.key(config.train.seed)), "step": jnp.zeros((), jnp.int32)}
     return graphdef, state, tx
 
 
@@ -135,7 +128,7 @@ def train(config, workdir) -> dict:
           f"model {config.model.cell} {config.model.layers}x{config.model.hidden}, {n_params:,} parameters")
 
     def save(valid=None):
-        s = dict(state, key=_key_data(state["key"]))
+        s = dict(state, key=jax.random.key_data(state["key"]))
         m = {"data": batches.state_dict(), "schedule": schedule.state_dict(),
              "elapsed": elapsed(), "valid_loss": valid}
         ckpt.save(int(state["step"]), s, m, None if valid is None else {"valid_loss": valid})
@@ -177,7 +170,7 @@ def train(config, workdir) -> dict:
     bar.close()
     result = {"step": step, "valid_loss": last_eval, "elapsed_s": elapsed()}
     if "test" in splits and c_train.eval_test:
-        best = ckpt.restore(dict(state, key=_key_data(state["key"])), which="best")
+        best = ckpt.restore(dict(state, key=jax.random.key_data(state["key"])), which="best")
         params = best[0]["params"] if best is not None else state["params"]
         test = evaluate(eval_step, params, model, splits["test"], c_data.eval_batch_size, c_data.seq_len)
         result.update(test_loss=test, test_perplexity=math.exp(test))
