@@ -19,6 +19,10 @@ Semantics, for batch row b:
 - ``remat``: what the backward pass recomputes instead of storing. "none" stores every step's
   residuals; "step" stores only the carries between steps; "sqrt" stores carries every
   ceil(sqrt(T)) steps and recomputes each chunk; an int sets that chunk length.
+- ``backward``: how the sequential scan is differentiated. "deferred" (the default with
+  remat="none") runs the custom BPTT of recur/backprop.py: the reverse time loop on activations
+  only and every weight gradient as one large matmul after it. "autodiff" is jax.grad of the
+  scan (weight gradients accumulated inside the loop); remat other than "none" always uses it.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import numpy as np
 from recur.cells.base import Cell
 
 MODES = ("sequential", "parallel")
+BACKWARDS = ("deferred", "autodiff")
 
 
 def _concrete(x):
@@ -51,7 +56,8 @@ def tree_where(mask_B, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(_bcast(mask_B, a), a, b), on_true, on_false)
 
 
-def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan"):
+def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan",
+                  backward="deferred"):
     if not isinstance(cell, Cell):
         raise TypeError(f"{where}: cell must be a recur cell, got {type(cell).__name__}")
     if getattr(xs, "ndim", None) != 3:
@@ -98,6 +104,8 @@ def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat,
             f"{where}: mode='parallel' needs a cell that is linear in its state; {cell.name} is not. "
             f"Linear cells: {', '.join(linear_cells())}"
         )
+    if backward not in BACKWARDS:
+        raise ValueError(f"{where}: backward must be one of {BACKWARDS}, got {backward!r}")
     if not (remat in ("none", "step", "sqrt") or (isinstance(remat, int) and remat > 0)):
         raise ValueError(f"{where}: remat must be 'none', 'step', 'sqrt' or a positive int, got {remat!r}")
 
@@ -114,9 +122,9 @@ def _gather_time(x, idx_BxT):
 
 
 def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, reset_carry=None,
-         reverse=False, mode="sequential", unroll=1, remat="none"):
+         reverse=False, mode="sequential", unroll=1, remat="none", backward="deferred"):
     """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
-    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat)
+    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward)
     B, T, _ = xs.shape
     mask = None if lengths is None else jnp.arange(T)[None, :] < lengths[:, None]
     if resets is not None:
@@ -134,8 +142,17 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     if resets is not None and reset_carry is None:
         reset_carry = cell.initial_carry(B)
     us = cell.project(params, xs)
-    run = _parallel if mode == "parallel" else _sequential
-    hs, carry = run(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
+    if mode == "parallel":
+        hs, carry = _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
+    elif backward == "deferred" and remat == "none":
+        from recur.backprop import deferred_scan
+
+        run = deferred_scan(cell, unroll)
+        hs, carry = run(params, carry0, _time_major(us), None if mask is None else mask.T,
+                        None if resets is None else resets.T, reset_carry)
+        hs = jnp.swapaxes(hs, 0, 1)
+    else:
+        hs, carry = _sequential(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
     if mask is not None:
         hs = jnp.where(mask[:, :, None], hs, jnp.zeros((), hs.dtype))
     if reverse:

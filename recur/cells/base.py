@@ -8,6 +8,17 @@ A cell is a frozen dataclass of hyper-parameters with four pure functions:
                                                   for all T steps at once (one large matmul)
     step(params, carry, u_t)       -> (carry, h_t)   one step of the recurrence; h_t is [B, O]
 
+and, optionally, a fifth that makes the backward pass fast:
+
+    recurrent(params, carry)       -> rec        the carry times the recurrent weight matrices
+                                                  (everything in step that multiplies the carry
+                                                  by a weight); step(params, carry, u_t, rec)
+                                                  then takes it instead of computing it
+
+With ``recurrent`` split out, recur.scan's backward pass (``backward="deferred"``) stores rec,
+runs the reverse time loop on activations only and computes the weight gradients of
+``recurrent`` as one large matmul over all steps after the loop (see recur/backprop.py).
+
 Shape letters: B batch, T time, I input features, H hidden units, G = gates * H, O output
 features (H, or the projection size for LSTMP).
 
@@ -55,8 +66,12 @@ class Cell:
     def project(self, params: PyTree, xs_BxTxI: Array) -> PyTree:
         raise NotImplementedError
 
-    def step(self, params: PyTree, carry: PyTree, u_t: PyTree) -> tuple[PyTree, Array]:
+    def step(self, params: PyTree, carry: PyTree, u_t: PyTree, rec: PyTree = None) -> tuple[PyTree, Array]:
         raise NotImplementedError
+
+    def recurrent(self, params: PyTree, carry: PyTree) -> PyTree:
+        """The carry's products with the recurrent weights, or None if the cell has none split out."""
+        return None
 
     # --- derived facts -------------------------------------------------------------------
     @property
@@ -104,7 +119,7 @@ class LinearCell(Cell):
         """The output h_t from the state s_t (and the step's inputs); works on [B, S] or [B, T, S]."""
         return s.astype(self.dtype)
 
-    def step(self, params, carry, u_t):
+    def step(self, params, carry, u_t, rec=None):
         a, b = self.coefficients(params, u_t)
         s = a * carry + b
         return s, self.readout(params, s, u_t)

@@ -68,11 +68,14 @@ class Clockwork(base.Cell):
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
-    def step(self, params, carry, u_BxH):
+    def recurrent(self, params, carry):
+        W_h = params["W_h"] * jnp.asarray(self.block_mask(), params["W_h"].dtype)
+        return base.dense(carry["h"], W_h, self.dtype)
+
+    def step(self, params, carry, u_BxH, rec=None):
         h, t = carry["h"], carry["t"]
         f = base.activation(self.activation, "clockwork")
-        W_h = params["W_h"] * jnp.asarray(self.block_mask(), params["W_h"].dtype)
-        candidate = f(u_BxH + base.dense(h, W_h, self.dtype))
+        candidate = f(u_BxH + (self.recurrent(params, carry) if rec is None else rec))
         periods = jnp.repeat(jnp.asarray(self.periods, jnp.int32), self.module_size)  # [H]
         active = (t[:, None] % periods[None, :]) == 0  # [B, H]
         h_new = jnp.where(active, candidate, h).astype(self.state_dtype)

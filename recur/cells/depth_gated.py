@@ -71,19 +71,27 @@ class DepthGatedLSTM(base.Cell):
         i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
         return i, f, jnp.tanh(g), o
 
-    def step(self, params, carry, u_Bx4H):
+    def recurrent(self, params, carry):
+        """Each layer's recurrent matmul: W_h h^0 and up_W_h[l - 1] h^l."""
+        h = carry["h"]
+        return [base.dense(h[:, 0], params["W_h"], self.dtype)] + [
+            base.dense(h[:, l], params["up_W_h"][l - 1], self.dtype) for l in range(1, self.num_layers)
+        ]
+
+    def step(self, params, carry, u_Bx4H, rec=None):
         H, sd = self.hidden_size, self.state_dtype
+        rec = self.recurrent(params, carry) if rec is None else rec
         hs, cs = [], []
-        pre = u_Bx4H + base.dense(carry["h"][:, 0], params["W_h"], self.dtype)
+        pre = u_Bx4H + rec[0]
         i, f, g, o = self._gates(pre)
         c = f * carry["c"][:, 0] + i * g
         h = o * jnp.tanh(c)
         hs.append(h), cs.append(c)
         for l in range(1, self.num_layers):
             p = {name: params[name][l - 1] for name in ("up_W_x", "up_W_h", "up_b", "w_cd", "w_ld")}
-            h_prev, c_prev = carry["h"][:, l], carry["c"][:, l]
+            c_prev = carry["c"][:, l]
             ux = base.add_bias(base.dense(h, p["up_W_x"], self.dtype), p["up_b"])
-            pre = ux[:, : 4 * H] + base.dense(h_prev, p["up_W_h"], self.dtype)
+            pre = ux[:, : 4 * H] + rec[l]
             i, f, g, o = self._gates(pre)
             d = jax.nn.sigmoid(ux[:, 4 * H :] + base.scale(c_prev, p["w_cd"]) + base.scale(c, p["w_ld"]))
             c = d * c + f * c_prev + i * g

@@ -59,8 +59,11 @@ class Elman(base.Cell):
         us = base.dense(xs_BxTxI, params["W_x"], self.dtype)
         return base.add_bias(us, params["b"]) if self.bias else us
 
-    def step(self, params, h_BxH, u_BxH):
+    def recurrent(self, params, h_BxH):
+        return base.dense(h_BxH, params["W_h"], self.dtype)
+
+    def step(self, params, h_BxH, u_BxH, rec=None):
         f = base.activation(self.activation, "elman")
-        pre = u_BxH + base.dense(h_BxH, params["W_h"], self.dtype)
+        pre = u_BxH + (self.recurrent(params, h_BxH) if rec is None else rec)
         h = f(pre).astype(self.state_dtype)
         return h, h.astype(self.dtype)

@@ -59,20 +59,26 @@ class GRU(base.Cell):
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b_x"])
 
-    def step(self, params, h_BxH, u_Bx3H):
-        H = self.hidden_size
-        ur, uz, un = jnp.split(u_Bx3H, 3, axis=-1)
+    def recurrent(self, params, h_BxH):
+        """W_h h + b_h for all three blocks (reset after), for r and z only (Cho: reset before)."""
         W_h, b_h = params["W_h"], params["b_h"]
+        if not self.reset_after:
+            W_h, b_h = W_h[: 2 * self.hidden_size], b_h[: 2 * self.hidden_size]
+        return base.add_bias(base.dense(h_BxH, W_h, self.dtype), b_h)
+
+    def step(self, params, h_BxH, u_Bx3H, rec=None):
+        H = self.hidden_size
+        un = u_Bx3H[:, 2 * H :]
+        W_h, b_h = params["W_h"], params["b_h"]
+        rec = self.recurrent(params, h_BxH) if rec is None else rec
         if self.reset_after:
-            rr, rz, rn = jnp.split(base.add_bias(base.dense(h_BxH, W_h, self.dtype), b_h), 3, axis=-1)
-            r = jax.nn.sigmoid(ur + rr)
-            z = jax.nn.sigmoid(uz + rz)
-            n = jnp.tanh(un + r * rn)
+            # r and z from one tanh over both blocks: sigmoid(x) = (1 + tanh(x / 2)) / 2
+            rz = 0.5 * jnp.tanh(0.5 * (u_Bx3H[:, : 2 * H] + rec[:, : 2 * H])) + 0.5
+            r, z = rz[:, :H], rz[:, H:]
+            n = jnp.tanh(un + r * rec[:, 2 * H :])
         else:
-            rrz = base.add_bias(base.dense(h_BxH, W_h[: 2 * H], self.dtype), b_h[: 2 * H])
-            rr, rz = jnp.split(rrz, 2, axis=-1)
-            r = jax.nn.sigmoid(ur + rr)
-            z = jax.nn.sigmoid(uz + rz)
+            rz = 0.5 * jnp.tanh(0.5 * (u_Bx3H[:, : 2 * H] + rec)) + 0.5
+            r, z = rz[:, :H], rz[:, H:]
             rn = base.add_bias(base.dense(r * h_BxH, W_h[2 * H :], self.dtype), b_h[2 * H :])
             n = jnp.tanh(un + rn)
         h = ((1.0 - z) * n + z * h_BxH).astype(self.state_dtype)
@@ -110,10 +116,14 @@ class MGU(base.Cell):
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
-    def step(self, params, h_BxH, u_Bx2H):
+    def recurrent(self, params, h_BxH):
+        """R_f h (the candidate's R_n (f ⊙ h) needs f, so it stays in step)."""
+        return base.dense(h_BxH, params["W_h"][: self.hidden_size], self.dtype)
+
+    def step(self, params, h_BxH, u_Bx2H, rec=None):
         H = self.hidden_size
         uf, un = jnp.split(u_Bx2H, 2, axis=-1)
-        f = jax.nn.sigmoid(uf + base.dense(h_BxH, params["W_h"][:H], self.dtype))
+        f = jax.nn.sigmoid(uf + (self.recurrent(params, h_BxH) if rec is None else rec))
         n = jnp.tanh(un + base.dense(f * h_BxH, params["W_h"][H:], self.dtype))
         h = ((1.0 - f) * h_BxH + f * n).astype(self.state_dtype)
         return h, h.astype(self.dtype)

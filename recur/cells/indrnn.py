@@ -44,7 +44,7 @@ class IndRNN(base.Cell):
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
-    def step(self, params, h_BxH, u_BxH):
+    def step(self, params, h_BxH, u_BxH, rec=None):
         f = base.activation(self.activation, "indrnn")
         h = f(u_BxH + base.scale(h_BxH, params["u"])).astype(self.state_dtype)
         return h, h.astype(self.dtype)
