@@ -2,10 +2,12 @@
 
     python -m experiments.benchmark                                  # the issue-4 shape, every cell
     python -m experiments.benchmark --cells lstm,gru --batch 32 --length 128 --hidden 256
+    python -m experiments.benchmark --cells lstm --length 64,256 --hidden 128,512 --modes train   # a grid
     python -m experiments.benchmark --out docs/bench                 # also writes .md and .csv
 
 One task for every system: an embedding (V -> E), one recurrent layer (E -> H), a softmax over V,
-the mean next-token cross-entropy, its gradient and one Adam update, on random tokens. Each
+the mean next-token cross-entropy, its gradient and one Adam update, on random tokens ("train");
+and the forward pass to the logits alone ("infer"). Each
 measurement is compiled and warmed up first (compile time is reported on its own), then timed
 over ``--repeats`` rounds of ``--steps`` steps, interleaving the systems round by round so that
 machine noise hits them alike; the median round counts. Ratios are against PyTorch when it is
@@ -54,7 +56,10 @@ def recur_step(cell: str, V: int, E: int, H: int, B: int, T: int):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    return jax.jit(step, donate_argnums=0), state
+    def infer(state, x):
+        return nnx.merge(graphdef, state[0])(x)[0]
+
+    return jax.jit(step, donate_argnums=0), state, jax.jit(infer)
 
 
 def flax_step(cell: str, V: int, E: int, H: int, B: int, T: int):
@@ -85,10 +90,13 @@ def flax_step(cell: str, V: int, E: int, H: int, B: int, T: int):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    return jax.jit(step, donate_argnums=0), state
+    def infer(state, x):
+        return model.apply(state[0], x)
+
+    return jax.jit(step, donate_argnums=0), state, jax.jit(infer)
 
 
-def torch_runner(cell: str, V: int, E: int, H: int, B: int, T: int):
+def torch_runner(cell: str, V: int, E: int, H: int, B: int, T: int, train: bool = True):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,14 +118,33 @@ def torch_runner(cell: str, V: int, E: int, H: int, B: int, T: int):
             torch.cuda.synchronize()
         return float(loss)
 
-    return run
+    @torch.no_grad()
+    def infer(steps):
+        for _ in range(steps):
+            out, _ = rnn(embed(x))
+            logits = head(out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return float(logits[0, 0, 0])
+
+    return run if train else infer
 
 
-def jax_runner(make, cell, V, E, H, B, T):
-    step, state = make(cell, V, E, H, B, T)
+def jax_runner(make, cell, V, E, H, B, T, train=True):
+    step, state, infer = make(cell, V, E, H, B, T)
     x = jax.random.randint(jax.random.key(1), (B, T), 0, V)
     y = jax.random.randint(jax.random.key(2), (B, T), 0, V)
     t0 = time.perf_counter()
+    if not train:
+        compiled = infer.lower(state, x).compile()
+        compile_s = time.perf_counter() - t0
+
+        def run_infer(steps):
+            for _ in range(steps):
+                out = compiled(state, x)
+            return float(out[0, 0, 0])
+
+        return run_infer, compile_s, None
     compiled = step.lower(state, x, y).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -135,51 +162,37 @@ def jax_runner(make, cell, V, E, H, B, T):
     return run, compile_s, peak
 
 
+def _ints(text):
+    return [int(v) for v in str(text).split(",")]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", default="lstm,gru,elman")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--batch", default="32", help="one size or a comma list (a grid)")
+    p.add_argument("--length", default="128", help="one size or a comma list")
     p.add_argument("--embed", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", default="256", help="one size or a comma list")
     p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--modes", default="train,infer", help="train (step with Adam) and/or infer (forward)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median counts)")
     p.add_argument("--out", default="", help="write OUT.md and OUT.csv")
     a = p.parse_args(argv)
     have_torch = importlib.util.find_spec("torch") is not None
-    V, E, H, B, T = a.vocab, a.embed, a.hidden, a.batch, a.length
+    V, E = a.vocab, a.embed
     rows = []
-    for cell in a.cells.split(","):
-        systems = {}
-        run, c, m = jax_runner(recur_step, cell, V, E, H, B, T)
-        systems[f"recur {cell}"] = (run, c, m)
-        base_cell = cell.split(":")[0]
-        if base_cell in FLAX_CELLS:
-            run, c, m = jax_runner(flax_step, base_cell, V, E, H, B, T)
-            systems[f"flax nn.RNN({FLAX_CELLS[base_cell]})"] = (run, c, m)
-        if have_torch and base_cell in TORCH_CELLS:
-            systems[f"torch nn.{TORCH_CELLS[base_cell]}"] = (torch_runner(base_cell, V, E, H, B, T), None, None)
-        for run, _, _ in systems.values():
-            run(2)  # warm up
-        times = {name: [] for name in systems}
-        for _ in range(a.repeats):
-            for name, (run, _, _) in systems.items():
-                t0 = time.perf_counter()
-                run(a.steps)
-                times[name].append((time.perf_counter() - t0) / a.steps)
-        ref = next((n for n in systems if n.startswith("torch")), None) or next(
-            (n for n in systems if n.startswith("flax")), None)
-        for name, (_, compile_s, peak) in systems.items():
-            sec = statistics.median(times[name])
-            rows.append({
-                "cell": cell, "system": name, "ms_per_step": 1e3 * sec, "tokens_per_s": B * T / sec,
-                "ratio_vs_" + ("torch" if have_torch else "flax"):
-                    statistics.median(times[ref]) / sec if ref else float("nan"),
-                "compile_s": compile_s, "peak_MiB": None if peak is None else peak / 2**20,
-            })
-    header = (f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, jax {jax.__version__}; "
-              f"B={B} T={T} E={E} H={H} V={V}, Adam, median of {a.repeats} rounds x {a.steps} steps")
+    for B in _ints(a.batch):
+        for T in _ints(a.length):
+            for H in _ints(a.hidden):
+                for mode in a.modes.split(","):
+                    if mode not in ("train", "infer"):
+                        raise SystemExit(f"benchmark: --modes takes train and/or infer, got {mode!r}")
+                    for cell in a.cells.split(","):
+                        rows += _measure(cell, mode, V, E, H, B, T, a.steps, a.repeats, have_torch)
+    header = (f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, jax {jax.__version__}"
+              + (f", torch {__import__('torch').__version__}" if have_torch else "")
+              + f"; E={E} V={V}, Adam; median of {a.repeats} rounds x {a.steps} steps, systems interleaved")
     keys = list(rows[0])
     lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -193,6 +206,38 @@ def main(argv=None):
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
+    return rows
+
+
+def _measure(cell, mode, V, E, H, B, T, steps, repeats, have_torch):
+    """One cell at one shape: every system side by side, rounds interleaved."""
+    train = mode == "train"
+    systems = {f"recur {cell}": jax_runner(recur_step, cell, V, E, H, B, T, train)}
+    base_cell = cell.split(":")[0]
+    if base_cell in FLAX_CELLS:
+        systems[f"flax nn.RNN({FLAX_CELLS[base_cell]})"] = jax_runner(flax_step, base_cell, V, E, H, B, T, train)
+    if have_torch and base_cell in TORCH_CELLS:
+        systems[f"torch nn.{TORCH_CELLS[base_cell]}"] = (torch_runner(base_cell, V, E, H, B, T, train), None, None)
+    for run, _, _ in systems.values():
+        run(2)  # warm up
+    times = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, (run, _, _) in systems.items():
+            t0 = time.perf_counter()
+            run(steps)
+            times[name].append((time.perf_counter() - t0) / steps)
+    ref = next((n for n in systems if n.startswith("torch")), None) or next(
+        (n for n in systems if n.startswith("flax")), None)
+    rows = []
+    for name, (_, compile_s, peak) in systems.items():
+        sec = statistics.median(times[name])
+        rows.append({
+            "mode": mode, "B": B, "T": T, "H": H, "cell": cell, "system": name,
+            "ms_per_step": 1e3 * sec, "tokens_per_s": B * T / sec,
+            "ratio_vs_" + ("torch" if have_torch else "flax"):
+                statistics.median(times[ref]) / sec if ref else float("nan"),
+            "compile_s": compile_s, "peak_MiB": None if peak is None else peak / 2**20,
+        })
     return rows
 
 
