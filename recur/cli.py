@@ -2,6 +2,7 @@
 
     recur train  --config configs/char_lm.py[:variant,...] --workdir runs/NAME [--config.model.hidden=256 ...]
     recur eval   --workdir runs/NAME [--which best|latest]
+    recur eval   --workdir runs/A runs/B ... [--which best|latest]   (classifiers: an ensemble)
     recur sample --workdir runs/NAME [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [--top_k 0] [--seed 0]
 
 ``train`` resumes from the workdir's latest checkpoint when there is one.
@@ -41,7 +42,9 @@ def main(argv=None):
     p_train.add_argument("--config", required=True, help="path/to/config.py[:variant,key=value,...]")
     p_train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events go here")
     p_eval = sub.add_parser("eval", help="evaluate a trained model")
-    p_eval.add_argument("--workdir", required=True)
+    p_eval.add_argument("--workdir", required=True, nargs="+",
+                        help="a trained run; several classification runs are evaluated as an ensemble "
+                             "(mean of their class probabilities)")
     p_eval.add_argument("--which", default="best", choices=["best", "latest"])
     p_sample = sub.add_parser("sample", help="generate text from a trained language model")
     p_sample.add_argument("--workdir", required=True)
@@ -75,9 +78,14 @@ def _train(args, overrides):
 
 
 def _eval(args):
+    if len(args.workdir) > 1:
+        from recur.train import ensemble
+
+        print(json.dumps(ensemble.evaluate_ensemble(args.workdir, args.which), indent=2))
+        return 0
     from recur.train import run
 
-    print(json.dumps(run.evaluate_workdir(args.workdir, args.which), indent=2))
+    print(json.dumps(run.evaluate_workdir(args.workdir[0], args.which), indent=2))
     return 0
 
 

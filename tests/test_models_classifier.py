@@ -31,22 +31,23 @@ def make(pooling="last", bidirectional=False, cell="lstm", seed=0, **kwargs):
                       rngs=nnx.Rngs(seed), **kwargs)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "mean_max"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("mlp_hidden", [0, 7])
 def test_shapes(pooling, bidirectional, mlp_hidden):
     model = make(pooling, bidirectional, mlp_hidden=mlp_hidden)
-    D = 10 if bidirectional else 5
+    D = (10 if bidirectional else 5) * (2 if pooling == "mean_max" else 1)
     assert model.sentence_size == D
     batch = {"tokens": TOKENS, "lengths": LENGTHS, "labels": np.array([0, 1, 2, 0], np.int32)}
     shapes = nnx.eval_shape(lambda m: (m.embed_sentence(TOKENS, LENGTHS), m(TOKENS, LENGTHS),
                                        m(TOKENS, LENGTHS, dropout_key=jax.random.key(0)),
-                                       m.loss(batch), m.predict(batch)), model)
-    sentence, logits, dropped, loss, pred = shapes
+                                       m.loss(batch), m.predict(batch), m.probabilities(batch)), model)
+    sentence, logits, dropped, loss, pred, probs = shapes
     assert sentence.shape == (4, D)
     assert logits.shape == dropped.shape == (4, C)
     assert loss.shape == ()
     assert pred.shape == (4,) and pred.dtype == jnp.int32
+    assert probs.shape == (4, C)
 
 
 @pytest.mark.parametrize("pooling,bidirectional", [("last", False), ("last", True), ("max", True)])
@@ -61,15 +62,17 @@ def test_padding_does_not_change_logits(pooling, bidirectional):
     np.testing.assert_allclose(logits_of(model, wider, LENGTHS, None), logits, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "mean_max"])
 def test_mean_and_max_pool_over_valid_steps(pooling):
     model = make(pooling, bidirectional=True)
     hs, _ = encode(model, TOKENS, LENGTHS)
     hs = np.asarray(hs)
-    want = np.zeros((4, hs.shape[-1]), np.float32)
+    O = hs.shape[-1]
+    want = np.zeros((4, 2 * O if pooling == "mean_max" else O), np.float32)
     for b, L in enumerate(LENGTHS):
         if L:
-            want[b] = hs[b, :L].mean(0) if pooling == "mean" else hs[b, :L].max(0)
+            mean, top = hs[b, :L].mean(0), hs[b, :L].max(0)
+            want[b] = {"mean": mean, "max": top, "mean_max": np.concatenate([mean, top])}[pooling]
     np.testing.assert_allclose(sentence_of(model, TOKENS, LENGTHS), want, rtol=1e-5, atol=1e-6)
 
 
@@ -87,6 +90,16 @@ def test_bidirectional_last_is_forward_last_and_backward_first(cell):
     fw, bw = carries[-1]
     h = (lambda c: c["h"]) if cell.startswith("lstm") else (lambda c: c)
     np.testing.assert_allclose(got, np.concatenate([h(fw), h(bw)], axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_probabilities_are_the_softmax_of_the_logits_and_agree_with_predict():
+    model = make("mean_max", True)
+    batch = {"tokens": TOKENS, "lengths": LENGTHS}
+    probs = np.asarray(nnx.jit(lambda m, b: m.probabilities(b))(model, batch))
+    logits = np.asarray(logits_of(model, TOKENS, LENGTHS, None), np.float64)
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, want / want.sum(-1, keepdims=True), rtol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(-1), predict(model, batch))
 
 
 def test_dropout_only_with_a_key():
@@ -123,3 +136,57 @@ def test_overfits_a_tiny_task():
                  embed_dropout=0.1, dropout=0.1)
     fit(model, batch, steps=100)
     np.testing.assert_array_equal(predict(model, batch), batch["labels"])
+
+
+def lm_model(bidirectional=True, lm_weight=0.5):
+    return make("max", bidirectional, num_layers=1, lm_vocab=9, lm_weight=lm_weight)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lm_loss_matches_a_loop_over_words(bidirectional):
+    model = lm_model(bidirectional)
+    batch = {"tokens": TOKENS, "lengths": LENGTHS, "labels": np.array([0, 1, 2, 0], np.int32)}
+    hs = np.asarray(encode(model, TOKENS, LENGTHS)[0], np.float64)
+    heads = [(np.asarray(h.kernel[...], np.float64), np.asarray(h.bias[...], np.float64))
+             for h in model.lm_heads]
+    H = hs.shape[-1] // len(heads)
+    total = []
+    for d, (W, b) in enumerate(heads):
+        losses = []
+        for row, L in enumerate(LENGTHS):
+            words = [0] + list(TOKENS[row, :L]) + [0]  # the boundary class 0 past either end
+            for t in range(L):
+                target = words[t + 2] if d == 0 else words[t]  # the next word, or the previous one
+                target = 1 if target >= 9 else target  # rarer than the 9 classes: <unk>
+                logits = hs[row, t, d * H:(d + 1) * H] @ W + b
+                losses.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[target])
+        total.append(np.mean(losses))
+    lm = nnx.jit(lambda m, b: m.lm_loss(b))(model, batch)
+    np.testing.assert_allclose(lm, np.mean(total), rtol=1e-5)
+    # the training loss adds lm_weight times it to the classification loss
+    plain = lm_model(bidirectional, lm_weight=0.0)
+    ce = nnx.jit(lambda m, b: m.loss(b))(plain, batch)
+    np.testing.assert_allclose(nnx.jit(lambda m, b: m.loss(b))(model, batch), ce + 0.5 * lm, rtol=1e-5)
+
+
+def test_lm_loss_ignores_padding_and_drops_out_with_a_key():
+    model = lm_model()
+    lm_of = nnx.jit(lambda m, tokens, lengths: m.lm_loss({"tokens": tokens, "lengths": lengths}))
+    mask = np.arange(5)[None, :] < LENGTHS[:, None]
+    noisy = np.concatenate([np.where(mask, TOKENS, 17), np.full((4, 3), 19, np.int32)], axis=1)
+    np.testing.assert_allclose(lm_of(model, noisy, LENGTHS), lm_of(model, TOKENS, LENGTHS), rtol=1e-5)
+    # dropout applies with a key
+    batch = {"tokens": TOKENS, "lengths": LENGTHS}
+    dropped = nnx.jit(lambda m, b, k: m.lm_loss(b, dropout_key=k))(model, batch, jax.random.key(0))
+    assert not np.isclose(dropped, lm_of(model, TOKENS, LENGTHS))
+
+
+def test_lm_settings_are_checked():
+    with pytest.raises(ValueError, match="needs num_layers=1"):
+        make("max", True, num_layers=2, lm_vocab=9)
+    with pytest.raises(ValueError, match="needs a language-model head"):
+        make("max", True, num_layers=1, lm_weight=0.5)
+    with pytest.raises(ValueError, match="lm_vocab must be in"):
+        make("max", True, num_layers=1, lm_vocab=V + 1)
+    with pytest.raises(ValueError, match="needs a language-model head"):
+        make("max", True).lm_loss({"tokens": TOKENS, "lengths": LENGTHS})

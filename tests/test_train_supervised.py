@@ -1,13 +1,15 @@
 """Sentiment classification and tagging end to end on slices of the real datasets."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from recur import config as config_lib
 from recur.cli import main as cli
 from recur.data import DataNotFoundError
-from recur.train import supervised
+from recur.train import supervised, tasks
+from recur.train.checkpoint import Checkpoints
 from recur.train.log import read_metrics
 
 SMOKES = {
@@ -67,3 +69,24 @@ def test_clip_word_keeps_prefix_and_suffix():
     assert clip_word("running", 16) == list("running")
     assert clip_word("https://example.com/index.html", 16) == list("https://" + ".com/index.html"[-8:])
     assert len(clip_word("x" * 17, 16)) == 16 and clip_word("abcdefghij", 0) == list("abcdefghij")
+
+
+def test_language_model_pretraining_then_classification(tmp_path):
+    # smoke: 400 sentences in batches of 16, 25 steps an epoch; two epochs of pretraining, one of classification
+    result = _train(SMOKES["sst2"], tmp_path, max_steps=0, pretrain_epochs=2, epochs=1, lm_vocab=200,
+                    lm_weight=0.1, log_every=1, lr=0.01)
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert result["step"] == len(losses) == 75
+    pretrain, classify = losses[:50], losses[50:]
+    # the language-model loss starts near log(200) = 5.3 and falls; classification near log(2) = 0.69
+    assert np.mean(pretrain[:3]) > 4.5 and np.mean(pretrain[-3:]) < 0.9 * np.mean(pretrain[:3]), pretrain
+    assert max(classify[:3]) < 2.0, classify
+    # the classifier starts with a fresh optimiser: Adam has counted only its 25 steps
+    config = supervised.load_config(tmp_path)
+    _, state, _ = supervised.init_state(config, tasks.build(config))
+    ckpt = Checkpoints(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
+    restored, _ = ckpt.restore(state, "latest")
+    ckpt.close()
+    leaves = jax.tree_util.tree_flatten_with_path(restored["opt_state"])[0]
+    counts = [int(leaf) for path, leaf in leaves if "count" in jax.tree_util.keystr(path)]
+    assert counts and all(c == 25 for c in counts), counts

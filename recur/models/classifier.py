@@ -6,8 +6,8 @@
     logits_BxC = model(tokens_BxT, lengths_B, dropout_key=key)   # a key only when training
 
 Shape letters: B batch, T time (padded sentence length), E embedding size, O the encoder's
-output features per step (H, or 2H when bidirectional), D the sentence embedding (= O),
-C classes.
+output features per step (H, or 2H when bidirectional), D the sentence embedding (O, or 2O for
+"mean_max" pooling), C classes.
 
 Pooling turns the encoder outputs h_1 .. h_L of a sentence of L words into one vector
 (Conneau et al. 2017, "Supervised Learning of Universal Sentence Representations", compare the
@@ -17,8 +17,9 @@ three on the same encoders):
                                    after reading back to the first (just h_L if unidirectional)
     "mean":  (1 / L) sum_t h_t     over the L valid steps only
     "max":   max_t h_t             per feature, over the L valid steps only (padding is -inf)
+    "mean_max": [mean ; max]       both, concatenated (2O features)
 
-A sentence of length 0 pools to zeros with each of the three.
+A sentence of length 0 pools to zeros with each of them.
 
 "last" reads the outputs at steps L - 1 (forward) and 0 (backward) rather than the final
 carries the RNN returns: the two agree for cells whose carry holds the output (LSTM's "h", GRU,
@@ -32,7 +33,23 @@ Dropout is applied only when a ``dropout_key`` is given (training), in three pla
   probability p and the kept ones scaled by 1 / (1 - p), so the encoder learns not to rely on
   any single word. (Feature-wise dropout on embeddings mostly adds noise to every word alike.)
 - ``dropout`` between recurrent layers (``locked_dropout=True``: one mask per sentence shared by
-  every step, Gal & Ghahramani 2016), and on the sentence embedding before the MLP.
+  every step, Gal & Ghahramani 2016), on the sentence embedding before the MLP, and on the
+  encoder outputs before the language-model heads.
+
+Language modelling as a second task (``lm_vocab > 0``; after Dai & Le 2015, "Semi-supervised
+Sequence Learning", and Rei 2017, "Semi-supervised Multitask Learning for Sequence Labeling"):
+the encoder also predicts each sentence's words from its own states, which needs no labels and
+makes the embeddings and the RNN learn from every word, not only through the one label per
+sentence. The forward output at step t predicts word t+1 and the backward output word t-1
+(a bidirectional encoder must then have one layer: a second layer would see the word it
+predicts); the word past either end is the boundary class 0:
+
+    lm_loss = mean over valid (b, t) and directions of  -log p(w_{t±1} | h_t),
+    p(. | h_t) = softmax(W_dir h_t + b_dir) over lm_vocab classes
+
+Ids are those of ``Vocab.build`` (<pad> 0, <unk> ``unk_id``, then words by decreasing count), so
+classes 2 .. lm_vocab - 1 are the most frequent words and rarer ones count as <unk>.
+:meth:`loss` adds ``lm_weight * lm_loss``; :meth:`lm_loss` alone serves to pretrain.
 """
 from __future__ import annotations
 
@@ -44,7 +61,7 @@ from flax import nnx
 from recur.layers import drop
 from recur.nnx import RNN
 
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "mean_max")
 
 
 def valid_mask(lengths_B, T: int):
@@ -67,7 +84,10 @@ def pool_last(hs_BxTxO, lengths_B, bidirectional: bool):
 
 
 def pool(hs_BxTxO, lengths_B, pooling: str, bidirectional: bool):
-    """The sentence vector [B, O] from the encoder outputs (see the module docstring)."""
+    """The sentence vector [B, D] from the encoder outputs (see the module docstring)."""
+    if pooling == "mean_max":
+        return jnp.concatenate([pool(hs_BxTxO, lengths_B, "mean", bidirectional),
+                                pool(hs_BxTxO, lengths_B, "max", bidirectional)], axis=-1)
     if pooling == "last":
         return pool_last(hs_BxTxO, lengths_B, bidirectional)
     mask_BxTx1 = valid_mask(lengths_B, hs_BxTxO.shape[1])[:, :, None]
@@ -96,29 +116,42 @@ class Classifier(nnx.Module):
     def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int, hidden_size: int,
                  cell: str = "lstm", num_layers: int = 1, bidirectional: bool = False,
                  pooling: str = "last", mlp_hidden: int = 0, embed_dropout: float = 0.0,
-                 dropout: float = 0.0, locked_dropout: bool = False, rngs: nnx.Rngs):
+                 dropout: float = 0.0, locked_dropout: bool = False, lm_vocab: int = 0,
+                 lm_weight: float = 0.0, unk_id: int = 1, rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
+        if lm_vocab and bidirectional and num_layers > 1:
+            raise ValueError(f"Classifier: a language-model head (lm_vocab={lm_vocab}) on a bidirectional "
+                             f"encoder needs num_layers=1 (got {num_layers}): a second layer sees the word "
+                             "each direction predicts")
+        if lm_weight and not lm_vocab:
+            raise ValueError(f"Classifier: lm_weight={lm_weight} needs a language-model head (lm_vocab > 0)")
+        if lm_vocab and not unk_id < lm_vocab <= vocab_size:
+            raise ValueError(f"Classifier: lm_vocab must be in ({unk_id}, vocab_size={vocab_size}], got {lm_vocab}")
         check_rate("embed_dropout", embed_dropout, "Classifier")
         check_rate("dropout", dropout, "Classifier")
         self.pooling, self.bidirectional = pooling, bidirectional
         self.embed_dropout, self.dropout = embed_dropout, dropout
+        self.lm_vocab, self.lm_weight, self.unk_id = lm_vocab, lm_weight, unk_id
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.rnn = RNN(cell, embed_dim, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dropout=dropout, locked_dropout=locked_dropout,
                        rngs=rngs)
-        D = self.rnn.output_size
+        D = self.sentence_size
         if mlp_hidden:
             self.hidden = nnx.Linear(D, mlp_hidden, rngs=rngs)
             self.out = nnx.Linear(mlp_hidden, num_classes, rngs=rngs)
         else:
             self.hidden = None
             self.out = nnx.Linear(D, num_classes, rngs=rngs)
+        H = self.rnn.output_size // (2 if bidirectional else 1)
+        self.lm_heads = nnx.List([nnx.Linear(H, lm_vocab, rngs=rngs)
+                                  for _ in range(2 if bidirectional else 1)]) if lm_vocab else None
 
     @property
     def sentence_size(self) -> int:
         """D, the features of :meth:`embed_sentence`."""
-        return self.rnn.output_size
+        return self.rnn.output_size * (2 if self.pooling == "mean_max" else 1)
 
     def encode(self, tokens_BxT, lengths_B, *, dropout_key=None):
         """The encoder's outputs and final carries: (hs [B, T, D], [carry per layer])."""
@@ -133,20 +166,64 @@ class Classifier(nnx.Module):
         hs_BxTxD, _ = self.encode(tokens_BxT, lengths_B, dropout_key=dropout_key)
         return pool(hs_BxTxD, lengths_B, self.pooling, self.bidirectional)
 
-    def __call__(self, tokens_BxT, lengths_B, *, dropout_key=None):
-        """Logits [B, num_classes]; dropout only when ``dropout_key`` is given."""
-        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        s_BxD = self.embed_sentence(tokens_BxT, lengths_B, dropout_key=k_encode)
-        if k_head is not None and self.dropout > 0.0:
-            s_BxD = drop(k_head, s_BxD, self.dropout)
+    def _classify(self, s_BxD, key):
+        if key is not None and self.dropout > 0.0:
+            s_BxD = drop(key, s_BxD, self.dropout)
         if self.hidden is not None:
             s_BxD = jax.nn.relu(self.hidden(s_BxD))
         return self.out(s_BxD)
 
+    def __call__(self, tokens_BxT, lengths_B, *, dropout_key=None):
+        """Logits [B, num_classes]; dropout only when ``dropout_key`` is given."""
+        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        s_BxD = self.embed_sentence(tokens_BxT, lengths_B, dropout_key=k_encode)
+        return self._classify(s_BxD, k_head)
+
+    def _lm_loss(self, hs_BxTxO, tokens_BxT, lengths_B, key):
+        """The language-model loss (module docstring) from the encoder outputs."""
+        T = tokens_BxT.shape[1]
+        mask_BxT = valid_mask(lengths_B, T)
+        if key is not None and self.dropout > 0.0:
+            hs_BxTxO = drop(key, hs_BxTxO, self.dropout)
+        t_1xT = jnp.arange(T)[None, :]
+        zeros_Bx1 = jnp.zeros_like(tokens_BxT[:, :1])
+        next_BxT = jnp.where(t_1xT + 1 < lengths_B[:, None],
+                             jnp.concatenate([tokens_BxT[:, 1:], zeros_Bx1], axis=1), 0)
+        prev_BxT = jnp.where(t_1xT >= 1, jnp.concatenate([zeros_Bx1, tokens_BxT[:, :-1]], axis=1), 0)
+        H = hs_BxTxO.shape[-1] // len(self.lm_heads)
+        total = 0.0
+        for i, (head, targets_BxT) in enumerate(zip(self.lm_heads, (next_BxT, prev_BxT))):
+            targets_BxT = jnp.where(targets_BxT >= self.lm_vocab, self.unk_id, targets_BxT)
+            logits_BxTxV = head(hs_BxTxO[..., i * H:(i + 1) * H])
+            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+            total = total + jnp.sum(jnp.where(mask_BxT, ce_BxT, 0.0)) / jnp.maximum(jnp.sum(mask_BxT), 1)
+        return total / len(self.lm_heads)
+
+    def lm_loss(self, batch, *, dropout_key=None):
+        """The language-model loss of ``batch`` (labels unused), a scalar: for pretraining."""
+        if self.lm_heads is None:
+            raise ValueError("Classifier.lm_loss needs a language-model head (lm_vocab > 0)")
+        k_encode, k_lm = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        hs_BxTxO, _ = self.encode(batch["tokens"], batch["lengths"], dropout_key=k_encode)
+        return self._lm_loss(hs_BxTxO, batch["tokens"], batch["lengths"], k_lm)
+
     def loss(self, batch, *, dropout_key=None):
-        """Mean cross-entropy of ``batch["labels"]`` over the batch, a scalar."""
-        logits_BxC = self(batch["tokens"], batch["lengths"], dropout_key=dropout_key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        """Mean cross-entropy of ``batch["labels"]`` over the batch (plus ``lm_weight`` times the
+        language-model loss), a scalar."""
+        tokens_BxT, lengths_B = batch["tokens"], batch["lengths"]
+        if not self.lm_weight:
+            logits_BxC = self(tokens_BxT, lengths_B, dropout_key=dropout_key)
+            return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, dropout_key=k_encode)
+        logits_BxC = self._classify(pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional), k_head)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        k_lm = None if k_head is None else jax.random.fold_in(k_head, 1)
+        return ce + self.lm_weight * self._lm_loss(hs_BxTxO, tokens_BxT, lengths_B, k_lm)
+
+    def probabilities(self, batch):
+        """The predicted distribution over classes of each sentence, float [B, C]."""
+        return jax.nn.softmax(self(batch["tokens"], batch["lengths"]), axis=-1)
 
     def predict(self, batch):
         """The most likely class of each sentence, int32 [B]."""

@@ -5,6 +5,10 @@ that has ``loss(batch, dropout_key=...)`` and ``predict(batch)`` with one jit-co
 (state donated), evaluate on the validation split every epoch (accuracy, token accuracy or span
 F1), keep the last checkpoints and the best by the validation metric, and report the test
 metric of the best checkpoint.
+
+``train.pretrain_epochs`` (classifiers with a language-model head) first trains for that many
+epochs on the model's ``lm_loss`` alone, with the labels unused, then ``train.epochs`` on its
+``loss`` with a fresh optimiser state; the logged training loss is the one being lowered.
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ from recur.train.log import MetricWriter
 from recur.train.common import apply_gradients, optimizer_from, resume, schedule_from
 
 
-def make_steps(graphdef, tx):
+def make_steps(graphdef, tx, loss: str = "loss"):
+    """(train_step, predict), jitted; ``loss`` names the model's loss method that train_step
+    lowers (``"lm_loss"`` for a classifier's language-model pretraining)."""
     def loss_fn(params, batch, key):
-        return nnx.merge(graphdef, params).loss(batch, dropout_key=key)
+        return getattr(nnx.merge(graphdef, params), loss)(batch, dropout_key=key)
 
     def train_step(state, batch, lr):
         key, sub = jax.random.split(state["key"])
@@ -74,21 +80,34 @@ def init_state(config, task):
     return graphdef, state, tx
 
 
-def evaluate_workdir(workdir, which: str = "best") -> dict:
-    """The task's metrics of a trained workdir's best (or latest) checkpoint on dev and test."""
+def load_config(workdir):
+    """The config a workdir was trained with (its config.json)."""
     import ml_collections
 
-    config = ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} holds no training run (no config.json); train first")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_workdir(workdir, which: str = "best"):
+    """(config, task, graphdef, params) of a trained workdir's best (or latest) checkpoint."""
+    config = load_config(workdir)
     task = tasks.build(config)
-    graphdef, state, tx = init_state(config, task)
+    graphdef, state, _ = init_state(config, task)
     ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints, best_metric=task.metric, best_mode="max")
     restored = ckpt.restore(state, which) or ckpt.restore(state, "latest")
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint to restore")
-    _, predict = make_steps(graphdef, tx)
-    return {split: evaluate(predict, restored[0]["params"], eval_batches_of(task, split, config.data.eval_batch_size),
-                            task, data)
+    return config, task, graphdef, restored[0]["params"]
+
+
+def evaluate_workdir(workdir, which: str = "best") -> dict:
+    """The task's metrics of a trained workdir's best (or latest) checkpoint on dev and test."""
+    config, task, graphdef, params = restore_workdir(workdir, which)
+    _, predict = make_steps(graphdef, optimizer_from(config.optim))
+    return {split: evaluate(predict, params, eval_batches_of(task, split, config.data.eval_batch_size), task, data)
             for split, data in task.splits.items() if split != "train"}
 
 
@@ -104,12 +123,15 @@ def train(config, workdir) -> dict:
     # lengths padded to multiples of 16: fewer distinct shapes, so fewer compilations
     train_batches = task.batches("train", c_data.batch_size, order="bucket", seed=c_train.seed, pad_multiple=16)
     eval_batches = {s: eval_batches_of(task, s, c_data.eval_batch_size) for s in task.splits if s != "train"}
-    total_steps = c_train.max_steps or c_train.epochs * train_batches.num_batches
+    # language-model pretraining (Dai & Le 2015): the first pretrain_epochs lower model.lm_loss
+    pretrain_steps = c_train.get("pretrain_epochs", 0) * train_batches.num_batches
+    total_steps = c_train.max_steps or pretrain_steps + c_train.epochs * train_batches.num_batches
     schedule = schedule_from(c_opt, total_steps)
     metric = task.metric
     ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric=metric, best_mode="max")
     state, meta = resume(ckpt, state, train_batches, schedule)
     train_step, predict = make_steps(graphdef, tx)
+    pretrain_step = make_steps(graphdef, tx, "lm_loss")[0] if pretrain_steps else None
     writer = MetricWriter(workdir)
     print(f"{task.describe()}; model {config.model.cell} {n_params:,} parameters")
     start = time.time() - float(meta.get("elapsed", 0.0))
@@ -124,7 +146,12 @@ def train(config, workdir) -> dict:
         epoch, losses = train_batches.epoch, []
         for batch in train_batches:
             lr = schedule(step, epoch)
-            state, loss = train_step(state, _device(batch), jnp.asarray(lr, jnp.float32))
+            if pretrain_steps and step == pretrain_steps:
+                # a fresh optimiser for the classifier: Adam's second moments of the (larger)
+                # language-model gradients would otherwise shrink its steps for hundreds of steps
+                state = dict(state, opt_state=tx.init(state["params"]))
+            step_fn = pretrain_step if step < pretrain_steps else train_step
+            state, loss = step_fn(state, _device(batch), jnp.asarray(lr, jnp.float32))
             losses.append(loss)
             step += 1
             bar.update(1)

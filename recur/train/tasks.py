@@ -76,7 +76,8 @@ class ClassifyTask:
         return Classifier(len(self.vocab), self.num_classes, embed_dim=m.embed_dim, hidden_size=m.hidden,
                           cell=m.cell, num_layers=m.layers, bidirectional=m.bidirectional, pooling=m.pooling,
                           mlp_hidden=m.mlp_hidden, embed_dropout=m.embed_dropout, dropout=m.dropout,
-                          locked_dropout=m.locked_dropout, rngs=nnx.Rngs(seed))
+                          locked_dropout=m.locked_dropout, lm_vocab=min(m.get("lm_vocab", 0), len(self.vocab)),
+                          lm_weight=m.get("lm_weight", 0.0), unk_id=self.vocab.unk_id, rngs=nnx.Rngs(seed))
 
     def score(self, preds, data):
         labels = np.asarray(data[1])
