@@ -50,16 +50,22 @@ def recur_step(cell: str, V: int, E: int, H: int, B: int, T: int):
         total, count = metrics.cross_entropy(logits, y)
         return total / count
 
+    def infer(state, x):
+        return nnx.merge(graphdef, state[0])(x)[0]
+
+    return adam_step(loss_fn, tx), state, jax.jit(infer)
+
+
+def adam_step(loss_fn, tx):
+    """jit(step)(state=(params, opt_state), x, y) -> (state, loss): one optax update, state donated."""
+
     def step(state, x, y):
         params, opt_state = state
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    def infer(state, x):
-        return nnx.merge(graphdef, state[0])(x)[0]
-
-    return jax.jit(step, donate_argnums=0), state, jax.jit(infer)
+    return jax.jit(step, donate_argnums=0)
 
 
 def flax_step(cell: str, V: int, E: int, H: int, B: int, T: int):
