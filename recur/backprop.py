@@ -25,17 +25,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _where(mask_B, a, b):
-    return jnp.where(jnp.reshape(mask_B, mask_B.shape + (1,) * (a.ndim - 1)), a, b)
+from recur.scan import tree_where
 
 
 def _is_float(x):
     return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def _zeros_like_float(tree):
+def _cotangent(primal, ct):
+    """ct for a float primal leaf; the float0 zeros JAX wants for an integer one (ct is None)."""
+    return ct if _is_float(primal) else jnp.zeros(primal.shape, jax.dtypes.float0)
+
+
+def _float_zeros(tree):
+    """Zeros at the float leaves of tree, None at its integer leaves (a cotangent tree)."""
     return jax.tree.map(lambda x: jnp.zeros_like(x) if _is_float(x) else None, tree)
+
+
+def _map(f, *trees):
+    """jax.tree.map over cotangent trees whose integer-leaf positions hold None (kept None)."""
+    return jax.tree.map(lambda x, *ys: None if x is None else f(x, *ys), *trees,
+                        is_leaf=lambda x: x is None)
+
+
+def _keep(mask_B, tree):
+    """The cotangent rows where mask_B, zeros elsewhere."""
+    return _map(lambda d: tree_where(mask_B, d, jnp.zeros_like(d)), tree)
+
+
+def _drop(mask_B, tree):
+    """Zeros in the rows where mask_B, the cotangent elsewhere."""
+    return _map(lambda d: tree_where(mask_B, jnp.zeros_like(d), d), tree)
 
 
 def _add(a, b):
@@ -44,15 +64,15 @@ def _add(a, b):
 
 
 def _flat(tree, n):
-    """Merge the two leading axes [T, B, ...] -> [T*B, ...]."""
-    return jax.tree.map(lambda x: jnp.reshape(x, (n,) + x.shape[2:]), tree)
+    """Merge the two leading axes [T, B, ...] -> [T*B, ...] (None leaves stay None)."""
+    return _map(lambda x: jnp.reshape(x, (n,) + x.shape[2:]), tree)
 
 
-def _diff_vjp(fn, carry, *args):
-    """jax.vjp of fn(carry, *args) with respect to the float leaves of carry and args.
+def _pull(fn, out_cts, carry, *args):
+    """Cotangents of fn(carry, *args) w.r.t. the float leaves of carry and args.
 
-    Returns (outputs, pullback); the pullback takes cotangents for the outputs' float leaves
-    (None for integer leaves) and returns (dcarry, *dargs) with None at integer leaves.
+    out_cts has None at the outputs' integer leaves; the result is (dcarry, *dargs) with None at
+    carry's integer leaves.
     """
     leaves, treedef = jax.tree.flatten(carry)
     floats = [i for i, x in enumerate(leaves) if _is_float(x)]
@@ -64,25 +84,20 @@ def _diff_vjp(fn, carry, *args):
         return fn(jax.tree.unflatten(treedef, full), *args)
 
     out, pull = jax.vjp(f, [leaves[i] for i in floats], *args)
+    grads = pull(_full_cotangent(out, out_cts))
+    dcarry = [None] * len(leaves)
+    for i, g in zip(floats, grads[0]):
+        dcarry[i] = g
+    return (jax.tree.unflatten(treedef, dcarry),) + tuple(grads[1:])
+
+
+def _full_cotangent(out, cts):
     out_leaves, out_def = jax.tree.flatten(out)
-
-    def pullback(ct):
-        ct_leaves = jax.tree.leaves(ct, is_leaf=lambda x: x is None)
-        full_ct = [
-            c if _is_float(o) else jnp.zeros(o.shape, jax.dtypes.float0)
-            for o, c in zip(out_leaves, ct_leaves)
-        ]
-        grads = pull(jax.tree.unflatten(out_def, full_ct))
-        dfloat, dargs = grads[0], grads[1:]
-        dcarry = [None] * len(leaves)
-        for i, g in zip(floats, dfloat):
-            dcarry[i] = g
-        return (jax.tree.unflatten(treedef, dcarry),) + tuple(dargs)
-
-    return out, pullback
+    ct_leaves = jax.tree.leaves(cts, is_leaf=lambda x: x is None)
+    return jax.tree.unflatten(out_def, [_cotangent(o, c) for o, c in zip(out_leaves, ct_leaves)])
 
 
-def deferred_scan(cell, unroll: int = 1, backward_unroll: int | None = None):
+def deferred_scan(cell, unroll: int = 1):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
@@ -96,11 +111,11 @@ def deferred_scan(cell, unroll: int = 1, backward_unroll: int | None = None):
         def body(carry, x):
             u, m, r = x
             if r is not None:
-                carry = jax.tree.map(lambda a, b: _where(r, a, b), reset_carry, carry)
+                carry = tree_where(r, reset_carry, carry)
             rec = cell.recurrent(params, carry)
             new, h = step_fn(params, carry, u, rec)
             if m is not None:
-                new = jax.tree.map(lambda a, b: _where(m, a, b), new, carry)
+                new = tree_where(m, new, carry)
             return new, ((h, carry, rec) if keep else h)
 
         return jax.lax.scan(body, carry0, (us, mask, resets), unroll=unroll)
@@ -119,69 +134,45 @@ def deferred_scan(cell, unroll: int = 1, backward_unroll: int | None = None):
         dhs, dcarry_T = cts
         T, B = jax.tree.leaves(us)[0].shape[:2]
         dcarry_T = jax.tree.map(lambda x, c: c if _is_float(x) else None, carry0, dcarry_T)
-        dreset0 = None if resets is None else _zeros_like_float(reset_carry)
+        dreset0 = None if resets is None else _float_zeros(reset_carry)
 
         def body(state, x):
             dcarry, dreset = state
             carry, u, rec, dh, m, r = x
+            dnew = dcarry
             if m is not None:  # a padded step passes the carry through
-                dnew = jax.tree.map(lambda d: None if d is None else _where(m, d, jnp.zeros_like(d)),
-                                    dcarry, is_leaf=lambda d: d is None)
-                dpass = jax.tree.map(lambda d: None if d is None else _where(m, jnp.zeros_like(d), d),
-                                     dcarry, is_leaf=lambda d: d is None)
-            else:
-                dnew, dpass = dcarry, None
-            _, pull = _diff_vjp(lambda c, u, rec: step_fn(params, c, u, rec), carry, u, rec)
-            dc, du, drec = pull((dnew, dh))
+                dnew = _keep(m, dcarry)
+            dc, du, drec = _pull(lambda c, u, rec: step_fn(params, c, u, rec), (dnew, dh), carry, u, rec)
             if rec is not None:
-                _, pull_rec = _diff_vjp(lambda c: cell.recurrent(params, c), carry)
-                (dc_rec,) = pull_rec(drec)
-                dc = _add(dc, dc_rec)
-            if dpass is not None:
-                dc = _add(dc, dpass)
+                dc = _add(dc, _pull(lambda c: cell.recurrent(params, c), drec, carry)[0])
+            if m is not None:
+                dc = _add(dc, _drop(m, dcarry))
             if r is not None:  # the carry before step t was the reset carry
-                keep = lambda d: None if d is None else _where(r, d, jnp.zeros_like(d))
-                drop = lambda d: None if d is None else _where(r, jnp.zeros_like(d), d)
-                dreset = _add(dreset, jax.tree.map(keep, dc, is_leaf=lambda d: d is None))
-                dc = jax.tree.map(drop, dc, is_leaf=lambda d: d is None)
+                dreset = _add(dreset, _keep(r, dc))
+                dc = _drop(r, dc)
             return (dc, dreset), (du, drec, dnew)
 
         (dcarry0, dreset), (dus, drecs, dnews) = jax.lax.scan(
-            body, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True,
-            unroll=unroll if backward_unroll is None else backward_unroll
+            body, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True, unroll=unroll
         )
 
         # parameter gradients for all steps at once: the T*B rows as one batch
         n = T * B
         c_all, u_all, rec_all = _flat(carries, n), _flat(us, n), _flat(recs, n)
-        dnew_all = jax.tree.map(lambda d: None if d is None else jnp.reshape(d, (n,) + d.shape[2:]),
-                                dnews, is_leaf=lambda d: d is None)
-        dh_all = jnp.reshape(dhs, (n,) + dhs.shape[2:])
-
-        def step_params(p):
-            return step_fn(p, c_all, u_all, rec_all)
-
-        out, pull = jax.vjp(step_params, params)
-        out_leaves, out_def = jax.tree.flatten(out)
-        ct_leaves = jax.tree.leaves((dnew_all, dh_all), is_leaf=lambda x: x is None)
-        ct = [c if _is_float(o) else jnp.zeros(o.shape, jax.dtypes.float0) for o, c in zip(out_leaves, ct_leaves)]
-        (dparams,) = pull(jax.tree.unflatten(out_def, ct))
+        out, pull = jax.vjp(lambda p: step_fn(p, c_all, u_all, rec_all), params)
+        (dparams,) = pull(_full_cotangent(out, (_flat(dnews, n), _flat(dhs, n))))
         if recs is not None:
             _, pull_rec = jax.vjp(lambda p: cell.recurrent(p, c_all), params)
             (dp_rec,) = pull_rec(_flat(drecs, n))
             dparams = jax.tree.map(jnp.add, dparams, dp_rec)
 
-        def fill(x, d):  # integer carry leaves get float0 cotangents
-            return d if _is_float(x) else jnp.zeros(x.shape, jax.dtypes.float0)
-
-        dcarry0 = jax.tree.map(fill, carry0, dcarry0)
         dreset_out = None
         if reset_carry is not None:
-            dreset_out = (jax.tree.map(fill, reset_carry, dreset, is_leaf=lambda d: d is None)
-                          if dreset is not None else jax.tree.map(
-                              lambda x: fill(x, jnp.zeros_like(x) if _is_float(x) else None), reset_carry))
-        none_like = lambda a: None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
-        return dparams, dcarry0, dus, none_like(mask), none_like(resets), dreset_out
+            dreset = _float_zeros(reset_carry) if dreset is None else dreset
+            dreset_out = jax.tree.map(_cotangent, reset_carry, dreset)
+        float0_like = lambda a: None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
+        return (dparams, jax.tree.map(_cotangent, carry0, dcarry0), dus, float0_like(mask),
+                float0_like(resets), dreset_out)
 
     run.defvjp(run_fwd, run_bwd)
     return run

@@ -161,23 +161,18 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
 
         # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]
         us_T = cell.project(params, jnp.swapaxes(xs, 0, 1))
-        run = deferred_scan(cell, unroll)
-        hs, carry = run(params, carry0, us_T, None if mask is None else mask.T,
-                        None if resets is None else resets.T, reset_carry)
+        hs, carry = deferred_scan(cell, unroll)(params, carry0, us_T, None if mask is None else mask.T,
+                                                None if resets is None else resets.T, reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
-        if mask is not None:
-            hs = jnp.where(mask[:, :, None], hs, jnp.zeros((), hs.dtype))
-        if reverse:
-            hs = _gather_time(hs, idx)
-        return hs, carry
-    us = cell.project(params, xs)
-    if mode == "parallel":
-        hs, carry = _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
+    elif mode == "parallel":
+        hs, carry = _parallel(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+                              unroll, remat, T)
     elif mode == "chunked":
-        hs, carry = _chunked_parallel(cell, params, us, carry0, mask, resets, reset_carry, remat, T,
-                                      int(chunk))
+        hs, carry = _chunked_parallel(cell, params, cell.project(params, xs), carry0, mask, resets,
+                                      reset_carry, remat, T, int(chunk))
     else:
-        hs, carry = _sequential(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T)
+        hs, carry = _sequential(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+                                unroll, remat, T)
     if mask is not None:
         hs = jnp.where(mask[:, :, None], hs, jnp.zeros((), hs.dtype))
     if reverse:

@@ -156,26 +156,29 @@ class LSTM(base.Cell):
             rec = base.layer_norm(rec, params["ln_h_scale"], params["ln_h_bias"])
         pre = u_BxG + rec
         if self._fused_gates:
-            return self._fused_step(params, carry, pre)
-        parts = dict(zip(self.blocks, jnp.split(pre, len(self.blocks), axis=-1)))
-        if self.full_gate_recurrence:
-            for g, extra in zip("ifo", jnp.split(recs["gates"], 3, axis=-1)):
-                parts[g] = parts[g] + extra
-
-        def gate(g, cell_state):
-            z = parts[g]
-            if self.peepholes:
-                z = z + base.scale(cell_state, params[f"p_{g}"])
-            return jax.nn.sigmoid(z)
-
-        i = gate("i", c) if self.input_gate else 1.0
-        if self.coupled:
-            f = 1.0 - i
+            i, f, g, o = self._fused_gates_of(pre)
+            out_gate = lambda c_new: o
         else:
-            f = gate("f", c) if self.forget_gate else 1.0
-        g = jnp.tanh(parts["g"]) if self.input_activation else parts["g"]
+            parts = dict(zip(self.blocks, jnp.split(pre, len(self.blocks), axis=-1)))
+            if self.full_gate_recurrence:
+                for name, extra in zip("ifo", jnp.split(recs["gates"], 3, axis=-1)):
+                    parts[name] = parts[name] + extra
+
+            def gate(name, cell_state):
+                z = parts[name]
+                if self.peepholes:
+                    z = z + base.scale(cell_state, params[f"p_{name}"])
+                return jax.nn.sigmoid(z)
+
+            i = gate("i", c) if self.input_gate else 1.0
+            if self.coupled:
+                f = 1.0 - i
+            else:
+                f = gate("f", c) if self.forget_gate else 1.0
+            g = jnp.tanh(parts["g"]) if self.input_activation else parts["g"]
+            out_gate = lambda c_new: gate("o", c_new) if self.output_gate else 1.0  # peephole on c_t
         c_new = (f * c + i * g).astype(self.state_dtype)
-        o = gate("o", c_new) if self.output_gate else 1.0
+        o = out_gate(c_new)
         c_out = base.layer_norm(c_new, params["ln_c_scale"], params["ln_c_bias"]) if self.layer_norm else c_new
         h_new = o * (jnp.tanh(c_out) if self.output_activation else c_out)
         if self.proj_size:
@@ -191,20 +194,16 @@ class LSTM(base.Cell):
         """Gates without peepholes or gate recurrence: one tanh over all blocks at once."""
         return not (self.peepholes or self.full_gate_recurrence) and self.input_activation
 
-    def _fused_step(self, params, carry, pre):
-        # sigmoid(x) = (1 + tanh(x / 2)) / 2: one element-wise tanh over the [B, n * H] gate
-        # pre-activations instead of one sigmoid or tanh per block (about 5x less time on CPU)
+    def _fused_gates_of(self, pre):
+        """(i, f, g, o) from the [B, n * H] pre-activations with one element-wise tanh.
+
+        sigmoid(x) = (1 + tanh(x / 2)) / 2, so scaling the sigmoid blocks by 1/2 lets a single
+        tanh serve every block (about 5x less time on CPU than one sigmoid or tanh per block).
+        """
         H = self.hidden_size
-        halves = np.concatenate([np.full(H, 1.0 if g == "g" else 0.5, np.float32) for g in self.blocks])
+        halves = np.concatenate([np.full(H, 1.0 if b == "g" else 0.5, np.float32) for b in self.blocks])
         t = jnp.tanh(pre * jnp.asarray(halves, pre.dtype)[None, :])
         parts = dict(zip(self.blocks, jnp.split(t, len(self.blocks), axis=-1)))
-        sig = lambda g: 0.5 * parts[g] + 0.5 if g in parts else 1.0
-        i, g = sig("i"), parts["g"]
-        f = 1.0 - i if self.coupled else sig("f")
-        c_new = (f * carry["c"] + i * g).astype(self.state_dtype)
-        c_out = base.layer_norm(c_new, params["ln_c_scale"], params["ln_c_bias"]) if self.layer_norm else c_new
-        h_new = sig("o") * (jnp.tanh(c_out) if self.output_activation else c_out)
-        if self.proj_size:
-            h_new = base.dense(h_new, params["W_p"], self.dtype)
-        h_new = h_new.astype(self.state_dtype)
-        return {"h": h_new, "c": c_new}, h_new.astype(self.dtype)
+        sig = lambda b: 0.5 * parts[b] + 0.5 if b in parts else 1.0
+        i = sig("i")
+        return i, 1.0 - i if self.coupled else sig("f"), parts["g"], sig("o")
