@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from recur import metrics
 from recur.layers import drop
 from recur.nnx import RNN
 
@@ -173,11 +174,16 @@ class Classifier(nnx.Module):
             s_BxD = jax.nn.relu(self.hidden(s_BxD))
         return self.out(s_BxD)
 
+    def _forward(self, tokens_BxT, lengths_B, dropout_key):
+        """(logits [B, C], the encoder outputs, the classifier head's dropout key)."""
+        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, dropout_key=k_encode)
+        s_BxD = pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional)
+        return self._classify(s_BxD, k_head), hs_BxTxO, k_head
+
     def __call__(self, tokens_BxT, lengths_B, *, dropout_key=None):
         """Logits [B, num_classes]; dropout only when ``dropout_key`` is given."""
-        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        s_BxD = self.embed_sentence(tokens_BxT, lengths_B, dropout_key=k_encode)
-        return self._classify(s_BxD, k_head)
+        return self._forward(tokens_BxT, lengths_B, dropout_key)[0]
 
     def _lm_loss(self, hs_BxTxO, tokens_BxT, lengths_B, key):
         """The language-model loss (module docstring) from the encoder outputs."""
@@ -194,9 +200,8 @@ class Classifier(nnx.Module):
         total = 0.0
         for i, (head, targets_BxT) in enumerate(zip(self.lm_heads, (next_BxT, prev_BxT))):
             targets_BxT = jnp.where(targets_BxT >= self.lm_vocab, self.unk_id, targets_BxT)
-            logits_BxTxV = head(hs_BxTxO[..., i * H:(i + 1) * H])
-            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-            total = total + jnp.sum(jnp.where(mask_BxT, ce_BxT, 0.0)) / jnp.maximum(jnp.sum(mask_BxT), 1)
+            nll, count = metrics.cross_entropy(head(hs_BxTxO[..., i * H:(i + 1) * H]), targets_BxT, mask_BxT)
+            total = total + nll / jnp.maximum(count, 1)
         return total / len(self.lm_heads)
 
     def lm_loss(self, batch, *, dropout_key=None):
@@ -211,13 +216,10 @@ class Classifier(nnx.Module):
         """Mean cross-entropy of ``batch["labels"]`` over the batch (plus ``lm_weight`` times the
         language-model loss), a scalar."""
         tokens_BxT, lengths_B = batch["tokens"], batch["lengths"]
-        if not self.lm_weight:
-            logits_BxC = self(tokens_BxT, lengths_B, dropout_key=dropout_key)
-            return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
-        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, dropout_key=k_encode)
-        logits_BxC = self._classify(pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional), k_head)
+        logits_BxC, hs_BxTxO, k_head = self._forward(tokens_BxT, lengths_B, dropout_key)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        if not self.lm_weight:
+            return ce
         k_lm = None if k_head is None else jax.random.fold_in(k_head, 1)
         return ce + self.lm_weight * self._lm_loss(hs_BxTxO, tokens_BxT, lengths_B, k_lm)
 
