@@ -97,18 +97,35 @@ def _full_cotangent(out, cts):
     return jax.tree.unflatten(out_def, [_cotangent(o, c) for o, c in zip(out_leaves, ct_leaves)])
 
 
-def deferred_scan(cell, unroll: int = 1):
+def scan_loop(unroll: int = 1):
+    """The time loops as ``jax.lax.scan``: loop(body, consts, rows, carry0, xs, reverse)."""
+
+    def loop(body, consts, rows, carry0, xs, reverse=False):
+        return jax.lax.scan(lambda c, x: body(consts, rows, c, x), carry0, xs, reverse=reverse,
+                            unroll=unroll)
+
+    return loop
+
+
+def deferred_scan(cell, unroll: int = 1, loop=None):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
     the autodiff scan in recur.scan, with the custom backward pass described above.
+
+    ``loop`` runs the two time loops (default ``scan_loop(unroll)``); recur.kernels passes one
+    that runs each loop as a single Pallas kernel. Its contract is ``lax.scan``'s with the
+    closed-over values made explicit: ``loop(body, consts, rows, carry0, xs, reverse)`` where
+    body(consts, rows, carry, x) -> (carry, y), consts are read whole and rows ([B, ...]
+    leaves) row by row.
     """
+    loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
         return cell.step(params, carry, u, rec) if rec is not None else cell.step(params, carry, u)
 
     def forward(params, carry0, us, mask, resets, reset_carry, keep):
-        def body(carry, x):
+        def body(params, reset_carry, carry, x):
             u, m, r = x
             if r is not None:
                 carry = tree_where(r, reset_carry, carry)
@@ -118,7 +135,7 @@ def deferred_scan(cell, unroll: int = 1):
                 new = tree_where(m, new, carry)
             return new, ((h, carry, rec) if keep else h)
 
-        return jax.lax.scan(body, carry0, (us, mask, resets), unroll=unroll)
+        return loop(body, params, reset_carry, carry0, (us, mask, resets))
 
     @jax.custom_vjp
     def run(params, carry0, us, mask, resets, reset_carry):
@@ -136,7 +153,7 @@ def deferred_scan(cell, unroll: int = 1):
         dcarry_T = jax.tree.map(lambda x, c: c if _is_float(x) else None, carry0, dcarry_T)
         dreset0 = None if resets is None else _float_zeros(reset_carry)
 
-        def body(state, x):
+        def body(params, _, state, x):
             dcarry, dreset = state
             carry, u, rec, dh, m, r = x
             dnew = dcarry
@@ -152,8 +169,8 @@ def deferred_scan(cell, unroll: int = 1):
                 dc = _drop(r, dc)
             return (dc, dreset), (du, drec, dnew)
 
-        (dcarry0, dreset), (dus, drecs, dnews) = jax.lax.scan(
-            body, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True, unroll=unroll
+        (dcarry0, dreset), (dus, drecs, dnews) = loop(
+            body, params, None, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True
         )
 
         # parameter gradients for all steps at once: the T*B rows as one batch

@@ -24,6 +24,11 @@ Semantics, for batch row b:
   underflow to 0 do so where the sequential loop's would, so no log-space form is needed
   (docs/benchmarks.md has the measured errors at T = 16384, and the timings: on a 2-core CPU
   neither is faster than the sequential scan at batch 32, hidden 256).
+- ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
+  a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
+  (no GPU, a cell the GPU back end cannot lower, a complex state, remat) it runs the plain scan
+  with a one-line ``KernelFallback`` warning. ``mode="auto"`` takes the kernel on a GPU where it
+  lowers and the sequential scan otherwise. docs/kernels.md has the table per cell.
 - ``chunk``: steps per chunk of ``mode="chunked"`` (a positive int; chunk >= T is one chunk).
 - ``unroll``: steps per loop iteration of ``jax.lax.scan``.
 - ``remat``: what the backward pass recomputes instead of storing. "none" stores every step's
@@ -38,6 +43,7 @@ Semantics, for batch row b:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,7 +52,7 @@ import numpy as np
 
 from recur.cells.base import Cell
 
-MODES = ("sequential", "parallel", "chunked")
+MODES = ("sequential", "parallel", "chunked", "kernel", "auto")
 BACKWARDS = ("deferred", "autodiff")
 
 
@@ -156,7 +162,29 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     carry0 = cell.initial_carry(B) if initial_carry is None else initial_carry
     if resets is not None and reset_carry is None:
         reset_carry = cell.initial_carry(B)
-    if mode == "sequential" and backward == "deferred" and remat == "none":
+    impl, interpret = mode, False
+    if mode in ("kernel", "auto"):
+        from recur.kernels import dispatch
+
+        impl, interpret, reason = dispatch.choose(cell, mode, B, T, xs.shape[2], remat)
+        if reason:
+            dispatch.notice(reason)
+    if impl == "loop":
+        from recur.backprop import deferred_scan
+        from recur.kernels.dispatch import loop_fn
+
+        us_T = cell.project(params, jnp.swapaxes(xs, 0, 1))
+        hs, carry = deferred_scan(cell, unroll, loop_fn(B, interpret))(
+            params, carry0, us_T, None if mask is None else mask.T, None if resets is None else resets.T,
+            reset_carry)
+        hs = jnp.swapaxes(hs, 0, 1)
+    elif impl == "linear":
+        from recur.kernels.linear import linear_recurrence
+
+        recurrence = functools.partial(linear_recurrence, interpret=interpret)
+        hs, carry = _linear_scan(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+                                 recurrence)
+    elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 
         # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]
@@ -164,10 +192,10 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         hs, carry = deferred_scan(cell, unroll)(params, carry0, us_T, None if mask is None else mask.T,
                                                 None if resets is None else resets.T, reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
-    elif mode == "parallel":
+    elif impl == "parallel":
         hs, carry = _parallel(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
                               unroll, remat, T)
-    elif mode == "chunked":
+    elif impl == "chunked":
         hs, carry = _chunked_parallel(cell, params, cell.project(params, xs), carry0, mask, resets,
                                       reset_carry, remat, T, int(chunk))
     else:
@@ -239,8 +267,22 @@ def _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat
     return _linear_scan(cell, params, us, carry0, mask, resets, reset_carry)
 
 
-def _linear_scan(cell, params, us, carry0, mask, resets, reset_carry):
-    """_parallel's computation on us [B, T', ...]: (outputs [B, T', O], state after step T'-1)."""
+def _associative(a, b):
+    """States of s_t = a_t s_{t-1} + b_t (s_{-1} = 0) along axis 1, by lax.associative_scan."""
+
+    def combine(left, right):
+        a1, b1 = left
+        a2, b2 = right
+        return a1 * a2, a2 * b1 + b2
+
+    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+
+
+def _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, recurrence=_associative):
+    """_parallel's computation on us [B, T', ...]: (outputs [B, T', O], state after step T'-1).
+
+    recurrence(a, b) -> states is the associative scan, or recur.kernels.linear's kernel.
+    """
     a, b = cell.coefficients(params, us)  # [B, T, S]
     expand = lambda m: m[:, :, None]
     if mask is not None:
@@ -254,13 +296,7 @@ def _linear_scan(cell, params, us, carry0, mask, resets, reset_carry):
         start = jnp.where(expand(resets), rc, start)
     b = jnp.where(expand(restart), a * start + b, b)
     a = jnp.where(expand(restart), jnp.zeros((), a.dtype), a)
-
-    def combine(left, right):
-        a1, b1 = left
-        a2, b2 = right
-        return a1 * a2, a2 * b1 + b2
-
-    _, states = jax.lax.associative_scan(combine, (a, b), axis=1)
+    states = recurrence(a, b)
     return cell.readout(params, states, us), states[:, -1]
 
 

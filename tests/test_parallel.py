@@ -136,4 +136,4 @@ def test_nonlinear_cell_is_refused(mode):
 def test_modes_are_listed():
     from recur.scan import MODES
 
-    assert MODES == ("sequential", "parallel", "chunked")
+    assert MODES == ("sequential", "parallel", "chunked", "kernel", "auto")

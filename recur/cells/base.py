@@ -35,6 +35,7 @@ functions of the inputs only, subclass :class:`LinearCell`: they expose that (a,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -126,9 +127,50 @@ class LinearCell(Cell):
 
 
 # --- shared numerics ---------------------------------------------------------------------
+_IN_KERNEL = []  # non-empty while recur.kernels traces a cell's step into a Pallas kernel
+
+
+@contextlib.contextmanager
+def kernel_trace():
+    """Mark that the cell functions called inside are being traced into a GPU kernel."""
+    _IN_KERNEL.append(True)
+    try:
+        yield
+    finally:
+        _IN_KERNEL.pop()
+
+
+def split(x: Array, n: int) -> list[Array]:
+    """jnp.split(x, n, axis=-1), the gate blocks of a pre-activation.
+
+    Traced into a kernel (``kernel_trace``) with n a power of 2, it halves x recursively by
+    reshape [..., 2, m] -> transpose [..., m, 2] -> unstack: Pallas' Triton back end lowers
+    these and their transposes (stack, transpose, reshape), whereas the transpose of a split,
+    an n-way concatenate, it does not lower.
+    """
+    if not _IN_KERNEL or n == 1 or n & (n - 1):
+        return jnp.split(x, n, axis=-1)
+    parts = [x]
+    while len(parts) < n:
+        parts = [half for p in parts for half in _halves(p)]
+    return parts
+
+
+def _halves(x):
+    m = x.shape[-1] // 2
+    x2 = jnp.reshape(x, x.shape[:-1] + (2, m))
+    perm = tuple(range(x2.ndim - 2)) + (x2.ndim - 1, x2.ndim - 2)
+    return jax.lax.unstack(jnp.transpose(x2, perm), axis=-1)
+
+
 def dense(x: Array, W_GxI: Array, dtype) -> Array:
     """x @ W.T over the last axis of x, computed in ``dtype`` with float32 accumulation."""
     acc = jnp.promote_types(dtype, jnp.float32)
+    if _IN_KERNEL and jnp.dtype(dtype).itemsize < 4:
+        # Triton's dot takes operands of one type: a half x half product (the tensor cores
+        # accumulate it in float32) widened afterwards, so that the transposed products of the
+        # backward pass are half x half too
+        return jnp.einsum("...i,gi->...g", x.astype(dtype), W_GxI.astype(dtype)).astype(acc)
     return jnp.einsum(
         "...i,gi->...g", x.astype(dtype), W_GxI.astype(dtype), preferred_element_type=acc
     )

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from recur.cells import base
 from recur.cells.registry import register
@@ -54,29 +53,41 @@ class Clockwork(base.Cell):
         return {"h": jnp.zeros((batch_size, self.hidden_size), self.state_dtype),
                 "t": jnp.zeros((batch_size,), jnp.int32)}
 
-    def block_mask(self) -> np.ndarray:
-        """[H, H] 0/1 mask: unit row r reads unit column c when module(c) >= module(r)."""
-        module = np.arange(self.hidden_size) // self.module_size
-        return (module[None, :] >= module[:, None]).astype(np.float32)
+    def block_mask(self, dtype=jnp.float32):
+        """[H, H] 0/1 mask: unit row r reads unit column c when module(c) >= module(r).
+
+        Built from iota rather than a constant array, so that a Pallas kernel can trace it.
+        """
+        H = self.hidden_size
+        row = jax.lax.broadcasted_iota(jnp.int32, (H, H), 0) // self.module_size
+        col = jax.lax.broadcasted_iota(jnp.int32, (H, H), 1) // self.module_size
+        return (col >= row).astype(dtype)
+
+    def unit_periods(self):
+        """[H] int32: the period of each unit's module (from iota, as block_mask)."""
+        module = jax.lax.broadcasted_iota(jnp.int32, (self.hidden_size,), 0) // self.module_size
+        period = jnp.zeros((self.hidden_size,), jnp.int32)
+        for k, p in enumerate(self.periods):
+            period = jnp.where(module == k, p, period)
+        return period
 
     def init(self, key, input_size):
         kx, kh = jax.random.split(key)
         H, pd = self.hidden_size, self.param_dtype
-        W_h = base.orthogonal(kh, H, H, 1, pd) * jnp.asarray(self.block_mask(), pd)
+        W_h = base.orthogonal(kh, H, H, 1, pd) * self.block_mask(pd)
         return {"W_x": base.glorot(kx, H, input_size, 1, pd), "W_h": W_h, "b": jnp.zeros((H,), pd)}
 
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
     def recurrent(self, params, carry):
-        W_h = params["W_h"] * jnp.asarray(self.block_mask(), params["W_h"].dtype)
+        W_h = params["W_h"] * self.block_mask(params["W_h"].dtype)
         return base.dense(carry["h"], W_h, self.dtype)
 
     def step(self, params, carry, u_BxH, rec=None):
         h, t = carry["h"], carry["t"]
         f = base.activation(self.activation, "clockwork")
         candidate = f(u_BxH + (self.recurrent(params, carry) if rec is None else rec))
-        periods = jnp.repeat(jnp.asarray(self.periods, jnp.int32), self.module_size)  # [H]
-        active = (t[:, None] % periods[None, :]) == 0  # [B, H]
+        active = (t[:, None] % self.unit_periods()[None, :]) == 0  # [B, H]
         h_new = jnp.where(active, candidate, h).astype(self.state_dtype)
         return {"h": h_new, "t": t + 1}, h_new.astype(self.dtype)

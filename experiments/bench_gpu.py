@@ -1,0 +1,257 @@
+"""Issue 7's GPU table: recur's kernels against cuDNN (PyTorch, jax.experimental.rnn), lax.scan and Flax.
+
+    python -m experiments.bench_gpu --out docs/bench_gpu        # on a GPU machine: the full table
+    python -m experiments.bench_gpu --smoke                      # tiny shapes, any backend (CI)
+
+Part 1, recurrent cells: forward + backward of mean(h^2) with respect to the weights and the
+inputs, batch 64, T = 512, input size = hidden size, H = 256 and 1024, fp32 (PyTorch with TF32
+on) and half precision (recur and lax.scan in bfloat16 with float32 state; cuDNN in fp16 and
+bf16), and the forward pass alone ("infer"). Systems: PyTorch nn.LSTM / nn.GRU (cuDNN),
+jax.experimental.rnn.lstm (cuDNN, fp32), Flax nn.RNN(OptimizedLSTMCell), recur's sequential scan
+(``mode="sequential"``) and recur's kernel (``mode="kernel"``, which falls back to the sequential
+scan with a printed notice where the kernel does not lower) for every cell in --cells.
+Part 2, linear cells: minGRU's scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
+against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
+kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
+
+Every figure is the median of --repeats timed calls after a warm-up call; systems are
+interleaved call by call so that machine noise hits them alike. Compile times (the first call)
+are reported on their own. Writes OUT.md and OUT.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import pathlib
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+import recur
+
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
+
+
+def _block(x):
+    return jax.tree.map(lambda a: a.block_until_ready(), x)
+
+
+def recur_fn(cell_name, H, B, T, dtype, mode, train):
+    cell = recur.get_cell(cell_name, H, dtype=dtype)
+    params = cell.init(jax.random.key(0), H)
+    xs = jax.random.normal(jax.random.key(1), (B, T, H), dtype)
+
+    def loss(p, x):
+        hs, _ = recur.scan(cell, p, x, mode=mode)
+        return jnp.mean(jnp.square(hs.astype(jnp.float32)))
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)) if train else loss)
+    return lambda: _block(f(params, xs))
+
+
+def lax_scan_lstm_fn(H, B, T, dtype, train):
+    """The plain lax.scan LSTM with the input matmul hoisted (the issue's baseline row)."""
+    k = jax.random.split(jax.random.key(0), 3)
+    W = jax.random.normal(k[0], (H, 4 * H), dtype) / H ** 0.5
+    U = jax.random.normal(k[1], (H, 4 * H), dtype) / H ** 0.5
+    xs = jax.random.normal(k[2], (T, B, H), dtype)
+
+    def loss(W, U, xs):
+        us = (xs @ W).astype(jnp.float32)
+
+        def step(hc, u):
+            h, c = hc
+            i, f, g, o = jnp.split(u + (h.astype(dtype) @ U).astype(jnp.float32), 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        z = jnp.zeros((B, H), jnp.float32)
+        _, hs = jax.lax.scan(step, (z, z), us)
+        return jnp.mean(jnp.square(hs))
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if train else loss)
+    return lambda: _block(f(W, U, xs))
+
+
+def flax_lstm_fn(H, B, T, dtype, train):
+    from flax import linen as nn
+
+    model = nn.RNN(nn.OptimizedLSTMCell(H, dtype=dtype))
+    xs = jax.random.normal(jax.random.key(1), (B, T, H), dtype)
+    params = model.init(jax.random.key(0), xs)
+
+    def loss(p, x):
+        return jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)) if train else loss)
+    return lambda: _block(f(params, xs))
+
+
+def jax_cudnn_lstm_fn(H, B, T, train):
+    from jax.experimental import rnn
+
+    k = jax.random.split(jax.random.key(0), 2)
+    n = rnn.get_num_params_in_lstm(H, H, 1, False)
+    w = jax.random.normal(k[0], (n,), jnp.float32) * 0.05
+    xs = jax.random.normal(k[1], (B, T, H), jnp.float32)
+    z = jnp.zeros((1, B, H), jnp.float32)
+    lengths = jnp.full((B,), T, jnp.int32)
+
+    def loss(w, x):
+        y, _, _ = rnn.lstm(x, z, z, w, lengths, H, H, 1, 0.0, False)
+        return jnp.mean(jnp.square(y))
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)) if train else loss)
+    return lambda: _block(f(w, xs))
+
+
+def torch_fn(kind, H, B, T, dtype_name, train):
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    net = getattr(torch.nn, kind)(H, H, batch_first=True).to(dev, dt)
+    x = torch.randn(B, T, H, device=dev, dtype=dt, requires_grad=train)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def run():
+        if train:
+            net.zero_grad(set_to_none=True)
+            y, _ = net(x)
+            y.float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                net(x)
+        sync()
+
+    return run
+
+
+def _time(fns, repeats):
+    """{name: (compile_s, median_s)}, interleaving the systems call by call."""
+    first, times = {}, {n: [] for n in fns}
+    for name, make in list(fns.items()):
+        t = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                fns[name] = make()
+                fns[name]()
+        except Exception as e:  # a system that does not run here (no cuDNN, bf16 unsupported...)
+            print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            fns[name] = None
+        first[name] = time.perf_counter() - t
+    for _ in range(repeats):
+        for name, f in fns.items():
+            if f is not None:
+                t = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t)
+    return {n: (first[n], statistics.median(v)) for n, v in times.items() if v}
+
+
+def part1(args, have_torch, gpu):
+    rows = []
+    for H in args.hidden:
+        for prec in ("fp32", "half"):
+            jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
+            for train in (True, False):
+                task = "train" if train else "infer"
+                fns = {}
+                if have_torch:
+                    for kind in ("LSTM", "GRU"):
+                        for tdt in (["fp32"] if prec == "fp32" else ["fp16", "bf16"]):
+                            fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: torch_fn(k, H, args.batch, args.length, d, train))
+                if gpu and prec == "fp32":
+                    fns["jax.experimental.rnn lstm (cuDNN)"] = lambda: jax_cudnn_lstm_fn(H, args.batch, args.length, train)
+                fns["lax.scan lstm"] = lambda: lax_scan_lstm_fn(H, args.batch, args.length, jdt, train)
+                fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
+                for cell in args.cells:
+                    for mode in ("sequential", "kernel"):
+                        fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
+                print(f"H={H} {prec} {task}")
+                for name, (compile_s, t) in _time(fns, args.repeats).items():
+                    rows.append(dict(part="cells", system=name, H=H, precision=prec, task=task, T=args.length,
+                                     B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2)))
+                    print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)")
+    return rows
+
+
+def part2(args):
+    rows, B, S = [], args.linear_batch, args.linear_hidden
+    cell = recur.get_cell("mingru", S)
+    params = cell.init(jax.random.key(0), S)
+    peak = next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
+    for T in args.linear_lengths:
+        xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
+        fns = {}
+        for mode in ("parallel", "kernel"):
+            def make(mode=mode):
+                g = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(recur.scan(cell, p, x, mode=mode)[0])),
+                                     argnums=(0, 1)))
+                return lambda: _block(g(params, xs))
+            fns[f"minGRU {mode}"] = make
+        for name, (compile_s, t) in _time(fns, args.repeats).items():
+            # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
+            # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db
+            gb = B * T * S * 4 * (5 + 7) / 1e9
+            bw = gb / t
+            rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
+                             peak_frac=round(bw / peak, 3) if peak else ""))
+            print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="lstm,lstm:peepholes,lstm:ln,lstm:cifg,gru,gru:cho,mgu,elman")
+    p.add_argument("--hidden", default="256,1024")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--linear-lengths", default="512,4096,16384,65536")
+    p.add_argument("--linear-batch", type=int, default=8)
+    p.add_argument("--linear-hidden", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
+    p.add_argument("--out", default="", help="write OUT.md and OUT.csv")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.cells, args.hidden, args.batch, args.length = "lstm,gru", "16", 4, 8
+        args.linear_lengths, args.linear_batch, args.linear_hidden, args.repeats = "16,64", 2, 16, 2
+    args.cells = args.cells.split(",")
+    args.hidden = [int(h) for h in args.hidden.split(",")]
+    args.linear_lengths = [int(t) for t in args.linear_lengths.split(",")]
+    have_torch = importlib.util.find_spec("torch") is not None
+    gpu = jax.default_backend() == "gpu"
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}; jax {jax.__version__}; torch {'yes' if have_torch else 'absent'}")
+    rows = part1(args, have_torch, gpu) + part2(args)
+    if args.out:
+        write(rows, args.out, device)
+    return rows
+
+
+def write(rows, out, device):
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["part", "system", "H", "precision", "task", "B", "T", "ms", "compile_s", "GBs", "peak_frac"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"Device: {device}; jax {jax.__version__}. Milliseconds per call (median).", "",
+             "| " + " | ".join(keys[1:]) + " |", "|" + "---|" * (len(keys) - 1)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys[1:]) + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pallas kernels behind recur.scan(mode="kernel" | "auto"); see docs/kernels.md."""

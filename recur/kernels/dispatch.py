@@ -1,0 +1,139 @@
+"""Which implementation ``recur.scan(mode="kernel" | "auto")`` runs, and the notices when it falls back.
+
+Implementations (see docs/kernels.md for the table per cell):
+
+- ``loop``: recur/kernels/loop.py, the whole time loop of any cell's ``step`` in one Pallas
+  kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
+  time loops as kernels; the weight gradients stay one large matmul after the loop).
+- ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
+- the plain scans: ``sequential`` (lax.scan), ``parallel`` (lax.associative_scan).
+
+``mode="kernel"`` asks for the kernel; where it cannot run (no GPU, a combination the kernels
+do not support, or a kernel that the GPU back end cannot lower for this cell and shape) the
+scan falls back to ``sequential`` (``parallel`` for linear cells on a GPU) with a one-line
+:class:`KernelFallback` warning, never an error. ``mode="auto"`` picks the kernel on a GPU where
+it lowers and otherwise the plain scan that is fastest there, silently: on CPU the sequential
+scan (measured faster than the associative one on CPU, docs/benchmarks.md).
+
+Setting ``RECUR_PALLAS_INTERPRET=1`` runs the kernels in Pallas' interpret mode on any backend;
+that is how the tests check them on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+GPU_BLOCK_B = 16  # batch rows per program of the loop kernel on a GPU (Triton's dot needs >= 16)
+
+
+class KernelFallback(UserWarning):
+    """mode="kernel" ran a plain scan instead; the message says why."""
+
+
+def interpret_forced() -> bool:
+    return os.environ.get("RECUR_PALLAS_INTERPRET", "").lower() in ("1", "true", "yes")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _complex(tree) -> bool:
+    return any(jnp.issubdtype(x.dtype, jnp.complexfloating) for x in jax.tree.leaves(tree))
+
+
+def block_rows(B: int, gpu: bool) -> int:
+    """Batch rows per program: GPU_BLOCK_B on a GPU, else the largest power of 2 <= 16 dividing B."""
+    if gpu:
+        return GPU_BLOCK_B if B % GPU_BLOCK_B == 0 else B
+    b = 16
+    while B % b:
+        b //= 2
+    return b
+
+
+def choose(cell, mode, B, T, I, remat):
+    """(implementation, interpret, reason): implementation in loop / linear / sequential / parallel.
+
+    reason is None when nothing was given up; else the notice's text.
+    """
+    interpret = interpret_forced()
+    gpu = _on_gpu()
+    plain = "parallel" if (cell.linear and gpu) else "sequential"
+    wanted = "linear" if cell.linear else "loop"
+    if not (gpu or interpret):
+        return "sequential", False, (None if mode == "auto" else
+                                     f"mode='kernel' needs a GPU (backend is {jax.default_backend()})")
+    carry = jax.eval_shape(lambda: cell.initial_carry(B))
+    if _complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating):
+        return plain, False, f"the kernels take real numbers; {cell.name} has a complex state"
+    if wanted == "loop" and remat != "none":
+        return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
+    if gpu and not interpret and not probing():
+        problem = _gpu_problem(cell, wanted, B, T, I)
+        if problem:
+            return plain, False, problem
+    return wanted, interpret, None
+
+
+def _gpu_problem(cell, wanted, B, T, I):
+    """None if the kernel lowers for this GPU at these shapes, else why not (cached)."""
+    return _gpu_problem_cached(cell, wanted, B, T, I)
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_problem_cached(cell, wanted, B, T, I):
+    import recur
+
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
+    xs = jax.ShapeDtypeStruct((B, T, I), cell.dtype)
+
+    def loss(p, x):
+        hs, _ = recur.scan(cell, p, x, mode="kernel")
+        return jnp.sum(hs.astype(jnp.float32))
+
+    try:
+        with _probing():
+            jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower()
+    except Exception as e:  # a lowering the Triton back end does not support
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"the {wanted} kernel does not lower for {cell.name} at B={B}, T={T}: {first[:200]}"
+    return None
+
+
+_PROBING = []
+
+
+class _probing:
+    """While probing, scan(mode='kernel') must not probe again (it would recurse)."""
+
+    def __enter__(self):
+        _PROBING.append(True)
+
+    def __exit__(self, *exc):
+        _PROBING.pop()
+
+
+def probing() -> bool:
+    return bool(_PROBING)
+
+
+def notice(reason: str):
+    warnings.warn(f"recur.scan: {reason}; running the plain scan instead", KernelFallback, stacklevel=3)
+
+
+def loop_fn(B: int, interpret: bool):
+    """The ``loop`` argument of recur.backprop.deferred_scan that runs each time loop as a kernel."""
+    from recur.kernels.loop import kernel_loop
+
+    block_b = block_rows(B, gpu=not interpret)
+
+    def loop(body, consts, rows, carry0, xs, reverse=False):
+        return kernel_loop(body, consts, rows, carry0, xs, reverse=reverse, block_b=block_b,
+                           interpret=interpret)
+
+    return loop

@@ -1,0 +1,194 @@
+"""The linear recurrence s_t = a_t ⊙ s_{t-1} + b_t as a chunked Pallas kernel, forward and backward.
+
+``lax.associative_scan`` reads and writes the whole [B, T, S] sequence about 2 log2(T) times.
+Here each program owns a block of state units of one batch row and one chunk of L steps and
+runs its chunk sequentially, keeping the state in registers:
+
+1. (only when T > L) every chunk, in parallel, folds its L steps into one affine map
+   s_out = P ⊙ s_in + Q (P the product of its a_t, Q its state from s_in = 0);
+2. the n = T / L chunk maps are combined in order (a short ``lax.scan`` over [B, n, S]);
+3. every chunk, in parallel, reruns its steps from its true entering state, writing s_t.
+
+Inputs are read twice and the states written once: the memory traffic of a copy, not of
+log2(T) copies. The backward pass is the same recurrence run in reverse on the cotangents g:
+e_t = g_t + a_{t+1} ⊙ e_{t+1}, then db_t = e_t and da_t = e_t ⊙ s_{t-1}; the backward kernel
+produces both in its final pass, reading a, g and s once more.
+
+The initial state is 0: recur.scan folds the carry (and resets, and padding) into (a, b)
+before calling this, as its associative scan does.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+CHUNKS = (512, 256, 128, 64, 32)  # steps per chunk, the first that divides T (else one chunk)
+
+
+def _chunk(T):
+    for L in CHUNKS:
+        if T > L and T % L == 0:
+            return L
+    return T
+
+
+def _block_s(S):
+    for s in (128, 64, 32, 16):
+        if S % s == 0:
+            return s
+    return S
+
+
+def _call(kernel, outs, grid, in_specs, out_specs, interpret, args):
+    kw = {}
+    if not interpret:
+        from recur.kernels.loop import _triton_params
+
+        kw["compiler_params"] = _triton_params(4)
+    return pl.pallas_call(kernel, out_shape=outs, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          interpret=interpret, **kw)(*args)
+
+
+def _seq_spec(T, Sb):
+    """Program (b, j, c) sees row b, all T steps, state units [j*Sb, (j+1)*Sb)."""
+    return pl.BlockSpec((1, T, Sb), lambda b, j, c: (b, 0, j))
+
+
+def _chunk_spec(Sb):
+    """Program (b, j, c) sees entry [b, c, j-block] of a [B, n, S] per-chunk array."""
+    return pl.BlockSpec((1, 1, Sb), lambda b, j, c: (b, c, j))
+
+
+def _forward(a, b, interpret):
+    B, T, S = b.shape
+    acc = jnp.promote_types(b.dtype, jnp.float32)
+    L, Sb = _chunk(T), _block_s(S)
+    n = T // L
+    grid = (B, S // Sb, n)
+
+    def steps(a_ref, b_ref, s, c, out_ref=None):
+        def body(i, s):
+            t = c * L + i
+            s = a_ref[0, t, :].astype(acc) * s + b_ref[0, t, :].astype(acc)
+            if out_ref is not None:
+                out_ref[0, t, :] = s.astype(out_ref.dtype)
+            return s
+
+        return jax.lax.fori_loop(0, L, body, s)
+
+    s_in = jnp.zeros((B, n, S), acc)
+    if n > 1:
+        def summary(a_ref, b_ref, p_ref, q_ref):
+            c = pl.program_id(2)
+
+            def body(i, pq):
+                p, q = pq
+                t = c * L + i
+                at = a_ref[0, t, :].astype(acc)
+                return p * at, at * q + b_ref[0, t, :].astype(acc)
+
+            one = jnp.ones((Sb,), acc)
+            p, q = jax.lax.fori_loop(0, L, body, (one, jnp.zeros((Sb,), acc)))
+            p_ref[0, 0, :] = p
+            q_ref[0, 0, :] = q
+
+        chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
+        P, Q = _call(summary, [chunk_shape, chunk_shape], grid, [_seq_spec(T, Sb)] * 2,
+                     [_chunk_spec(Sb)] * 2, interpret, (a, b))
+        s_in = _combine(P, Q, reverse=False)
+
+    def final(a_ref, b_ref, s_in_ref, out_ref):
+        steps(a_ref, b_ref, s_in_ref[0, 0, :], pl.program_id(2), out_ref)
+
+    return _call(final, jax.ShapeDtypeStruct((B, T, S), acc), grid,
+                 [_seq_spec(T, Sb), _seq_spec(T, Sb), _chunk_spec(Sb)], _seq_spec(T, Sb), interpret,
+                 (a, b, s_in))
+
+
+def _combine(P, Q, reverse):
+    """Entering state of each chunk from the chunks' affine maps, [B, n, S] -> [B, n, S]."""
+    def body(s, pq):
+        p, q = pq
+        return p * s + q, s
+
+    swap = lambda x: jnp.swapaxes(x, 0, 1)
+    _, s_in = jax.lax.scan(body, jnp.zeros_like(Q[:, 0]), (swap(P), swap(Q)), reverse=reverse)
+    return swap(s_in)
+
+
+def _backward(a, s, g, interpret):
+    """(da, db) for the cotangent g of the states s of the forward recurrence."""
+    B, T, S = g.shape
+    acc = s.dtype
+    L, Sb = _chunk(T), _block_s(S)
+    n = T // L
+    grid = (B, S // Sb, n)
+
+    def a_next(a_ref, t):
+        # the coefficient that carries e_{t+1} back to step t; none after the last step
+        at = a_ref[0, jnp.minimum(t + 1, T - 1), :].astype(acc)
+        return jnp.where(t + 1 < T, at, jnp.zeros_like(at))
+
+    e_in = jnp.zeros((B, n, S), acc)
+    if n > 1:
+        def summary(a_ref, g_ref, p_ref, q_ref):
+            c = pl.program_id(2)
+
+            def body(i, pq):
+                p, q = pq
+                t = c * L + L - 1 - i
+                an = a_next(a_ref, t)
+                return p * an, an * q + g_ref[0, t, :].astype(acc)
+
+            p, q = jax.lax.fori_loop(0, L, body, (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)))
+            p_ref[0, 0, :] = p
+            q_ref[0, 0, :] = q
+
+        chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
+        P, Q = _call(summary, [chunk_shape, chunk_shape], grid, [_seq_spec(T, Sb)] * 2,
+                     [_chunk_spec(Sb)] * 2, interpret, (a, g))
+        e_in = _combine(P, Q, reverse=True)
+
+    def final(a_ref, g_ref, s_ref, e_in_ref, da_ref, db_ref):
+        c = pl.program_id(2)
+
+        def body(i, e):
+            t = c * L + L - 1 - i
+            e = a_next(a_ref, t) * e + g_ref[0, t, :].astype(acc)
+            prev = s_ref[0, jnp.maximum(t - 1, 0), :]
+            prev = jnp.where(t > 0, prev, jnp.zeros_like(prev))
+            db_ref[0, t, :] = e.astype(db_ref.dtype)
+            da_ref[0, t, :] = (e * prev).astype(da_ref.dtype)
+            return e
+
+        jax.lax.fori_loop(0, L, body, e_in_ref[0, 0, :])
+
+    spec = _seq_spec(T, Sb)
+    return _call(final, [jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(g.shape, acc)],
+                 grid, [spec, spec, spec, _chunk_spec(Sb)], [spec, spec], interpret, (a, g, s, e_in))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear_recurrence(a, b, interpret=True):
+    """States s [B, T, S] of s_t = a_t ⊙ s_{t-1} + b_t, s_{-1} = 0 (a, b: [B, T, S]).
+
+    s has dtype promote(b.dtype, float32). ``interpret=False`` compiles for the GPU.
+    """
+    return _forward(a, b, interpret)
+
+
+def _fwd(a, b, interpret):
+    s = _forward(a, b, interpret)
+    return s, (a, s, jnp.zeros((), b.dtype))
+
+
+def _bwd(interpret, res, g):
+    a, s, b0 = res
+    da, db = _backward(a, s, g.astype(s.dtype), interpret)
+    return da, db.astype(b0.dtype)
+
+
+linear_recurrence.defvjp(_fwd, _bwd)

@@ -1,0 +1,227 @@
+"""recur.scan(mode="kernel" | "auto"): the Pallas kernels against the plain scan, and every fallback.
+
+On CPU the kernels run in Pallas' interpret mode (RECUR_PALLAS_INTERPRET=1), which executes the
+kernel's own code: its indexing, blocking over batch rows and chunking over time. A second group
+lowers the kernels for an H100 through the Triton back end without a GPU, so a kernel that the
+GPU compiler path cannot express fails here rather than only on a GPU.
+"""
+import importlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recur
+from cell_cases import CASES
+from recur.kernels import dispatch
+from recur.kernels.linear import linear_recurrence
+from recur.kernels.loop import kernel_loop
+from test_scan import B, T, make, random_carry
+
+REAL_CASES = [n for n in CASES if not n.startswith("lru")]  # the LRU's state is complex: no kernel
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
+
+
+def _float_leaves(tree):
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def _assert_close(want, got, tol, what):
+    for a, b in zip(_float_leaves(want), _float_leaves(got)):
+        assert a.shape == b.shape, what
+        assert np.allclose(a, b, atol=tol, rtol=tol), (what, float(jnp.max(jnp.abs(a - b))))
+
+
+def _loss_and_grad(cell, mode, kwargs, w):
+    def loss(p, x, c0, rc):
+        hs, carry = recur.scan(cell, p, x, initial_carry=c0, reset_carry=rc, mode=mode, **kwargs)
+        last = sum(jnp.sum(l ** 2) for l in _float_leaves(carry))
+        return jnp.sum(jnp.sin(hs) * w) + last, (hs, carry)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True, allow_int=True))
+
+
+@pytest.mark.parametrize("name", REAL_CASES)
+def test_kernel_equals_sequential(name, interpret):
+    """Outputs, final carry and every gradient (params, inputs, initial and reset carry), float64."""
+    with jax.enable_x64(True):
+        cell, params, xs = make(name, dtype=jnp.float64)
+        carry0, reset_carry = random_carry(cell, B, seed=3), random_carry(cell, B, seed=4)
+        w = jax.random.normal(jax.random.key(9), (B, T, cell.output_size), jnp.float64)
+        kwargs = dict(lengths=jnp.array([T, 4, 0]),
+                      resets=jnp.zeros((B, T), bool).at[0, 3].set(True).at[1, 1].set(True))
+        args = (params, xs, carry0, reset_carry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dispatch.KernelFallback)  # the kernel must really run
+            (_, got_out), got = _loss_and_grad(cell, "kernel", kwargs, w)(*args)
+        (_, want_out), want = _loss_and_grad(cell, "sequential", kwargs, w)(*args)
+        _assert_close(want_out, got_out, 1e-12, (name, "outputs"))
+        _assert_close(want, got, 1e-10, (name, "gradients"))
+
+
+@pytest.mark.parametrize("name", ["lstm", "mingru"])
+def test_kernel_reverse_equals_sequential(name, interpret):
+    with jax.enable_x64(True):
+        cell, params, xs = make(name, dtype=jnp.float64)
+        w = jax.random.normal(jax.random.key(9), (B, T, cell.output_size), jnp.float64)
+        kwargs = dict(lengths=jnp.array([T, 4, 2]), reverse=True)
+        args = (params, xs, cell.initial_carry(B), None)
+        (_, got_out), got = _loss_and_grad(cell, "kernel", kwargs, w)(*args)
+        (_, want_out), want = _loss_and_grad(cell, "sequential", kwargs, w)(*args)
+        _assert_close(want_out, got_out, 1e-12, name)
+        _assert_close(want, got, 1e-10, name)
+
+
+def test_kernel_bfloat16_keeps_float32_state(interpret):
+    cell, params, xs = make("lstm")
+    cell = recur.get_cell("lstm", cell.hidden_size, dtype=jnp.bfloat16)
+    hs, carry = jax.jit(lambda p, x: recur.scan(cell, p, x, mode="kernel"))(params, xs)
+    want, want_carry = recur.scan(cell, params, xs)
+    assert hs.dtype == jnp.bfloat16 and carry["c"].dtype == jnp.float32
+    assert np.allclose(hs.astype(np.float32), want.astype(np.float32), atol=2e-2)
+
+
+def test_kernel_loop_blocks_rows_and_matches_lax_scan():
+    """Several programs (block_b < B), reverse order, a row-blocked constant and a None input."""
+    with jax.enable_x64(True):
+        k = jax.random.normal(jax.random.key(0), (6, 6), jnp.float64)
+        rows = jax.random.normal(jax.random.key(1), (8, 6), jnp.float64)
+        xs = {"u": jax.random.normal(jax.random.key(2), (5, 8, 6), jnp.float64), "none": None}
+
+        def body(k, rows, c, x):
+            new = jnp.tanh(c @ k + x["u"] + rows)
+            return new, (new * 2, jnp.sum(new, axis=-1))
+
+        c0 = jnp.zeros((8, 6), jnp.float64)
+        for reverse in (False, True):
+            want = jax.lax.scan(lambda c, x: body(k, rows, c, x), c0, xs, reverse=reverse)
+            got = kernel_loop(body, k, rows, c0, xs, reverse=reverse, block_b=2)
+            _assert_close(want, got, 1e-14, reverse)
+        with pytest.raises(ValueError, match="not a multiple of block_b"):
+            kernel_loop(body, k, rows, c0, xs, block_b=3)
+
+
+@pytest.mark.parametrize("T_", [7, 64, 320])
+def test_linear_recurrence_chunks(T_):
+    """One chunk (T=7), two (64 = 2 x 32) and five (320 = 5 x 64); values and gradients."""
+    with jax.enable_x64(True):
+        ka, kb, kw = jax.random.split(jax.random.key(T_), 3)
+        a = jax.random.uniform(ka, (2, T_, 40), jnp.float64, 0.5, 1.0)
+        b = jax.random.normal(kb, (2, T_, 40), jnp.float64)
+        w = jax.random.normal(kw, (2, T_, 40), jnp.float64)
+
+        def ref(a, b):
+            def body(s, ab):
+                s = ab[0] * s + ab[1]
+                return s, s
+
+            swap = lambda x: jnp.swapaxes(x, 0, 1)
+            return swap(jax.lax.scan(body, jnp.zeros_like(b[:, 0]), (swap(a), swap(b)))[1])
+
+        _assert_close(ref(a, b), linear_recurrence(a, b), 1e-12, "states")
+        grad = lambda f: jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b)) * w), argnums=(0, 1))(a, b)
+        _assert_close(grad(ref), grad(linear_recurrence), 1e-11, "gradients")
+
+
+# --- fallbacks and the auto choice ----------------------------------------------------------
+def test_kernel_on_cpu_falls_back_with_a_notice(monkeypatch):
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
+    cell, params, xs = make("gru")
+    with pytest.warns(dispatch.KernelFallback, match="needs a GPU"):
+        hs, _ = recur.scan(cell, params, xs, mode="kernel")
+    assert np.allclose(hs, recur.scan(cell, params, xs)[0])
+    assert dispatch.choose(cell, "kernel", B, T, 4, "none")[0] == "sequential"
+
+
+def test_auto_on_cpu_is_the_sequential_scan_silently(monkeypatch):
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
+    for name in ("lstm", "mingru"):
+        cell, params, xs = make(name)
+        assert dispatch.choose(cell, "auto", B, T, 4, "none") == ("sequential", False, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hs, _ = recur.scan(cell, params, xs, mode="auto")
+        assert np.allclose(hs, recur.scan(cell, params, xs)[0])
+
+
+def test_auto_in_interpret_mode_picks_the_kernels(interpret):
+    assert dispatch.choose(make("lstm")[0], "auto", B, T, 4, "none")[0] == "loop"
+    assert dispatch.choose(make("mingru")[0], "auto", B, T, 4, "none")[0] == "linear"
+
+
+def test_unsupported_combinations_fall_back(interpret):
+    cell, params, xs = make("lru")
+    with pytest.warns(dispatch.KernelFallback, match="complex state"):
+        hs, _ = recur.scan(cell, params, xs, mode="kernel")
+    assert np.allclose(hs, recur.scan(cell, params, xs)[0], atol=1e-6)
+    cell, params, xs = make("lstm")
+    with pytest.warns(dispatch.KernelFallback, match="remat='step'"):
+        hs, _ = recur.scan(cell, params, xs, mode="kernel", remat="step")
+    assert np.allclose(hs, recur.scan(cell, params, xs)[0], atol=1e-6)
+
+
+def test_block_rows():
+    assert dispatch.block_rows(64, gpu=True) == 16
+    assert dispatch.block_rows(12, gpu=True) == 12
+    assert dispatch.block_rows(12, gpu=False) == 4
+    assert dispatch.block_rows(3, gpu=False) == 1
+
+
+# --- lowering for a GPU, without one --------------------------------------------------------
+# The cells whose kernels the Triton back end lowers (power-of-2 sizes); docs/kernels.md lists
+# them. The others fall back on a GPU (dispatch probes the lowering before choosing).
+GPU_CELLS = ["elman", "elman:relu", "lstm", "lstm:peepholes", "lstm:ln", "lstm:niaf", "lstm:noaf",
+             "mgu", "indrnn", "clockwork", "mingru", "minlstm"]
+
+
+@pytest.fixture
+def fake_h100(monkeypatch):
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+
+
+def _lower_for_cuda(cell, B_, T_, I_, dtype=jnp.float32):
+    from recur.backprop import deferred_scan
+    scan_mod = importlib.import_module("recur.scan")
+
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I_))
+    xs = jax.ShapeDtypeStruct((B_, T_, I_), dtype)
+    if cell.linear:
+        def run(p, x):
+            rec = lambda a, b: linear_recurrence(a, b, False)
+            return scan_mod._linear_scan(cell, p, cell.project(p, x), cell.initial_carry(B_), None, None,
+                                         None, rec)[0]
+    else:
+        def run(p, x):
+            us = cell.project(p, jnp.swapaxes(x, 0, 1))
+            return deferred_scan(cell, 1, dispatch.loop_fn(B_, interpret=False))(
+                p, cell.initial_carry(B_), us, None, None, None)[0]
+
+    loss = lambda p, x: jnp.sum(run(p, x).astype(jnp.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Pallas' Triton back end is deprecated
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(
+            lowering_platforms=("cuda",)).as_text()
+    return text
+
+
+@pytest.mark.parametrize("name", GPU_CELLS)
+def test_kernels_lower_for_an_h100(name, fake_h100):
+    cell = recur.get_cell(name, 32)
+    text = _lower_for_cuda(cell, 32, 16, 16)
+    # forward and backward: at least two Triton kernels in the module
+    assert text.count("__gpu$xla.gpu.triton") >= 2, name
+
+
+def test_half_precision_lstm_lowers_for_an_h100(fake_h100):
+    cell = recur.get_cell("lstm", 64, dtype=jnp.bfloat16)
+    assert _lower_for_cuda(cell, 32, 16, 64, jnp.bfloat16).count("__gpu$xla.gpu.triton") >= 2
