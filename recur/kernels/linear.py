@@ -62,50 +62,63 @@ def _chunk_spec(Sb):
     return pl.BlockSpec((1, 1, Sb), lambda b, j, c: (b, c, j))
 
 
+def _step_t(c, i, L, reverse):
+    """The time index of step i of chunk c (chunks of L steps), read backwards with reverse."""
+    return c * L + (L - 1 - i if reverse else i)
+
+
+def _entering(a, x, coef, reverse, acc, interpret):
+    """Each chunk's entering value [B, n, S] of v_t = coef(a_ref, t) * v_{t-/+1} + x_t, v = 0 outside.
+
+    Passes 1 and 2 of the module docstring: every chunk folded into an affine map (P, Q), in
+    parallel, then the maps combined in time order (reverse: from the last chunk back).
+    """
+    B, T, S = x.shape
+    L, Sb = _chunk(T), _block_s(S)
+    n = T // L
+    if n == 1:
+        return jnp.zeros((B, 1, S), acc)
+
+    def summary(a_ref, x_ref, p_ref, q_ref):
+        c = pl.program_id(2)
+
+        def body(i, pq):
+            p, q = pq
+            t = _step_t(c, i, L, reverse)
+            k = coef(a_ref, t)
+            return p * k, k * q + x_ref[0, t, :].astype(acc)
+
+        p, q = jax.lax.fori_loop(0, L, body, (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)))
+        p_ref[0, 0, :] = p
+        q_ref[0, 0, :] = q
+
+    chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
+    P, Q = _call(summary, [chunk_shape, chunk_shape], (B, S // Sb, n), [_seq_spec(T, Sb)] * 2,
+                 [_chunk_spec(Sb)] * 2, interpret, (a, x))
+    return _combine(P, Q, reverse)
+
+
 def _forward(a, b, interpret):
     B, T, S = b.shape
     acc = jnp.promote_types(b.dtype, jnp.float32)
     L, Sb = _chunk(T), _block_s(S)
-    n = T // L
-    grid = (B, S // Sb, n)
-
-    def steps(a_ref, b_ref, s, c, out_ref=None):
-        def body(i, s):
-            t = c * L + i
-            s = a_ref[0, t, :].astype(acc) * s + b_ref[0, t, :].astype(acc)
-            if out_ref is not None:
-                out_ref[0, t, :] = s.astype(out_ref.dtype)
-            return s
-
-        return jax.lax.fori_loop(0, L, body, s)
-
-    s_in = jnp.zeros((B, n, S), acc)
-    if n > 1:
-        def summary(a_ref, b_ref, p_ref, q_ref):
-            c = pl.program_id(2)
-
-            def body(i, pq):
-                p, q = pq
-                t = c * L + i
-                at = a_ref[0, t, :].astype(acc)
-                return p * at, at * q + b_ref[0, t, :].astype(acc)
-
-            one = jnp.ones((Sb,), acc)
-            p, q = jax.lax.fori_loop(0, L, body, (one, jnp.zeros((Sb,), acc)))
-            p_ref[0, 0, :] = p
-            q_ref[0, 0, :] = q
-
-        chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
-        P, Q = _call(summary, [chunk_shape, chunk_shape], grid, [_seq_spec(T, Sb)] * 2,
-                     [_chunk_spec(Sb)] * 2, interpret, (a, b))
-        s_in = _combine(P, Q, reverse=False)
+    coef = lambda a_ref, t: a_ref[0, t, :].astype(acc)
+    s_in = _entering(a, b, coef, False, acc, interpret)
 
     def final(a_ref, b_ref, s_in_ref, out_ref):
-        steps(a_ref, b_ref, s_in_ref[0, 0, :], pl.program_id(2), out_ref)
+        c = pl.program_id(2)
 
-    return _call(final, jax.ShapeDtypeStruct((B, T, S), acc), grid,
-                 [_seq_spec(T, Sb), _seq_spec(T, Sb), _chunk_spec(Sb)], _seq_spec(T, Sb), interpret,
-                 (a, b, s_in))
+        def body(i, s):
+            t = _step_t(c, i, L, False)
+            s = coef(a_ref, t) * s + b_ref[0, t, :].astype(acc)
+            out_ref[0, t, :] = s.astype(out_ref.dtype)
+            return s
+
+        jax.lax.fori_loop(0, L, body, s_in_ref[0, 0, :])
+
+    spec = _seq_spec(T, Sb)
+    return _call(final, jax.ShapeDtypeStruct((B, T, S), acc), (B, S // Sb, T // L),
+                 [spec, spec, _chunk_spec(Sb)], spec, interpret, (a, b, s_in))
 
 
 def _combine(P, Q, reverse):
@@ -124,39 +137,19 @@ def _backward(a, s, g, interpret):
     B, T, S = g.shape
     acc = s.dtype
     L, Sb = _chunk(T), _block_s(S)
-    n = T // L
-    grid = (B, S // Sb, n)
 
     def a_next(a_ref, t):
         # the coefficient that carries e_{t+1} back to step t; none after the last step
         at = a_ref[0, jnp.minimum(t + 1, T - 1), :].astype(acc)
         return jnp.where(t + 1 < T, at, jnp.zeros_like(at))
 
-    e_in = jnp.zeros((B, n, S), acc)
-    if n > 1:
-        def summary(a_ref, g_ref, p_ref, q_ref):
-            c = pl.program_id(2)
-
-            def body(i, pq):
-                p, q = pq
-                t = c * L + L - 1 - i
-                an = a_next(a_ref, t)
-                return p * an, an * q + g_ref[0, t, :].astype(acc)
-
-            p, q = jax.lax.fori_loop(0, L, body, (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)))
-            p_ref[0, 0, :] = p
-            q_ref[0, 0, :] = q
-
-        chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
-        P, Q = _call(summary, [chunk_shape, chunk_shape], grid, [_seq_spec(T, Sb)] * 2,
-                     [_chunk_spec(Sb)] * 2, interpret, (a, g))
-        e_in = _combine(P, Q, reverse=True)
+    e_in = _entering(a, g, a_next, True, acc, interpret)
 
     def final(a_ref, g_ref, s_ref, e_in_ref, da_ref, db_ref):
         c = pl.program_id(2)
 
         def body(i, e):
-            t = c * L + L - 1 - i
+            t = _step_t(c, i, L, True)
             e = a_next(a_ref, t) * e + g_ref[0, t, :].astype(acc)
             prev = s_ref[0, jnp.maximum(t - 1, 0), :]
             prev = jnp.where(t > 0, prev, jnp.zeros_like(prev))
@@ -168,7 +161,8 @@ def _backward(a, s, g, interpret):
 
     spec = _seq_spec(T, Sb)
     return _call(final, [jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(g.shape, acc)],
-                 grid, [spec, spec, spec, _chunk_spec(Sb)], [spec, spec], interpret, (a, g, s, e_in))
+                 (B, S // Sb, T // L), [spec, spec, spec, _chunk_spec(Sb)], [spec, spec], interpret,
+                 (a, g, s, e_in))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
