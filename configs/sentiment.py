@@ -33,6 +33,8 @@ def get_config(arg=None):
         lowercase=True,
         min_freq=2,  # rarer training words map to <unk> (which then learns from the singletons)
         max_sentences=0,  # 0 = all; else the first N of each split (smoke runs)
+        chars=False,  # character-level BiRNN features per word (model.char_embed_dim, char_hidden)
+        max_word_chars=16,  # longer words keep their first and last 8 characters (0 = all)
         batch_size=32,
         eval_batch_size=128,
     ))
@@ -45,8 +47,11 @@ def get_config(arg=None):
         pooling="max",  # last | mean | max | mean_max over the valid steps
         mlp_hidden=0,  # 0: one linear layer on the pooled features
         embed_dropout=0.5,  # word dropout: whole embedding vectors zeroed
+        word_dropout_to="zero",  # "zero": a dropped word's vector is zeroed; "unk": it is read as <unk>
         dropout=0.5,  # between layers and before the classifier
         locked_dropout=False,
+        char_embed_dim=25,
+        char_hidden=25,
         lm_vocab=0,  # > 0: language-model heads predicting the lm_vocab most frequent ids (rarer: <unk>)
         lm_weight=0.0,  # the language-model loss's weight in the training loss
     ))

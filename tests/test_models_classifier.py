@@ -112,6 +112,51 @@ def test_dropout_only_with_a_key():
     assert not np.allclose(a, plain) and not np.allclose(a, b)
 
 
+def test_word_dropout_to_unk_reads_dropped_words_as_unk():
+    # with every real word already <unk> (id 1), dropping words to <unk> changes nothing; zeroing
+    # their vectors does; and on ordinary words the <unk> kind does drop (rate 0.9: some are)
+    unks = np.where(TOKENS > 0, 1, 0).astype(np.int32)
+    kw = dict(embed_dropout=0.9, dropout=0.0, num_layers=1)
+    to_unk, to_zero = make("max", True, word_dropout_to="unk", **kw), make("max", True, **kw)
+    key = jax.random.key(3)
+    np.testing.assert_allclose(logits_of(to_unk, unks, LENGTHS, key), logits_of(to_unk, unks, LENGTHS, None),
+                               rtol=1e-6)
+    assert not np.allclose(logits_of(to_zero, unks, LENGTHS, key), logits_of(to_zero, unks, LENGTHS, None))
+    dropped = logits_of(to_unk, TOKENS, LENGTHS, key)
+    assert not np.allclose(dropped, logits_of(to_unk, TOKENS, LENGTHS, None))
+    # padding stays padding: the padded positions' ids still do not matter
+    noisy = np.where(np.arange(5)[None, :] < LENGTHS[:, None], TOKENS, 17)
+    np.testing.assert_allclose(logits_of(to_unk, noisy, LENGTHS, key), dropped, rtol=1e-6)
+    with pytest.raises(ValueError, match="word_dropout_to must be one of"):
+        make(word_dropout_to="mask")
+
+
+CHARS = np.array([[[3, 4, 0], [5, 0, 0], [6, 7, 8], [4, 4, 0], [9, 0, 0]],
+                  [[3, 0, 0], [4, 5, 6], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
+                  [[7, 7, 0], [3, 0, 0], [4, 6, 0], [5, 5, 5], [0, 0, 0]],
+                  [[0, 0, 0]] * 5], np.int32)
+WORD_LENGTHS = (CHARS > 0).sum(-1).astype(np.int32)
+chars_logits_of = nnx.jit(lambda model, tokens, lengths, chars, word_lengths:
+                          model(tokens, lengths, chars, word_lengths))
+
+
+def test_character_features_are_each_words_own_spelling():
+    model = make("max", True, char_vocab_size=10, char_embed_dim=4, char_hidden=3)
+    logits = chars_logits_of(model, TOKENS, LENGTHS, CHARS, WORD_LENGTHS)
+    respelt = CHARS.copy()
+    respelt[0, 2, 1] = 9  # one character of sentence 0's third word
+    changed = chars_logits_of(model, TOKENS, LENGTHS, respelt, WORD_LENGTHS)
+    assert not np.allclose(changed[0], logits[0])
+    np.testing.assert_allclose(changed[1:], logits[1:], rtol=1e-6)
+    # characters past a word's length, and words past the sentence's, are ignored
+    noisy = np.where(CHARS > 0, CHARS, 2)
+    np.testing.assert_allclose(chars_logits_of(model, TOKENS, LENGTHS, noisy, WORD_LENGTHS), logits, rtol=1e-5)
+    batch = {"tokens": TOKENS, "lengths": LENGTHS, "chars": CHARS, "word_lengths": WORD_LENGTHS}
+    np.testing.assert_array_equal(predict(model, batch), logits.argmax(-1))
+    with pytest.raises(ValueError, match="chars .* and word_lengths .* are required"):
+        model(TOKENS, LENGTHS)
+
+
 def test_unknown_pooling_is_an_error():
     with pytest.raises(ValueError, match="pooling must be one of"):
         make("sum")

@@ -90,3 +90,19 @@ def test_language_model_pretraining_then_classification(tmp_path):
     leaves = jax.tree_util.tree_flatten_with_path(restored["opt_state"])[0]
     counts = [int(leaf) for path, leaf in leaves if "count" in jax.tree_util.keystr(path)]
     assert counts and all(c == 25 for c in counts), counts
+
+
+def test_sentiment_with_character_features_trains_and_evaluates(tmp_path, capsys):
+    # the batches carry each word's characters, the model reads them, `recur eval` restores it
+    result = _train(SMOKES["sst2"], tmp_path, max_steps=6, log_every=3, chars=True, word_dropout_to="unk",
+                    max_sentences=64)
+    task = tasks.build(supervised.load_config(tmp_path))
+    batch = next(iter(task.batches("dev", 8, order="keep")))
+    assert batch["chars"].shape[:2] == batch["tokens"].shape
+    words = task.splits["dev"][0][0]
+    assert batch["word_lengths"][0, :len(words)].tolist() == [len(w) for w in words]
+    assert task.chars.decode(batch["chars"][0, 0, :len(words[0])].tolist()) == list(words[0])
+    capsys.readouterr()
+    assert cli(["eval", "--workdir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test"]["accuracy"] == pytest.approx(result["best_test"]["accuracy"])

@@ -27,11 +27,21 @@ Elman; the tests check it against the carries), but not every cell's carry is it
 LRU's carry is a complex state read out through C and D; the depth-gated LSTM's holds every
 inner layer), and the outputs are there for every cell.
 
+Character features (``char_vocab_size > 0``, as in :class:`recur.models.tagger.Tagger`, Lample
+et al. 2016): each word's [forward final ; backward final] character-BiRNN state is concatenated
+to its word embedding, so words seen rarely or never in training (``<unk>``: "unwatchable",
+"delightfully") still bring their prefixes and suffixes. Batches then carry ``chars`` [B, T, W]
+and ``word_lengths`` [B, T].
+
 Dropout is applied only when a ``dropout_key`` is given (training), in three places:
 - ``embed_dropout``: word-level dropout (Iyyer et al. 2015, "Deep Unordered Composition Rivals
   Syntactic Methods"; Dai & Le 2015): each word's whole embedding vector is zeroed with
   probability p and the kept ones scaled by 1 / (1 - p), so the encoder learns not to rely on
   any single word. (Feature-wise dropout on embeddings mostly adds noise to every word alike.)
+  With ``word_dropout_to="unk"`` a dropped word is read as ``<unk>`` instead (its embedding is
+  that of the unknown word, unscaled; Kiperwasser & Goldberg 2016), which also trains ``<unk>``
+  on every kind of context that test-time unknown words appear in. Character features are kept
+  either way.
 - ``dropout`` between recurrent layers (``locked_dropout=True``: one mask per sentence shared by
   every step, Gal & Ghahramani 2016), on the sentence embedding before the MLP, and on the
   encoder outputs before the language-model heads.
@@ -63,6 +73,7 @@ from recur.layers import drop
 from recur.nnx import RNN
 
 POOLINGS = ("last", "mean", "max", "mean_max")
+WORD_DROPOUT_TO = ("zero", "unk")
 
 
 def valid_mask(lengths_B, T: int):
@@ -107,6 +118,36 @@ def check_rate(name: str, rate: float, where: str):
         raise ValueError(f"{where}: {name} must be a rate in [0, 1), got {rate}")
 
 
+class CharFeatures(nnx.Module):
+    """Each word's [forward final ; backward final] character-BiRNN output (Lample et al. 2016).
+
+    ``features(chars [B, T, W], word_lengths [B, T]) -> [B, T, 2 Hc]``: the BiRNN runs over
+    every word of the batch at once, flattened to [B * T, W] with the word lengths as lengths,
+    so a word's features depend on its own characters only.
+    """
+
+    def __init__(self, char_vocab_size: int, cell: str, char_embed_dim: int, char_hidden: int, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(char_vocab_size, char_embed_dim, rngs=rngs)
+        self.rnn = RNN(cell, char_embed_dim, hidden_size=char_hidden, bidirectional=True, rngs=rngs)
+        self.output_size = self.rnn.output_size
+
+    def __call__(self, chars_BxTxW, word_lengths_BxT, where: str = "CharFeatures"):
+        return word_features(self.embed, self.rnn, chars_BxTxW, word_lengths_BxT, where)
+
+
+def word_features(char_embed, char_rnn, chars_BxTxW, word_lengths_BxT, where: str):
+    """[B, T, 2 Hc]: ``char_rnn`` (bidirectional) over ``char_embed(chars)`` of every word."""
+    if chars_BxTxW is None or word_lengths_BxT is None:
+        raise ValueError(f"{where}: the model has character features (char_vocab_size > 0), "
+                         "so chars [B, T, W] and word_lengths [B, T] are required")
+    B, T, W = chars_BxTxW.shape
+    xs_NxWxC = char_embed(jnp.reshape(chars_BxTxW, (B * T, W)))
+    lengths_N = jnp.reshape(word_lengths_BxT, (B * T,))
+    hs_NxWx2Hc, _ = char_rnn(xs_NxWxC, lengths=lengths_N)
+    feats_Nx2Hc = pool_last(hs_NxWx2Hc, lengths_N, bidirectional=True)
+    return jnp.reshape(feats_Nx2Hc, (B, T, feats_Nx2Hc.shape[-1]))
+
+
 class Classifier(nnx.Module):
     """Sentence classification: ``model(tokens_BxT, lengths_B) -> logits [B, num_classes]``.
 
@@ -118,7 +159,9 @@ class Classifier(nnx.Module):
                  cell: str = "lstm", num_layers: int = 1, bidirectional: bool = False,
                  pooling: str = "last", mlp_hidden: int = 0, embed_dropout: float = 0.0,
                  dropout: float = 0.0, locked_dropout: bool = False, lm_vocab: int = 0,
-                 lm_weight: float = 0.0, unk_id: int = 1, rngs: nnx.Rngs):
+                 lm_weight: float = 0.0, unk_id: int = 1, word_dropout_to: str = "zero",
+                 char_vocab_size: int = 0, char_embed_dim: int = 25, char_hidden: int = 25,
+                 rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
         if lm_vocab and bidirectional and num_layers > 1:
@@ -129,13 +172,18 @@ class Classifier(nnx.Module):
             raise ValueError(f"Classifier: lm_weight={lm_weight} needs a language-model head (lm_vocab > 0)")
         if lm_vocab and not unk_id < lm_vocab <= vocab_size:
             raise ValueError(f"Classifier: lm_vocab must be in ({unk_id}, vocab_size={vocab_size}], got {lm_vocab}")
+        if word_dropout_to not in WORD_DROPOUT_TO:
+            raise ValueError(f"Classifier: word_dropout_to must be one of {WORD_DROPOUT_TO}, got {word_dropout_to!r}")
         check_rate("embed_dropout", embed_dropout, "Classifier")
         check_rate("dropout", dropout, "Classifier")
         self.pooling, self.bidirectional = pooling, bidirectional
         self.embed_dropout, self.dropout = embed_dropout, dropout
         self.lm_vocab, self.lm_weight, self.unk_id = lm_vocab, lm_weight, unk_id
+        self.word_dropout_to = word_dropout_to
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.rnn = RNN(cell, embed_dim, hidden_size=hidden_size, num_layers=num_layers,
+        self.chars = CharFeatures(char_vocab_size, cell, char_embed_dim, char_hidden, rngs) if char_vocab_size else None
+        input_size = embed_dim + (self.chars.output_size if self.chars is not None else 0)
+        self.rnn = RNN(cell, input_size, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dropout=dropout, locked_dropout=locked_dropout,
                        rngs=rngs)
         D = self.sentence_size
@@ -154,17 +202,25 @@ class Classifier(nnx.Module):
         """D, the features of :meth:`embed_sentence`."""
         return self.rnn.output_size * (2 if self.pooling == "mean_max" else 1)
 
-    def encode(self, tokens_BxT, lengths_B, *, dropout_key=None):
+    def encode(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
         """The encoder's outputs and final carries: (hs [B, T, D], [carry per layer])."""
-        xs_BxTxE = self.embed(tokens_BxT)
         k_embed, k_rnn = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        if k_embed is not None and self.embed_dropout > 0.0:
+        dropping = k_embed is not None and self.embed_dropout > 0.0
+        if dropping and self.word_dropout_to == "unk":
+            dropped_BxT = jax.random.bernoulli(k_embed, self.embed_dropout, tokens_BxT.shape)
+            # padding stays padding; only real words become <unk>
+            tokens_BxT = jnp.where(dropped_BxT & (tokens_BxT != 0), self.unk_id, tokens_BxT)
+        xs_BxTxE = self.embed(tokens_BxT)
+        if dropping and self.word_dropout_to == "zero":
             xs_BxTxE = drop(k_embed, xs_BxTxE, self.embed_dropout, whole_vectors=True)
+        if self.chars is not None:
+            xs_BxTxE = jnp.concatenate([xs_BxTxE, self.chars(chars_BxTxW, word_lengths_BxT, "Classifier")
+                                        .astype(xs_BxTxE.dtype)], axis=-1)
         return self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
 
-    def embed_sentence(self, tokens_BxT, lengths_B, *, dropout_key=None):
+    def embed_sentence(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
         """The pooled sentence embedding [B, D]."""
-        hs_BxTxD, _ = self.encode(tokens_BxT, lengths_B, dropout_key=dropout_key)
+        hs_BxTxD, _ = self.encode(tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT, dropout_key=dropout_key)
         return pool(hs_BxTxD, lengths_B, self.pooling, self.bidirectional)
 
     def _classify(self, s_BxD, key):
@@ -174,16 +230,20 @@ class Classifier(nnx.Module):
             s_BxD = jax.nn.relu(self.hidden(s_BxD))
         return self.out(s_BxD)
 
-    def _forward(self, tokens_BxT, lengths_B, dropout_key):
+    def _forward(self, tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT, dropout_key):
         """(logits [B, C], the encoder outputs, the classifier head's dropout key)."""
         k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, dropout_key=k_encode)
+        hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT, dropout_key=k_encode)
         s_BxD = pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional)
         return self._classify(s_BxD, k_head), hs_BxTxO, k_head
 
-    def __call__(self, tokens_BxT, lengths_B, *, dropout_key=None):
-        """Logits [B, num_classes]; dropout only when ``dropout_key`` is given."""
-        return self._forward(tokens_BxT, lengths_B, dropout_key)[0]
+    def __call__(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
+        """Logits [B, num_classes]; dropout only when ``dropout_key`` is given. ``chars`` and
+        ``word_lengths`` are needed (only) when the model has character features."""
+        return self._forward(tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT, dropout_key)[0]
+
+    def _inputs(self, batch):
+        return batch["tokens"], batch["lengths"], batch.get("chars"), batch.get("word_lengths")
 
     def _lm_loss(self, hs_BxTxO, tokens_BxT, lengths_B, key):
         """The language-model loss (module docstring) from the encoder outputs."""
@@ -209,14 +269,14 @@ class Classifier(nnx.Module):
         if self.lm_heads is None:
             raise ValueError("Classifier.lm_loss needs a language-model head (lm_vocab > 0)")
         k_encode, k_lm = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        hs_BxTxO, _ = self.encode(batch["tokens"], batch["lengths"], dropout_key=k_encode)
+        hs_BxTxO, _ = self.encode(*self._inputs(batch), dropout_key=k_encode)
         return self._lm_loss(hs_BxTxO, batch["tokens"], batch["lengths"], k_lm)
 
     def loss(self, batch, *, dropout_key=None):
         """Mean cross-entropy of ``batch["labels"]`` over the batch (plus ``lm_weight`` times the
         language-model loss), a scalar."""
         tokens_BxT, lengths_B = batch["tokens"], batch["lengths"]
-        logits_BxC, hs_BxTxO, k_head = self._forward(tokens_BxT, lengths_B, dropout_key)
+        logits_BxC, hs_BxTxO, k_head = self._forward(*self._inputs(batch), dropout_key)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
         if not self.lm_weight:
             return ce
@@ -225,8 +285,8 @@ class Classifier(nnx.Module):
 
     def probabilities(self, batch):
         """The predicted distribution over classes of each sentence, float [B, C]."""
-        return jax.nn.softmax(self(batch["tokens"], batch["lengths"]), axis=-1)
+        return jax.nn.softmax(self(*self._inputs(batch)), axis=-1)
 
     def predict(self, batch):
         """The most likely class of each sentence, int32 [B]."""
-        return jnp.argmax(self(batch["tokens"], batch["lengths"]), axis=-1).astype(jnp.int32)
+        return jnp.argmax(self(*self._inputs(batch)), axis=-1).astype(jnp.int32)

@@ -39,7 +39,7 @@ from flax import nnx
 
 from recur import crf as crf_lib
 from recur.layers import drop
-from recur.models.classifier import check_rate, pool_last, valid_mask
+from recur.models.classifier import check_rate, valid_mask, word_features
 from recur.nnx import RNN, values
 
 
@@ -76,12 +76,7 @@ class Tagger(nnx.Module):
         """Each word's [forward final ; backward final] char-BiRNN output, [B, T, 2 Hc]."""
         if self.char_rnn is None:
             raise ValueError("Tagger.char_features: the model was built with char_vocab_size=0")
-        B, T, W = chars_BxTxW.shape
-        xs_NxWxC = self.char_embed(jnp.reshape(chars_BxTxW, (B * T, W)))
-        lengths_N = jnp.reshape(word_lengths_BxT, (B * T,))
-        hs_NxWx2Hc, _ = self.char_rnn(xs_NxWxC, lengths=lengths_N)
-        feats_Nx2Hc = pool_last(hs_NxWx2Hc, lengths_N, bidirectional=True)
-        return jnp.reshape(feats_Nx2Hc, (B, T, feats_Nx2Hc.shape[-1]))
+        return word_features(self.char_embed, self.char_rnn, chars_BxTxW, word_lengths_BxT, "Tagger")
 
     def __call__(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *,
                  dropout_key=None):
@@ -91,9 +86,6 @@ class Tagger(nnx.Module):
         if k_embed is not None and self.embed_dropout > 0.0:
             xs_BxTxE = drop(k_embed, xs_BxTxE, self.embed_dropout, whole_vectors=True)
         if self.char_rnn is not None:
-            if chars_BxTxW is None or word_lengths_BxT is None:
-                raise ValueError("Tagger: the model has character features (char_vocab_size > 0), "
-                                 "so chars [B, T, W] and word_lengths [B, T] are required")
             feats_BxTx2Hc = self.char_features(chars_BxTxW, word_lengths_BxT)
             xs_BxTxE = jnp.concatenate([xs_BxTxE, feats_BxTx2Hc.astype(xs_BxTxE.dtype)], axis=-1)
         hs_BxTx2H, _ = self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)

@@ -40,6 +40,11 @@ def clip_word(word: str, n: int) -> list[str]:
     return list(word[: n // 2] + word[len(word) - (n - n // 2):])
 
 
+def _char_ids(chars: Vocab, sentences, max_word_chars: int):
+    """Per sentence, per word, the character ids of ``clip_word(word, max_word_chars)``."""
+    return [[chars.encode(clip_word(w, max_word_chars)) for w in words] for words in sentences]
+
+
 def _norm(word: str, lowercase: bool) -> str:
     return word.lower() if lowercase else word
 
@@ -53,8 +58,11 @@ class ClassifyTask:
             raise ValueError(f"data.name must be 'sst2' for classification, got {d.name!r}")
         self.splits = {k: _head(v, d.max_sentences) for k, v in load_sst2().items()}
         self.lowercase = d.lowercase
-        words = (_norm(w, d.lowercase) for s in self.splits["train"][0] for w in s)
-        self.vocab = Vocab.build(words, min_freq=d.min_freq)
+        self.use_chars, self.max_word_chars = d.get("chars", False), d.get("max_word_chars", 0)
+        train = self.splits["train"][0]
+        self.vocab = Vocab.build((_norm(w, d.lowercase) for s in train for w in s), min_freq=d.min_freq)
+        # characters as written (the word vocabulary may be lowercased; capitals can carry emphasis)
+        self.chars = Vocab.build(c for s in train for w in s for c in w)
         self.num_classes = int(max(self.splits["train"][1])) + 1
 
     def describe(self):
@@ -62,12 +70,13 @@ class ClassifyTask:
         return f"sst2 ({sizes} sentences), {len(self.vocab):,} words"
 
     def vocabs_dict(self):
-        return {"words": self.vocab.to_dict()}
+        return {"words": self.vocab.to_dict(), "chars": self.chars.to_dict()}
 
     def batches(self, split, batch_size, *, order, seed=0, pad_multiple=8):
         sentences, labels = self.splits[split]
         tokens = [self.vocab.encode([_norm(w, self.lowercase) for w in s]) for s in sentences]
-        return SequenceBatches(tokens, labels=labels, batch_size=batch_size, order=order, seed=seed,
+        chars = _char_ids(self.chars, sentences, self.max_word_chars) if self.use_chars else None
+        return SequenceBatches(tokens, labels=labels, chars=chars, batch_size=batch_size, order=order, seed=seed,
                                pad_multiple=pad_multiple)
 
     def model(self, m, seed):
@@ -77,7 +86,11 @@ class ClassifyTask:
                           cell=m.cell, num_layers=m.layers, bidirectional=m.bidirectional, pooling=m.pooling,
                           mlp_hidden=m.mlp_hidden, embed_dropout=m.embed_dropout, dropout=m.dropout,
                           locked_dropout=m.locked_dropout, lm_vocab=min(m.get("lm_vocab", 0), len(self.vocab)),
-                          lm_weight=m.get("lm_weight", 0.0), unk_id=self.vocab.unk_id, rngs=nnx.Rngs(seed))
+                          lm_weight=m.get("lm_weight", 0.0), unk_id=self.vocab.unk_id,
+                          word_dropout_to=m.get("word_dropout_to", "zero"),
+                          char_vocab_size=len(self.chars) if self.use_chars else 0,
+                          char_embed_dim=m.get("char_embed_dim", 25), char_hidden=m.get("char_hidden", 25),
+                          rngs=nnx.Rngs(seed))
 
     def score(self, preds, data):
         labels = np.asarray(data[1])
@@ -123,9 +136,7 @@ class TagTask:
         data = self.splits[split]
         tokens = [self.vocab.encode([_norm(w, self.lowercase) for w in words]) for words, _ in data]
         tags = [self.tags.encode(t) for _, t in data]
-        chars = None
-        if self.use_chars:
-            chars = [[self.chars.encode(clip_word(w, self.max_word_chars)) for w in words] for words, _ in data]
+        chars = _char_ids(self.chars, [words for words, _ in data], self.max_word_chars) if self.use_chars else None
         return SequenceBatches(tokens, tags=tags, chars=chars, batch_size=batch_size, order=order, seed=seed,
                                pad_multiple=pad_multiple)
 
