@@ -51,5 +51,6 @@ def get_config(arg=None):
     ))
     c.train = ml_collections.ConfigDict(dict(
         seed=0, epochs=12, max_steps=0, max_minutes=0.0, log_every=50, keep_checkpoints=2,
+        ema=0.0,  # > 0: evaluate (and keep as best) a moving average of the parameters with this decay
     ))
     return apply_variant(c, arg, PRESETS, "tagging")

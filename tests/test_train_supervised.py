@@ -106,3 +106,31 @@ def test_sentiment_with_character_features_trains_and_evaluates(tmp_path, capsys
     assert cli(["eval", "--workdir", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["test"]["accuracy"] == pytest.approx(result["best_test"]["accuracy"])
+
+
+def test_parameter_moving_average_is_kept_evaluated_and_restored(tmp_path):
+    config = _load(SMOKES["sst2"], ema=0.5, max_sentences=64)
+    try:
+        task = tasks.build(config)
+    except DataNotFoundError as e:
+        pytest.skip(f"dataset not available: {e}")
+    graphdef, state, tx = supervised.init_state(config, task)
+    train_step, _ = supervised.make_steps(graphdef, tx, ema=0.5)
+    batch = supervised._device(next(iter(task.batches("train", 8, order="keep"))))
+    before = jax.tree.map(np.asarray, state["params"])
+    state = dict(state, key=jax.random.wrap_key_data(state["key"]))
+    state, _ = train_step(state, batch, np.float32(0.01))
+    jax.tree.map(lambda e, p0, p1: np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * p1, rtol=1e-6, atol=1e-7),
+                 state["ema"], before, state["params"])
+    assert supervised.eval_params(state) is state["ema"]
+    # a run with ema: its best checkpoint's evaluation uses the averaged parameters
+    result = _train(SMOKES["sst2"], tmp_path, ema=0.9, max_steps=8, log_every=4, max_sentences=64)
+    _, _, _, restored = supervised.restore_workdir(tmp_path)
+    ckpt = Checkpoints(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
+    raw, _ = ckpt.restore(supervised.init_state(supervised.load_config(tmp_path), task)[1], "best")
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, restored, raw["ema"])
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw["ema"]), jax.tree.leaves(raw["params"])))
+    assert result["step"] == 8
+    with pytest.raises(ValueError, match="train.ema must be a decay"):
+        supervised.init_state(_load(SMOKES["sst2"], ema=1.5), task)

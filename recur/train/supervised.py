@@ -9,6 +9,11 @@ metric of the best checkpoint.
 ``train.pretrain_epochs`` (classifiers with a language-model head) first trains for that many
 epochs on the model's ``lm_loss`` alone, with the labels unused, then ``train.epochs`` on its
 ``loss`` with a fresh optimiser state; the logged training loss is the one being lowered.
+
+``train.ema`` = d > 0 keeps an exponential moving average of the parameters (Polyak & Juditsky
+1992), ema <- d * ema + (1 - d) * params after every update, in the training state (so in the
+checkpoints): evaluation, the choice of the best checkpoint, ``recur eval`` and ensembles then
+use the averaged parameters, which on a small dataset are less tied to the last few batches.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ from recur.train.log import MetricWriter
 from recur.train.common import apply_gradients, optimizer_from, resume, schedule_from
 
 
-def make_steps(graphdef, tx, loss: str = "loss"):
+def make_steps(graphdef, tx, loss: str = "loss", ema: float = 0.0):
     """(train_step, predict), jitted; ``loss`` names the model's loss method that train_step
-    lowers (``"lm_loss"`` for a classifier's language-model pretraining)."""
+    lowers (``"lm_loss"`` for a classifier's language-model pretraining). With ``ema`` > 0 the
+    state holds ``"ema"``, the moving average of the parameters, updated after each step."""
     def loss_fn(params, batch, key):
         return getattr(nnx.merge(graphdef, params), loss)(batch, dropout_key=key)
 
@@ -39,7 +45,10 @@ def make_steps(graphdef, tx, loss: str = "loss"):
         key, sub = jax.random.split(state["key"])
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, sub)
         params, opt_state = apply_gradients(tx, state, grads, lr)
-        return {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}, loss
+        new = {"params": params, "opt_state": opt_state, "key": key, "step": state["step"] + 1}
+        if ema:
+            new["ema"] = jax.tree.map(lambda a, p: ema * a + (1.0 - ema) * p, state["ema"], params)
+        return new, loss
 
     @jax.jit
     def predict(params, batch):
@@ -77,7 +86,16 @@ def init_state(config, task):
     tx = optimizer_from(config.optim)
     state = {"params": params, "opt_state": tx.init(params),
              "key": jax.random.key_data(jax.random.key(config.train.seed)), "step": jnp.zeros((), jnp.int32)}
+    if config.train.get("ema", 0.0):
+        if not 0.0 < config.train.ema < 1.0:
+            raise ValueError(f"train.ema must be a decay in (0, 1) (0 = off), got {config.train.ema}")
+        state["ema"] = jax.tree.map(jnp.copy, params)
     return graphdef, state, tx
+
+
+def eval_params(state):
+    """The parameters to evaluate: the moving average when the run keeps one."""
+    return state.get("ema", state["params"])
 
 
 def load_config(workdir):
@@ -100,7 +118,7 @@ def restore_workdir(workdir, which: str = "best"):
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint to restore")
-    return config, task, graphdef, restored[0]["params"]
+    return config, task, graphdef, eval_params(restored[0])
 
 
 def evaluate_workdir(workdir, which: str = "best") -> dict:
@@ -130,8 +148,9 @@ def train(config, workdir) -> dict:
     metric = task.metric
     ckpt = Checkpoints(workdir, keep=c_train.keep_checkpoints, best_metric=metric, best_mode="max")
     state, meta = resume(ckpt, state, train_batches, schedule)
-    train_step, predict = make_steps(graphdef, tx)
-    pretrain_step = make_steps(graphdef, tx, "lm_loss")[0] if pretrain_steps else None
+    ema = c_train.get("ema", 0.0)
+    train_step, predict = make_steps(graphdef, tx, ema=ema)
+    pretrain_step = make_steps(graphdef, tx, "lm_loss", ema=ema)[0] if pretrain_steps else None
     writer = MetricWriter(workdir)
     print(f"{task.describe()}; model {config.model.cell} {n_params:,} parameters")
     start = time.time() - float(meta.get("elapsed", 0.0))
@@ -150,6 +169,8 @@ def train(config, workdir) -> dict:
                 # a fresh optimiser for the classifier: Adam's second moments of the (larger)
                 # language-model gradients would otherwise shrink its steps for hundreds of steps
                 state = dict(state, opt_state=tx.init(state["params"]))
+                if ema:  # and an average of the classifier's own steps only
+                    state["ema"] = jax.tree.map(jnp.copy, state["params"])
             step_fn = pretrain_step if step < pretrain_steps else train_step
             state, loss = step_fn(state, _device(batch), jnp.asarray(lr, jnp.float32))
             losses.append(loss)
@@ -163,7 +184,7 @@ def train(config, workdir) -> dict:
                 break
         if train_batches.position >= train_batches.num_batches:
             train_batches.epoch, train_batches.position = train_batches.epoch + 1, 0
-        valid = evaluate(predict, state["params"], eval_batches[task.valid_split], task, task.splits[task.valid_split])
+        valid = evaluate(predict, eval_params(state), eval_batches[task.valid_split], task, task.splits[task.valid_split])
         writer.write(step, valid, "valid")
         bar.write(f"epoch {epoch + 1} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
                   + f", {elapsed() / 60:.1f} min")
@@ -174,7 +195,7 @@ def train(config, workdir) -> dict:
     bar.close()
     result = {"step": step, "valid": valid, "elapsed_s": elapsed()}
     best = ckpt.restore(dict(state, key=jax.random.key_data(state["key"])), which="best")
-    best_params = best[0]["params"] if best is not None else state["params"]
+    best_params = eval_params(best[0] if best is not None else state)
     for split, batches in eval_batches.items():
         result[f"best_{split}"] = evaluate(predict, best_params, batches, task, task.splits[split])
         writer.write(step, result[f"best_{split}"], f"best_{split}")
