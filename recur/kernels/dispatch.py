@@ -20,6 +20,7 @@ that is how the tests check them on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -80,13 +81,9 @@ def choose(cell, mode, B, T, I, remat):
     return wanted, interpret, None
 
 
+@functools.lru_cache(maxsize=256)
 def _gpu_problem(cell, wanted, B, T, I):
     """None if the kernel lowers for this GPU at these shapes, else why not (cached)."""
-    return _gpu_problem_cached(cell, wanted, B, T, I)
-
-
-@functools.lru_cache(maxsize=256)
-def _gpu_problem_cached(cell, wanted, B, T, I):
     import recur
 
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
@@ -108,13 +105,13 @@ def _gpu_problem_cached(cell, wanted, B, T, I):
 _PROBING = []
 
 
-class _probing:
+@contextlib.contextmanager
+def _probing():
     """While probing, scan(mode='kernel') must not probe again (it would recurse)."""
-
-    def __enter__(self):
-        _PROBING.append(True)
-
-    def __exit__(self, *exc):
+    _PROBING.append(True)
+    try:
+        yield
+    finally:
         _PROBING.pop()
 
 

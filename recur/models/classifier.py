@@ -129,7 +129,11 @@ class CharFeatures(nnx.Module):
     def __init__(self, char_vocab_size: int, cell: str, char_embed_dim: int, char_hidden: int, rngs: nnx.Rngs):
         self.embed = nnx.Embed(char_vocab_size, char_embed_dim, rngs=rngs)
         self.rnn = RNN(cell, char_embed_dim, hidden_size=char_hidden, bidirectional=True, rngs=rngs)
-        self.output_size = self.rnn.output_size
+
+    @property
+    def output_size(self) -> int:
+        """2 Hc, the features per word."""
+        return self.rnn.output_size
 
     def __call__(self, chars_BxTxW, word_lengths_BxT, where: str = "CharFeatures"):
         return word_features(self.embed, self.rnn, chars_BxTxW, word_lengths_BxT, where)
