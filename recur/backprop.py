@@ -16,7 +16,10 @@ way the cuDNN and oneDNN kernels do instead:
   dW = dRec^T . Carries, one large matmul.
 
 Any cell works: ``recurrent`` (optional, see recur.cells.base) only decides what is stored and
-so kept out of the backward loop. Steps must treat batch rows independently (every recur cell
+so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM) supplies its
+own step derivative: the forward loop stores its saved activations (the gate tanh and tanh(c_t))
+instead of rec, nothing is recomputed in the reverse loop, and since d rec = d u for it only
+d u is stored there. Steps must treat batch rows independently (every recur cell
 does). Integer carry leaves (a step counter) are carried but not differentiated. Masked
 (padded) steps, resets and reset carries are handled as in recur.scan.
 """
@@ -119,6 +122,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
     body(consts, rows, carry, x) -> (carry, y), consts are read whole and rows ([B, ...]
     leaves) row by row.
     """
+    # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
+    # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
+    fused = loop is None and getattr(cell, "fused_backward", False)
     loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
@@ -130,7 +136,10 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             if r is not None:
                 carry = tree_where(r, reset_carry, carry)
             rec = cell.recurrent(params, carry)
-            new, h = step_fn(params, carry, u, rec)
+            if keep and fused:  # store what the cell's own backward step reads instead of rec
+                new, h, rec = cell.step_saving(params, carry, u, rec)
+            else:
+                new, h = step_fn(params, carry, u, rec)
             if m is not None:
                 new = tree_where(m, new, carry)
             return new, ((h, carry, rec) if keep else h)
@@ -159,7 +168,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             dnew = dcarry
             if m is not None:  # a padded step passes the carry through
                 dnew = _keep(m, dcarry)
-            dc, du, drec = _pull(lambda c, u, rec: step_fn(params, c, u, rec), (dnew, dh), carry, u, rec)
+            if fused:  # rec holds the step's saved activations; d rec follows from d u
+                dc, du = cell.step_backward(params, carry, rec, dnew, dh)
+                drec = cell.recurrent_cotangent(du)
+            else:
+                dc, du, drec = _pull(lambda c, u, rec: step_fn(params, c, u, rec), (dnew, dh), carry, u, rec)
             if rec is not None:
                 dc = _add(dc, _pull(lambda c: cell.recurrent(params, c), drec, carry)[0])
             if m is not None:
@@ -167,17 +180,26 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             if r is not None:  # the carry before step t was the reset carry
                 dreset = _add(dreset, _keep(r, dc))
                 dc = _drop(r, dc)
+            if fused:  # d rec is d u again and step has no parameters: store d u alone
+                return (dc, dreset), du
             return (dc, dreset), (du, drec, dnew)
 
-        (dcarry0, dreset), (dus, drecs, dnews) = loop(
+        (dcarry0, dreset), ys = loop(
             body, params, None, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True
         )
 
         # parameter gradients for all steps at once: the T*B rows as one batch
         n = T * B
-        c_all, u_all, rec_all = _flat(carries, n), _flat(us, n), _flat(recs, n)
-        out, pull = jax.vjp(lambda p: step_fn(p, c_all, u_all, rec_all), params)
-        (dparams,) = pull(_full_cotangent(out, (_flat(dnews, n), _flat(dhs, n))))
+        c_all = _flat(carries, n)
+        if fused:
+            dus = ys
+            drecs = cell.recurrent_cotangent(dus)
+            dparams = jax.tree.map(jnp.zeros_like, params)
+        else:
+            dus, drecs, dnews = ys
+            u_all, rec_all = _flat(us, n), _flat(recs, n)
+            out, pull = jax.vjp(lambda p: step_fn(p, c_all, u_all, rec_all), params)
+            (dparams,) = pull(_full_cotangent(out, (_flat(dnews, n), _flat(dhs, n))))
         if recs is not None:
             _, pull_rec = jax.vjp(lambda p: cell.recurrent(p, c_all), params)
             (dp_rec,) = pull_rec(_flat(drecs, n))

@@ -235,3 +235,21 @@ def test_lm_settings_are_checked():
         make("max", True, num_layers=1, lm_vocab=V + 1)
     with pytest.raises(ValueError, match="needs a language-model head"):
         make("max", True).lm_loss({"tokens": TOKENS, "lengths": LENGTHS})
+
+
+def test_adversarial_loss_adds_the_loss_at_inputs_moved_uphill():
+    batch = {"tokens": TOKENS, "lengths": LENGTHS, "labels": np.array([0, 1, 2, 0], np.int32)}
+    loss_of = nnx.jit(lambda m, b, k: m.loss(b, dropout_key=k))
+    key = jax.random.key(3)
+    plain = float(loss_of(make("max", True), batch, key))
+    adv = make("max", True, adv_eps=0.05)  # same seed: the same parameters
+    total = float(loss_of(adv, batch, key))
+    # loss = ce(x) + ce(x + r): the same dropout masks, so ce(x) is the plain loss, and r points
+    # up the loss, so ce(x + r) > ce(x) (a step down the gradient would lower it)
+    assert total - plain > plain
+    # a much larger step raises it further; evaluation (no key) is unchanged
+    assert float(loss_of(make("max", True, adv_eps=0.5), batch, key)) - plain > total - plain
+    no_key = nnx.jit(lambda m, b: m.loss(b))
+    np.testing.assert_allclose(no_key(adv, batch), no_key(make("max", True), batch), rtol=1e-6)
+    with pytest.raises(ValueError, match="adv_eps must be a finite number"):
+        make(adv_eps=-0.1)

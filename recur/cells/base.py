@@ -19,6 +19,16 @@ With ``recurrent`` split out, recur.scan's backward pass (``backward="deferred"`
 runs the reverse time loop on activations only and computes the weight gradients of
 ``recurrent`` as one large matmul over all steps after the loop (see recur/backprop.py).
 
+A cell whose step reads u_t and rec only through their sum pre = u_t + rec and has no
+parameters of its own in step (the plain LSTM) may also hand-write that step's backward pass,
+which the deferred scan then uses instead of autodiff of step (``fused_backward = True``):
+
+    step_saving(params, carry, u_t, rec)       -> (carry, h_t, saved)   step, plus what the
+                                                  backward step reads (stored instead of rec)
+    step_backward(params, carry, saved, d_new_carry, d_h_t) -> (d_carry, d_pre)
+                                                  d_carry without the path through rec
+    recurrent_cotangent(d_pre)                 -> d_rec (the cotangent of recurrent's output)
+
 Shape letters: B batch, T time, I input features, H hidden units, G = gates * H, O output
 features (H, or the projection size for LSTMP).
 

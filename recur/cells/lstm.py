@@ -199,12 +199,59 @@ class LSTM(base.Cell):
         sigmoid(x) = (1 + tanh(x / 2)) / 2, so scaling the sigmoid blocks by 1/2 lets a single
         tanh serve every block (about 5x less time on CPU than one sigmoid or tanh per block).
         """
+        return self._gates_from_tanh(self._gate_tanh(pre))
+
+    def _gate_tanh(self, pre):
+        """tanh(pre * s), s = 1 on the g block and 1/2 on the sigmoid blocks: [B, n * H]."""
         H = self.hidden_size
         # the scale vector from iota rather than a constant array: kernels cannot capture arrays
         col = jax.lax.broadcasted_iota(jnp.int32, pre.shape, pre.ndim - 1)
         lo = self.blocks.index("g") * H
-        t = jnp.tanh(pre * jnp.where((col >= lo) & (col < lo + H), 1.0, 0.5).astype(pre.dtype))
+        return jnp.tanh(pre * jnp.where((col >= lo) & (col < lo + H), 1.0, 0.5).astype(pre.dtype))
+
+    def _gates_from_tanh(self, t):
         parts = dict(zip(self.blocks, base.split(t, len(self.blocks))))
         sig = lambda b: 0.5 * parts[b] + 0.5 if b in parts else 1.0
         i = sig("i")
         return i, 1.0 - i if self.coupled else sig("f"), parts["g"], sig("o")
+
+    # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
+    @property
+    def fused_backward(self) -> bool:
+        """The plain LSTM (all four gates, fused tanh, no LN / projection / peepholes, one
+        precision throughout) has a hand-written backward step."""
+        return (self._fused_gates and self.blocks == ("i", "f", "g", "o") and not self.layer_norm
+                and not self.proj_size and self.output_activation
+                and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype))
+
+    def step_saving(self, params, carry, u_BxG, rec):
+        """:meth:`step`, also returning what :meth:`step_backward` reads: the gate tanh t [B, 4H]
+        and tanh(c_t) [B, H]."""
+        t = self._gate_tanh(u_BxG + rec["h"])
+        i, f, g, o = self._gates_from_tanh(t)
+        c_new = f * carry["c"] + i * g
+        tc = jnp.tanh(c_new)
+        h_new = o * tc
+        return {"h": h_new, "c": c_new}, h_new, (t, tc)
+
+    def step_backward(self, params, carry, saved, dnew, dh_BxH):
+        """(d carry (the part not through W_h), d pre [B, 4H]) of one step, pre = u + W_h h.
+
+        ``saved`` is (t, tanh(c_t)) from :meth:`step_saving`, t = tanh(s * pre) (s = 1/2 on the
+        sigmoid blocks), so a sigmoid gate's derivative is (1 - t^2) / 4 and the candidate's
+        1 - t^2; nothing is recomputed.
+        """
+        t_BxG, tc = saved
+        c_prev = carry["c"]
+        t_i, t_f, t_g, t_o = base.split(t_BxG, 4)
+        i, f, g, o = 0.5 * t_i + 0.5, 0.5 * t_f + 0.5, t_g, 0.5 * t_o + 0.5
+        dh = dnew["h"] + dh_BxH
+        dc = dnew["c"] + dh * o * (1.0 - tc * tc)
+        d_pre = jnp.concatenate([(0.25 * dc) * g * (1.0 - t_i * t_i), (0.25 * dc) * c_prev * (1.0 - t_f * t_f),
+                                 dc * i * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)], axis=-1)
+        d_pre = jax.lax.optimization_barrier(d_pre)
+        return {"h": jnp.zeros_like(dh), "c": dc * f}, d_pre
+
+    def recurrent_cotangent(self, d_pre):
+        """The cotangent of :meth:`recurrent`'s output, given that of pre = u + rec["h"]."""
+        return {"h": d_pre}

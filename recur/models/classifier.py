@@ -60,6 +60,20 @@ predicts); the word past either end is the boundary class 0:
 Ids are those of ``Vocab.build`` (<pad> 0, <unk> ``unk_id``, then words by decreasing count), so
 classes 2 .. lm_vocab - 1 are the most frequent words and rarer ones count as <unk>.
 :meth:`loss` adds ``lm_weight * lm_loss``; :meth:`lm_loss` alone serves to pretrain.
+
+Adversarial training (``adv_eps > 0``; Goodfellow et al. 2015, and Miyato et al. 2017,
+"Adversarial Training Methods for Semi-Supervised Text Classification", who perturb the word
+embeddings of an LSTM classifier): the training loss adds the classification loss of the same
+sentences with their encoder inputs x (embeddings after word dropout, with the character
+features) moved a small step in the direction that raises that loss most,
+
+    r = adv_eps * ||x||_F * g / ||g||_F,   g = d ce(x) / d x,   per sentence, r held constant
+    loss = ce(x) + ce(x + r)
+
+Miyato et al. fix ||r|| on embeddings normalised to unit variance; here the step is relative to
+the sentence's own input norm (over its valid words), which the model cannot shrink by scaling
+its embeddings up. The same dropout masks serve both passes. A training step costs about twice
+as much. Evaluation is unchanged.
 """
 from __future__ import annotations
 
@@ -165,7 +179,7 @@ class Classifier(nnx.Module):
                  dropout: float = 0.0, locked_dropout: bool = False, lm_vocab: int = 0,
                  lm_weight: float = 0.0, unk_id: int = 1, word_dropout_to: str = "zero",
                  char_vocab_size: int = 0, char_embed_dim: int = 25, char_hidden: int = 25,
-                 rngs: nnx.Rngs):
+                 adv_eps: float = 0.0, rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
         if lm_vocab and bidirectional and num_layers > 1:
@@ -178,12 +192,14 @@ class Classifier(nnx.Module):
             raise ValueError(f"Classifier: lm_vocab must be in ({unk_id}, vocab_size={vocab_size}], got {lm_vocab}")
         if word_dropout_to not in WORD_DROPOUT_TO:
             raise ValueError(f"Classifier: word_dropout_to must be one of {WORD_DROPOUT_TO}, got {word_dropout_to!r}")
+        if not (adv_eps >= 0.0 and adv_eps < float("inf")):
+            raise ValueError(f"Classifier: adv_eps must be a finite number >= 0, got {adv_eps!r}")
         check_rate("embed_dropout", embed_dropout, "Classifier")
         check_rate("dropout", dropout, "Classifier")
         self.pooling, self.bidirectional = pooling, bidirectional
         self.embed_dropout, self.dropout = embed_dropout, dropout
         self.lm_vocab, self.lm_weight, self.unk_id = lm_vocab, lm_weight, unk_id
-        self.word_dropout_to = word_dropout_to
+        self.word_dropout_to, self.adv_eps = word_dropout_to, adv_eps
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.chars = CharFeatures(char_vocab_size, cell, char_embed_dim, char_hidden, rngs) if char_vocab_size else None
         input_size = embed_dim + (self.chars.output_size if self.chars is not None else 0)
@@ -209,6 +225,11 @@ class Classifier(nnx.Module):
     def encode(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
         """The encoder's outputs and final carries: (hs [B, T, D], [carry per layer])."""
         k_embed, k_rnn = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        xs_BxTxE = self._encoder_inputs(tokens_BxT, chars_BxTxW, word_lengths_BxT, k_embed)
+        return self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
+
+    def _encoder_inputs(self, tokens_BxT, chars_BxTxW, word_lengths_BxT, k_embed):
+        """The recurrent encoder's inputs [B, T, E (+ char features)], word dropout applied."""
         dropping = k_embed is not None and self.embed_dropout > 0.0
         if dropping and self.word_dropout_to == "unk":
             dropped_BxT = jax.random.bernoulli(k_embed, self.embed_dropout, tokens_BxT.shape)
@@ -220,7 +241,7 @@ class Classifier(nnx.Module):
         if self.chars is not None:
             xs_BxTxE = jnp.concatenate([xs_BxTxE, self.chars(chars_BxTxW, word_lengths_BxT, "Classifier")
                                         .astype(xs_BxTxE.dtype)], axis=-1)
-        return self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
+        return xs_BxTxE
 
     def embed_sentence(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
         """The pooled sentence embedding [B, D]."""
@@ -280,12 +301,37 @@ class Classifier(nnx.Module):
         """Mean cross-entropy of ``batch["labels"]`` over the batch (plus ``lm_weight`` times the
         language-model loss), a scalar."""
         tokens_BxT, lengths_B = batch["tokens"], batch["lengths"]
-        logits_BxC, hs_BxTxO, k_head = self._forward(*self._inputs(batch), dropout_key)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        if self.adv_eps and dropout_key is not None:
+            ce, hs_BxTxO, k_head = self._adversarial_loss(batch, dropout_key)
+        else:
+            logits_BxC, hs_BxTxO, k_head = self._forward(*self._inputs(batch), dropout_key)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
         if not self.lm_weight:
             return ce
         k_lm = None if k_head is None else jax.random.fold_in(k_head, 1)
         return ce + self.lm_weight * self._lm_loss(hs_BxTxO, tokens_BxT, lengths_B, k_lm)
+
+    def _adversarial_loss(self, batch, dropout_key):
+        """(ce(x) + ce(x + r), the clean encoder outputs, the head's key): module docstring."""
+        tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT = self._inputs(batch)
+        k_encode, k_head = jax.random.split(dropout_key)  # the keys _forward and encode use
+        k_embed, k_rnn = jax.random.split(k_encode)
+        xs_BxTxE = self._encoder_inputs(tokens_BxT, chars_BxTxW, word_lengths_BxT, k_embed)
+
+        def ce_of(xs_BxTxE):
+            hs_BxTxO, _ = self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
+            logits_BxC = self._classify(pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional), k_head)
+            return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean(), hs_BxTxO
+
+        ce, hs_BxTxO = ce_of(xs_BxTxE)
+        x_BxTxE = jax.lax.stop_gradient(xs_BxTxE)
+        g_BxTxE = jax.grad(lambda x: ce_of(x)[0])(x_BxTxE)
+        mask_BxTx1 = valid_mask(lengths_B, tokens_BxT.shape[1])[..., None]
+        x_norm_Bx1x1 = jnp.sqrt(jnp.sum(jnp.square(x_BxTxE * mask_BxTx1), axis=(1, 2), keepdims=True))
+        g_BxTxE = g_BxTxE * mask_BxTx1
+        g_norm_Bx1x1 = jnp.sqrt(jnp.sum(jnp.square(g_BxTxE), axis=(1, 2), keepdims=True))
+        r_BxTxE = jax.lax.stop_gradient(self.adv_eps * x_norm_Bx1x1 * g_BxTxE / jnp.maximum(g_norm_Bx1x1, 1e-12))
+        return ce + ce_of(xs_BxTxE + r_BxTxE)[0], hs_BxTxO, k_head
 
     def probabilities(self, batch):
         """The predicted distribution over classes of each sentence, float [B, C]."""
