@@ -18,8 +18,8 @@ way the cuDNN and oneDNN kernels do instead:
 Any cell works: ``recurrent`` (optional, see recur.cells.base) only decides what is stored and
 so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM) supplies its
 own step derivative: the forward loop stores its saved activations (the gate tanh and tanh(c_t))
-instead of rec, nothing is recomputed in the reverse loop, and since d rec = d u for it only
-d u is stored there. Steps must treat batch rows independently (every recur cell
+instead of rec, nothing is recomputed in the reverse loop, and where d rec = d u (pre = u + rec:
+LSTM, Elman) only d u is stored there. Steps must treat batch rows independently (every recur cell
 does). Integer carry leaves (a step counter) are carried but not differentiated. Masked
 (padded) steps, resets and reset carries are handled as in recur.scan.
 """
@@ -124,7 +124,7 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
-    fused = loop is None and getattr(cell, "fused_backward", False)
+    fused = loop is None and cell.fused_backward
     loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
@@ -168,9 +168,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             dnew = dcarry
             if m is not None:  # a padded step passes the carry through
                 dnew = _keep(m, dcarry)
-            if fused:  # rec holds the step's saved activations; d rec follows from d u
-                dc, du = cell.step_backward(params, carry, rec, dnew, dh)
-                drec = cell.recurrent_cotangent(du)
+            if fused:  # rec holds the step's saved activations
+                dc, du, drec = cell.step_backward(params, carry, rec, dnew, dh)
+                additive.append(drec is None)
+                if drec is None:  # d rec is d u (pre = u + rec): stored once
+                    drec = cell.recurrent_cotangent(du)
             else:
                 dc, du, drec = _pull(lambda c, u, rec: step_fn(params, c, u, rec), (dnew, dh), carry, u, rec)
             if rec is not None:
@@ -180,9 +182,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             if r is not None:  # the carry before step t was the reset carry
                 dreset = _add(dreset, _keep(r, dc))
                 dc = _drop(r, dc)
-            if fused:  # d rec is d u again and step has no parameters: store d u alone
-                return (dc, dreset), du
+            if fused:  # step has no parameters: no d new carry to keep
+                return (dc, dreset), (du if additive[-1] else (du, drec))
             return (dc, dreset), (du, drec, dnew)
+
+        additive = []  # set while the reverse loop's body is traced
 
         (dcarry0, dreset), ys = loop(
             body, params, None, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True
@@ -192,8 +196,7 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
         n = T * B
         c_all = _flat(carries, n)
         if fused:
-            dus = ys
-            drecs = cell.recurrent_cotangent(dus)
+            dus, drecs = (ys, cell.recurrent_cotangent(ys)) if additive[-1] else ys
             dparams = jax.tree.map(jnp.zeros_like, params)
         else:
             dus, drecs, dnews = ys

@@ -73,32 +73,39 @@ def test_unknown_backward_is_an_error():
         recur.scan(cell, params, xs, backward="manual")
 
 
-def test_lstm_fused_backward_step_matches_autodiff_of_its_step():
-    """The LSTM's hand-written step backward (used by the deferred scan) against jax.vjp of step."""
+FUSED = ["lstm", "gru", "elman", "elman:relu", "elman:sigmoid", "elman:nobias", "elman:activation=identity"]
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_backward_step_matches_autodiff_of_the_step(name):
+    """A cell's hand-written step backward (used by the deferred scan) against jax.vjp of step."""
     with jax.enable_x64(True):
-        cell = recur.get_cell("lstm", 5, dtype=jnp.float64, param_dtype=jnp.float64)
+        cell = recur.get_cell(name, 5, dtype=jnp.float64, param_dtype=jnp.float64)
         assert cell.fused_backward
-        params = cell.init(jax.random.key(0), 3)
-        k = iter(jax.random.split(jax.random.key(1), 6))
-        carry = {"h": jax.random.normal(next(k), (4, 5), jnp.float64), "c": jax.random.normal(next(k), (4, 5), jnp.float64)}
-        u = jax.random.normal(next(k), (4, 20), jnp.float64)
+        params = jax.tree.map(lambda p: p + 0.3, cell.init(jax.random.key(0), 3))  # non-zero biases
+        rand = lambda tree, seed: jax.tree.map(
+            lambda x: jax.random.normal(jax.random.key(seed), x.shape, jnp.float64), tree)
+        carry = rand(cell.initial_carry(4), 1)
+        us = cell.project(params, jax.random.normal(jax.random.key(2), (4, 1, 3), jnp.float64))
+        u = jax.tree.map(lambda x: x[:, 0], us)
         rec = cell.recurrent(params, carry)
-        dnew = {"h": jax.random.normal(next(k), (4, 5), jnp.float64), "c": jax.random.normal(next(k), (4, 5), jnp.float64)}
-        dh = jax.random.normal(next(k), (4, 5), jnp.float64)
+        dnew, dh = rand(carry, 3), jax.random.normal(jax.random.key(4), (4, 5), jnp.float64)
         new, h, saved = cell.step_saving(params, carry, u, rec)
         want_new, want_h = cell.step(params, carry, u, rec)
-        assert all(jnp.allclose(a, b) for a, b in zip(jax.tree.leaves((new, h)), jax.tree.leaves((want_new, want_h))))
+        for a, b in zip(jax.tree.leaves((new, h)), jax.tree.leaves((want_new, want_h))):
+            assert jnp.allclose(a, b, atol=1e-12)
         _, pull = jax.vjp(lambda c, u, r: cell.step(params, c, u, r), carry, u, rec)
         dc_want, du_want, drec_want = pull((dnew, dh))
-        dc, du = cell.step_backward(params, carry, saved, dnew, dh)
-        assert jnp.allclose(du, du_want, atol=1e-12) and jnp.allclose(du, drec_want["h"], atol=1e-12)
-        assert jnp.allclose(dc["c"], dc_want["c"], atol=1e-12)
-        # the step reads the carry's h only through rec = W_h h: its direct gradient is zero
-        assert jnp.allclose(dc_want["h"], 0.0) and jnp.allclose(dc["h"], 0.0)
+        dc, du, drec = cell.step_backward(params, carry, saved, dnew, dh)
+        drec = cell.recurrent_cotangent(du) if drec is None else drec
+        for got, want in ((dc, dc_want), (du, du_want), (drec, drec_want)):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                assert jnp.allclose(a, b, atol=1e-12), name
 
 
 @pytest.mark.parametrize("name,fused", [("lstm", True), ("lstm:peepholes", False), ("lstm:ln", False),
-                                        ("lstm:cifg", False), ("lstm:noaf", False)])
-def test_which_lstms_take_the_fused_backward_step(name, fused):
+                                        ("lstm:cifg", False), ("lstm:noaf", False), ("gru", True),
+                                        ("gru:cho", False), ("elman", True), ("mgu", False)])
+def test_which_cells_take_the_fused_backward_step(name, fused):
     assert recur.get_cell(name, 4).fused_backward == fused
     assert not recur.get_cell(name, 4, dtype=jnp.bfloat16).fused_backward

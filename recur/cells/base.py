@@ -19,15 +19,17 @@ With ``recurrent`` split out, recur.scan's backward pass (``backward="deferred"`
 runs the reverse time loop on activations only and computes the weight gradients of
 ``recurrent`` as one large matmul over all steps after the loop (see recur/backprop.py).
 
-A cell whose step reads u_t and rec only through their sum pre = u_t + rec and has no
-parameters of its own in step (the plain LSTM) may also hand-write that step's backward pass,
-which the deferred scan then uses instead of autodiff of step (``fused_backward = True``):
+A cell whose step uses no parameters of its own (everything is in project and recurrent:
+LSTM, GRU, Elman) may also hand-write that step's backward pass, which the deferred scan then
+uses instead of autodiff of step (``fused_backward = True``):
 
     step_saving(params, carry, u_t, rec)       -> (carry, h_t, saved)   step, plus what the
                                                   backward step reads (stored instead of rec)
-    step_backward(params, carry, saved, d_new_carry, d_h_t) -> (d_carry, d_pre)
-                                                  d_carry without the path through rec
-    recurrent_cotangent(d_pre)                 -> d_rec (the cotangent of recurrent's output)
+    step_backward(params, carry, saved, d_new_carry, d_h_t) -> (d_carry, d_u, d_rec)
+                                                  d_carry without the path through rec;
+                                                  d_rec None when step reads u_t and rec only
+                                                  as u_t + rec (then d_rec = d_u, stored once)
+    recurrent_cotangent(d_u)                   -> d_rec from d_u, for those additive cells
 
 Shape letters: B batch, T time, I input features, H hidden units, G = gates * H, O output
 features (H, or the projection size for LSTMP).
@@ -66,6 +68,8 @@ class Cell:
 
     #: True for cells that implement the (a, b) form of :class:`LinearCell`.
     linear = False
+    #: True for cells that hand-write their step's backward pass (see the module docstring).
+    fused_backward = False
 
     # --- the interface -------------------------------------------------------------------
     def init(self, key: Array, input_size: int) -> PyTree:

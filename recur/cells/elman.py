@@ -67,3 +67,30 @@ class Elman(base.Cell):
         pre = u_BxH + (self.recurrent(params, h_BxH) if rec is None else rec)
         h = f(pre).astype(self.state_dtype)
         return h, h.astype(self.dtype)
+
+    # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
+    @property
+    def fused_backward(self) -> bool:
+        return jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+
+    def step_saving(self, params, h_BxH, u_BxH, rec):
+        """:meth:`step`, also returning h_t: each activation's derivative is a function of it."""
+        h = base.activation(self.activation, "elman")(u_BxH + rec)
+        return h, h, h
+
+    def step_backward(self, params, h_BxH, h_new, d_new, dh_BxH):
+        """(0, d pre, None: d rec = d pre), pre = u + W_h h; the activation's derivative from its
+        output: tanh 1 - h^2, sigmoid h (1 - h), relu [h > 0], identity 1."""
+        d = d_new + dh_BxH
+        if self.activation == "tanh":
+            d_pre = d * (1.0 - h_new * h_new)
+        elif self.activation == "sigmoid":
+            d_pre = d * h_new * (1.0 - h_new)
+        elif self.activation == "relu":
+            d_pre = jnp.where(h_new > 0, d, 0.0)
+        else:  # identity
+            d_pre = d
+        return jnp.zeros_like(d), d_pre, None
+
+    def recurrent_cotangent(self, d_pre):
+        return d_pre

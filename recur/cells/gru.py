@@ -84,6 +84,37 @@ class GRU(base.Cell):
         h = ((1.0 - z) * n + z * h_BxH).astype(self.state_dtype)
         return h, h.astype(self.dtype)
 
+    # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
+    @property
+    def fused_backward(self) -> bool:
+        """The reset-after GRU's step reads only u and rec (Cho's form multiplies by W_h in it)."""
+        return self.reset_after and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+
+    def step_saving(self, params, h_BxH, u_Bx3H, rec_Bx3H):
+        """:meth:`step`, also returning (tanh of the r, z pre-activations / 2, n_t, (W_h h + b_h)_n)."""
+        H = self.hidden_size
+        t = jnp.tanh(0.5 * (u_Bx3H[:, : 2 * H] + rec_Bx3H[:, : 2 * H]))
+        r, z = 0.5 * t[:, :H] + 0.5, 0.5 * t[:, H:] + 0.5
+        rec_n = rec_Bx3H[:, 2 * H:]
+        n = jnp.tanh(u_Bx3H[:, 2 * H:] + r * rec_n)
+        h = (1.0 - z) * n + z * h_BxH
+        return h, h, (t, n, rec_n)
+
+    def step_backward(self, params, h_BxH, saved, d_new, dh_BxH):
+        """(d h_{t-1} not through W_h, d u [B, 3H], d rec [B, 3H]) of one step; d rec differs from
+        d u in the n block, which the reset gate scales: d rec_n = r d u_n."""
+        t, n, rec_n = saved
+        H = self.hidden_size
+        t_r, t_z = t[:, :H], t[:, H:]
+        r, z = 0.5 * t_r + 0.5, 0.5 * t_z + 0.5
+        d = d_new + dh_BxH
+        du_n = d * (1.0 - z) * (1.0 - n * n)
+        du_r = du_n * rec_n * (0.25 * (1.0 - t_r * t_r))
+        du_z = d * (h_BxH - n) * (0.25 * (1.0 - t_z * t_z))
+        du = jnp.concatenate([du_r, du_z, du_n], axis=-1)
+        drec = jnp.concatenate([du_r, du_z, r * du_n], axis=-1)
+        return d * z, du, drec
+
 
 @register("mgu")
 @dataclasses.dataclass(frozen=True)

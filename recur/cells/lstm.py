@@ -235,7 +235,8 @@ class LSTM(base.Cell):
         return {"h": h_new, "c": c_new}, h_new, (t, tc)
 
     def step_backward(self, params, carry, saved, dnew, dh_BxH):
-        """(d carry (the part not through W_h), d pre [B, 4H]) of one step, pre = u + W_h h.
+        """(d carry (the part not through W_h), d pre [B, 4H], None: d rec = d pre) of one step,
+        pre = u + W_h h.
 
         ``saved`` is (t, tanh(c_t)) from :meth:`step_saving`, t = tanh(s * pre) (s = 1/2 on the
         sigmoid blocks), so a sigmoid gate's derivative is (1 - t^2) / 4 and the candidate's
@@ -250,7 +251,7 @@ class LSTM(base.Cell):
         d_pre = jnp.concatenate([(0.25 * dc) * g * (1.0 - t_i * t_i), (0.25 * dc) * c_prev * (1.0 - t_f * t_f),
                                  dc * i * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)], axis=-1)
         d_pre = jax.lax.optimization_barrier(d_pre)
-        return {"h": jnp.zeros_like(dh), "c": dc * f}, d_pre
+        return {"h": jnp.zeros_like(dh), "c": dc * f}, d_pre, None
 
     def recurrent_cotangent(self, d_pre):
         """The cotangent of :meth:`recurrent`'s output, given that of pre = u + rec["h"]."""
