@@ -110,11 +110,16 @@ def scan_loop(unroll: int = 1):
     return loop
 
 
-def deferred_scan(cell, unroll: int = 1, loop=None):
+def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
     the autodiff scan in recur.scan, with the custom backward pass described above.
+
+    ``project=True`` (cells with ``fused_backward`` only, whose ``project`` works row by row)
+    takes the raw inputs xs_T [T, B, I] instead of us_T and projects each step's inputs inside
+    the forward loop, so the [T, B, G] projected inputs are never written out and read back;
+    the backward pass gets d W_x and d xs from d us after the reverse loop, as large matmuls.
 
     ``loop`` runs the two time loops (default ``scan_loop(unroll)``); recur.kernels passes one
     that runs each loop as a single Pallas kernel. Its contract is ``lax.scan``'s with the
@@ -125,6 +130,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
     fused = loop is None and cell.fused_backward
+    if project and not fused:
+        raise ValueError(f"deferred_scan: project=True needs a cell with a fused backward step in the "
+                         f"lax.scan loops; {cell.name} (loop={loop}) has none")
     loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
@@ -133,6 +141,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
     def forward(params, carry0, us, mask, resets, reset_carry, keep):
         def body(params, reset_carry, carry, x):
             u, m, r = x
+            if project:
+                u = cell.project(params, u)
             if r is not None:
                 carry = tree_where(r, reset_carry, carry)
             rec = cell.recurrent(params, carry)
@@ -188,8 +198,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
 
         additive = []  # set while the reverse loop's body is traced
 
-        (dcarry0, dreset), ys = loop(
-            body, params, None, (dcarry_T, dreset0), (carries, us, recs, dhs, mask, resets), reverse=True
+        (dcarry0, dreset), ys = loop(  # a fused step reads no u
+            body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
+            reverse=True
         )
 
         # parameter gradients for all steps at once: the T*B rows as one batch
@@ -207,6 +218,10 @@ def deferred_scan(cell, unroll: int = 1, loop=None):
             _, pull_rec = jax.vjp(lambda p: cell.recurrent(p, c_all), params)
             (dp_rec,) = pull_rec(_flat(drecs, n))
             dparams = jax.tree.map(jnp.add, dparams, dp_rec)
+        if project:  # us holds the raw inputs: d W_x (and the rest of project) and d xs
+            _, pull_proj = jax.vjp(lambda p, x: cell.project(p, x), params, us)
+            dp_proj, dus = pull_proj(dus)
+            dparams = jax.tree.map(jnp.add, dparams, dp_proj)
 
         dreset_out = None
         if reset_carry is not None:

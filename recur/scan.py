@@ -187,10 +187,13 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 
-        # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]
-        us_T = cell.project(params, jnp.swapaxes(xs, 0, 1))
-        hs, carry = deferred_scan(cell, unroll)(params, carry0, us_T, None if mask is None else mask.T,
-                                                None if resets is None else resets.T, reset_carry)
+        # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]; cells
+        # with a fused backward step project each step's inputs inside the loop
+        xs_T = jnp.swapaxes(xs, 0, 1)
+        inside = cell.fused_backward and cell.project_in_loop
+        hs, carry = deferred_scan(cell, unroll, project=inside)(
+            params, carry0, xs_T if inside else cell.project(params, xs_T), None if mask is None else mask.T,
+            None if resets is None else resets.T, reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "parallel":
         hs, carry = _parallel(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,

@@ -109,3 +109,12 @@ def test_fused_backward_step_matches_autodiff_of_the_step(name):
 def test_which_cells_take_the_fused_backward_step(name, fused):
     assert recur.get_cell(name, 4).fused_backward == fused
     assert not recur.get_cell(name, 4, dtype=jnp.bfloat16).fused_backward
+    # the wide-gated fused cells project inside the forward loop; Elman's H-wide inputs do not pay
+    assert recur.get_cell(name, 4).project_in_loop == (fused and not name.startswith("elman"))
+
+
+def test_projecting_inside_the_loop_needs_a_fused_step():
+    from recur.backprop import deferred_scan
+
+    with pytest.raises(ValueError, match="project=True needs a cell with a fused backward step"):
+        deferred_scan(recur.get_cell("lstm:peepholes", 4), project=True)

@@ -70,6 +70,11 @@ class Cell:
     linear = False
     #: True for cells that hand-write their step's backward pass (see the module docstring).
     fused_backward = False
+    #: True: with the fused backward step, recur.scan projects each step's inputs inside the
+    #: forward loop instead of writing all T projected steps out first (project must then work
+    #: row by row). It pays where the projected inputs are wide (LSTM 4H, GRU 3H per row), not
+    #: for the Elman RNN's H.
+    project_in_loop = False
 
     # --- the interface -------------------------------------------------------------------
     def init(self, key: Array, input_size: int) -> PyTree:

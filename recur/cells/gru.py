@@ -86,6 +86,10 @@ class GRU(base.Cell):
 
     # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
     @property
+    def project_in_loop(self) -> bool:
+        return self.fused_backward
+
+    @property
     def fused_backward(self) -> bool:
         """The reset-after GRU's step reads only u and rec (Cho's form multiplies by W_h in it)."""
         return self.reset_after and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)

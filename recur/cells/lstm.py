@@ -217,6 +217,10 @@ class LSTM(base.Cell):
 
     # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
     @property
+    def project_in_loop(self) -> bool:
+        return self.fused_backward
+
+    @property
     def fused_backward(self) -> bool:
         """The plain LSTM (all four gates, fused tanh, no LN / projection / peepholes, one
         precision throughout) has a hand-written backward step."""
