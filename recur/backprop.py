@@ -16,10 +16,13 @@ way the cuDNN and oneDNN kernels do instead:
   dW = dRec^T . Carries, one large matmul.
 
 Any cell works: ``recurrent`` (optional, see recur.cells.base) only decides what is stored and
-so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM) supplies its
-own step derivative: the forward loop stores its saved activations (the gate tanh and tanh(c_t))
-instead of rec, nothing is recomputed in the reverse loop, and where d rec = d u (pre = u + rec:
-LSTM, Elman) only d u is stored there. Steps must treat batch rows independently (every recur cell
+so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM, the reset-after
+GRU, the Elman RNN) supplies its own step derivative instead: the forward loop stores what that
+needs (``step_saving``'s third output, e.g. the LSTM's gate tanh and tanh(c_t)) instead of rec,
+the reverse loop calls ``step_backward`` and recomputes nothing, no new-carry cotangent is
+written (such a step has no parameters of its own), and where d rec = d u (pre = u + rec: LSTM,
+Elman) only d u is stored. With ``project=True`` the input projection runs inside the forward
+loop too (below). Steps must treat batch rows independently (every recur cell
 does). Integer carry leaves (a step counter) are carried but not differentiated. Masked
 (padded) steps, resets and reset carries are handled as in recur.scan.
 """

@@ -118,3 +118,30 @@ def test_projecting_inside_the_loop_needs_a_fused_step():
 
     with pytest.raises(ValueError, match="project=True needs a cell with a fused backward step"):
         deferred_scan(recur.get_cell("lstm:peepholes", 4), project=True)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman"])
+def test_fused_path_in_float32_with_lengths_resets_and_reverse_together(name):
+    cell, params, xs = make(name)
+    assert cell.fused_backward
+    kw = dict(lengths=jnp.array([T, 4, 0]), reverse=True, reset_carry=random_carry(cell, B, seed=4),
+              resets=jnp.zeros((B, T), bool).at[0, 0].set(True).at[0, 3].set(True).at[1, 1].set(True))
+
+    def loss(p, x, backward):
+        hs, carry = recur.scan(cell, p, x, backward=backward, **kw)
+        assert hs.dtype == jnp.float32
+        return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(l ** 2) for l in jax.tree.leaves(carry))
+
+    want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, xs, "autodiff")
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, xs, "deferred")
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert a.dtype == b.dtype == jnp.float32
+        assert jnp.allclose(a, b, atol=1e-5, rtol=1e-4), float(jnp.max(jnp.abs(a - b)))
+
+
+def test_an_elman_activation_without_a_known_derivative_is_not_fused(monkeypatch):
+    from recur.cells import base
+
+    monkeypatch.setitem(base.ACTIVATIONS, "softsign", jax.nn.soft_sign)
+    assert not recur.get_cell("elman:activation=softsign", 4).fused_backward
+    assert recur.get_cell("elman:activation=relu", 4).fused_backward

@@ -23,6 +23,9 @@ from recur.cells import base
 from recur.cells.registry import register
 
 
+FUSED_ACTIVATIONS = ("tanh", "sigmoid", "relu", "identity")
+
+
 @register(
     "elman",
     variants={
@@ -71,7 +74,8 @@ class Elman(base.Cell):
     # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
     @property
     def fused_backward(self) -> bool:
-        return jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+        """For the activations whose derivative :meth:`step_backward` knows, at full precision."""
+        return self.activation in FUSED_ACTIVATIONS and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
 
     def step_saving(self, params, h_BxH, u_BxH, rec):
         """:meth:`step`, also returning h_t: each activation's derivative is a function of it."""
@@ -88,8 +92,10 @@ class Elman(base.Cell):
             d_pre = d * h_new * (1.0 - h_new)
         elif self.activation == "relu":
             d_pre = jnp.where(h_new > 0, d, 0.0)
-        else:  # identity
+        elif self.activation == "identity":
             d_pre = d
+        else:  # fused_backward is False for any other activation
+            raise ValueError(f"elman: no hand-written derivative of activation {self.activation!r}")
         return jnp.zeros_like(d), d_pre, None
 
     def recurrent_cotangent(self, d_pre):

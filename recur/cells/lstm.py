@@ -222,8 +222,9 @@ class LSTM(base.Cell):
 
     @property
     def fused_backward(self) -> bool:
-        """The plain LSTM (all four gates, fused tanh, no LN / projection / peepholes, one
-        precision throughout) has a hand-written backward step."""
+        """The plain LSTM has a hand-written backward step: all four gates, tanh on the candidate
+        and the output (no niaf / noaf), no peepholes, gate recurrence, layer norm or projection,
+        and no lower-precision compute (dtype is its float32-or-wider state dtype)."""
         return (self._fused_gates and self.blocks == ("i", "f", "g", "o") and not self.layer_norm
                 and not self.proj_size and self.output_activation
                 and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype))
