@@ -59,6 +59,7 @@ def get_config(arg=None):
         lm_vocab=0,  # > 0: language-model heads predicting the lm_vocab most frequent ids (rarer: <unk>)
         lm_weight=0.0,  # the language-model loss's weight in the training loss
         adv_eps=0.0,  # > 0: adversarial training on the encoder inputs, step relative to their norm
+        weight_dropout=0.0,  # DropConnect on the recurrent matrices W_h (AWD-LSTM)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, momentum=0.0, weight_decay=0.05, clip_norm=5.0, schedule="constant",

@@ -74,7 +74,7 @@ def init_stack(cells: Sequence[Cell], key, input_size: int, *, bidirectional=Fal
 
 def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initial_carries=None,
           reset_carries=None, bidirectional=False, merge="concat", dropout=0.0, dropout_key=None, locked=False,
-          residual=False, **scan_kwargs):
+          residual=False, weight_dropout=0.0, **scan_kwargs):
     """Run layers of cells over xs [B, T, I]; returns (hs of the top layer, [final carry per layer]).
 
     ``initial_carries`` and ``reset_carries`` are None or one entry per layer (a pair when
@@ -84,11 +84,18 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
     ``dropout_key`` is given (training); ``locked=True`` draws one mask per sequence and feature,
     shared by all steps. ``residual=True`` adds each layer's input to its output from the second
     layer on (their sizes must agree).
+
+    ``weight_dropout`` (a rate; DropConnect on the recurrent weights, Wan et al. 2013, as in
+    Merity et al. 2018's AWD-LSTM) zeroes entries of every layer's and direction's recurrent
+    matrix ``W_h`` (kept ones scaled by 1 / (1 - rate)) with one mask per call, shared by every
+    sequence and step, again only with a ``dropout_key``. Cells without a ``W_h`` are unaffected.
     """
     if len(cells) != len(params):
         raise ValueError(f"stack: got {len(cells)} cells but {len(params)} parameter sets")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"stack: dropout must be a rate in [0, 1), got {dropout}")
+    if not 0.0 <= weight_dropout < 1.0:
+        raise ValueError(f"stack: weight_dropout must be a rate in [0, 1), got {weight_dropout}")
     layer = _bidirectional_layer(merge) if bidirectional else scan
     carries = []
     keys = jax.random.split(dropout_key, len(cells)) if dropout_key is not None else [None] * len(cells)
@@ -96,6 +103,8 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
         inputs = xs
         if l > 0 and dropout > 0.0 and k is not None:
             inputs = drop(k, xs, dropout, locked)
+        if weight_dropout > 0.0 and k is not None:
+            p = _drop_recurrent_weights(jax.random.fold_in(k, 1), p, weight_dropout)
         carry0 = None if initial_carries is None else initial_carries[l]
         reset0 = None if reset_carries is None else reset_carries[l]
         hs, carry = layer(cell, p, inputs, lengths=lengths, resets=resets, initial_carry=carry0,
@@ -110,6 +119,19 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
         carries.append(carry)
         xs = hs
     return xs, carries
+
+
+def _drop_recurrent_weights(key, params, rate):
+    """params with every dict entry named "W_h" (at any depth: both directions) dropped out."""
+    def visit(tree, key):
+        if isinstance(tree, dict):
+            return {name: (drop(jax.random.fold_in(key, i), v, rate) if name == "W_h" else visit(v, jax.random.fold_in(key, i)))
+                    for i, (name, v) in enumerate(sorted(tree.items()))}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(visit(v, jax.random.fold_in(key, i)) for i, v in enumerate(tree))
+        return tree
+
+    return visit(params, key)
 
 
 def _bidirectional_layer(merge):

@@ -50,7 +50,8 @@ class RNN(nnx.Module):
     def __init__(self, cell: str | Cell | Sequence[Cell], input_size: int, *, rngs: nnx.Rngs,
                  hidden_size: int | None = None, num_layers: int = 1, bidirectional: bool = False,
                  merge: str = "concat", dropout: float = 0.0, locked_dropout: bool = False,
-                 residual: bool = False, learn_initial_carry: bool = False, **scan_kwargs):
+                 residual: bool = False, learn_initial_carry: bool = False, weight_dropout: float = 0.0,
+                 **scan_kwargs):
         if isinstance(cell, str):
             if hidden_size is None:
                 raise ValueError(f"RNN: cell {cell!r} is given by name, so hidden_size is required")
@@ -59,6 +60,9 @@ class RNN(nnx.Module):
         self.cells = tuple(cells)
         self.bidirectional, self.merge = bidirectional, merge
         self.dropout, self.locked_dropout, self.residual = dropout, locked_dropout, residual
+        if not 0.0 <= weight_dropout < 1.0:
+            raise ValueError(f"RNN: weight_dropout must be a rate in [0, 1), got {weight_dropout}")
+        self.weight_dropout = weight_dropout
         self.scan_kwargs = dict(scan_kwargs)
         params = init_stack(cells, rngs.params(), input_size, bidirectional=bidirectional, merge=merge)
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
@@ -87,4 +91,4 @@ class RNN(nnx.Module):
                      initial_carries=initial_carries, reset_carries=reset_carries,
                      bidirectional=self.bidirectional, merge=self.merge, dropout=self.dropout,
                      dropout_key=dropout_key, locked=self.locked_dropout, residual=self.residual,
-                     **self.scan_kwargs)
+                     weight_dropout=self.weight_dropout, **self.scan_kwargs)

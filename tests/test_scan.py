@@ -276,6 +276,34 @@ def test_stack_dropout_locked_shares_mask_over_time_and_is_off_without_key():
     assert not (free == free[:, :1]).all()
 
 
+def test_stack_weight_dropout_drops_recurrent_matrices_once_per_call():
+    from recur.layers import _drop_recurrent_weights
+
+    cells = [recur.get_cell("lstm", 6)] * 2
+    params = recur.init_stack(cells, jax.random.key(1), I, bidirectional=True)
+    xs = jax.random.normal(jax.random.key(2), (B, T, I))
+    ref, _ = recur.stack(cells, params, xs, bidirectional=True)
+    off, _ = recur.stack(cells, params, xs, bidirectional=True, weight_dropout=0.5)
+    assert_trees_close(off, ref)  # no key: evaluation
+    key = jax.random.key(3)
+    got, _ = recur.stack(cells, params, xs, bidirectional=True, weight_dropout=0.5, dropout_key=key)
+    assert not np.allclose(got, ref)
+    # the same as running the plain stack on each layer's params with W_h masked, W_x untouched
+    keys = jax.random.split(key, 2)
+    dropped = [_drop_recurrent_weights(jax.random.fold_in(k, 1), p, 0.5) for k, p in zip(keys, params)]
+    want, _ = recur.stack(cells, dropped, xs, bidirectional=True)
+    assert_trees_close(got, want)
+    for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(dropped)):
+        if before.shape == (24, 6):  # W_h: zeros or scaled by 2
+            assert set(np.unique(np.round(np.asarray(after / jnp.where(before == 0, 1, before)), 5))) <= {0.0, 2.0}
+            assert 0 < float(jnp.mean(after == 0)) < 1
+    (fw, bw) = dropped[0]
+    assert not np.array_equal(np.asarray(fw["W_h"] == 0), np.asarray(bw["W_h"] == 0))  # a mask per direction
+    assert_trees_close(fw["W_x"], params[0][0]["W_x"])
+    with pytest.raises(ValueError, match="weight_dropout must be a rate"):
+        recur.stack(cells, params, xs, bidirectional=True, weight_dropout=1.0)
+
+
 def test_bidirectional_stack_sizes():
     cells = [recur.get_cell("lstm", 4), recur.get_cell("lstm", 4)]
     params = recur.init_stack(cells, jax.random.key(0), I, bidirectional=True)

@@ -45,6 +45,8 @@ Dropout is applied only when a ``dropout_key`` is given (training), in three pla
 - ``dropout`` between recurrent layers (``locked_dropout=True``: one mask per sentence shared by
   every step, Gal & Ghahramani 2016), on the sentence embedding before the MLP, and on the
   encoder outputs before the language-model heads.
+- ``weight_dropout``: DropConnect on the recurrent matrices W_h (one mask per batch; see
+  :func:`recur.layers.stack`).
 
 Language modelling as a second task (``lm_vocab > 0``; after Dai & Le 2015, "Semi-supervised
 Sequence Learning", and Rei 2017, "Semi-supervised Multitask Learning for Sequence Labeling"):
@@ -181,7 +183,7 @@ class Classifier(nnx.Module):
                  dropout: float = 0.0, locked_dropout: bool = False, lm_vocab: int = 0,
                  lm_weight: float = 0.0, unk_id: int = 1, word_dropout_to: str = "zero",
                  char_vocab_size: int = 0, char_embed_dim: int = 25, char_hidden: int = 25,
-                 adv_eps: float = 0.0, rngs: nnx.Rngs):
+                 adv_eps: float = 0.0, weight_dropout: float = 0.0, rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
         if lm_vocab and bidirectional and num_layers > 1:
@@ -207,7 +209,7 @@ class Classifier(nnx.Module):
         input_size = embed_dim + (self.chars.output_size if self.chars is not None else 0)
         self.rnn = RNN(cell, input_size, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dropout=dropout, locked_dropout=locked_dropout,
-                       rngs=rngs)
+                       weight_dropout=weight_dropout, rngs=rngs)
         D = self.sentence_size
         if mlp_hidden:
             self.hidden = nnx.Linear(D, mlp_hidden, rngs=rngs)

@@ -90,7 +90,8 @@ class ClassifyTask:
                           word_dropout_to=m.get("word_dropout_to", "zero"),
                           char_vocab_size=len(self.chars) if self.use_chars else 0,
                           char_embed_dim=m.get("char_embed_dim", 25), char_hidden=m.get("char_hidden", 25),
-                          adv_eps=m.get("adv_eps", 0.0), rngs=nnx.Rngs(seed))
+                          adv_eps=m.get("adv_eps", 0.0), weight_dropout=m.get("weight_dropout", 0.0),
+                          rngs=nnx.Rngs(seed))
 
     def score(self, preds, data):
         labels = np.asarray(data[1])
