@@ -182,10 +182,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
             if m is not None:  # a padded step passes the carry through
                 dnew = _keep(m, dcarry)
             if fused:  # rec holds the step's saved activations
-                dc, du, drec = cell.step_backward(params, carry, rec, dnew, dh)
-                additive.append(drec is None)
-                if drec is None:  # d rec is d u (pre = u + rec): stored once
-                    drec = cell.recurrent_cotangent(du)
+                dc, du, own_drec = cell.step_backward(params, carry, rec, dnew, dh)
+                # None: d rec is d u (pre = u + rec), stored once
+                drec = cell.recurrent_cotangent(du) if own_drec is None else own_drec
             else:
                 dc, du, drec = _pull(lambda c, u, rec: step_fn(params, c, u, rec), (dnew, dh), carry, u, rec)
             if rec is not None:
@@ -196,10 +195,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
                 dreset = _add(dreset, _keep(r, dc))
                 dc = _drop(r, dc)
             if fused:  # step has no parameters: no d new carry to keep
-                return (dc, dreset), (du if additive[-1] else (du, drec))
+                return (dc, dreset), (du, own_drec)
             return (dc, dreset), (du, drec, dnew)
-
-        additive = []  # set while the reverse loop's body is traced
 
         (dcarry0, dreset), ys = loop(  # a fused step reads no u
             body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
@@ -210,7 +207,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
         n = T * B
         c_all = _flat(carries, n)
         if fused:
-            dus, drecs = (ys, cell.recurrent_cotangent(ys)) if additive[-1] else ys
+            dus, own_drecs = ys
+            drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
             dparams = jax.tree.map(jnp.zeros_like, params)
         else:
             dus, drecs, dnews = ys

@@ -250,11 +250,12 @@ class LSTM(base.Cell):
         t_BxG, tc = saved
         c_prev = carry["c"]
         t_i, t_f, t_g, t_o = base.split(t_BxG, 4)
-        i, f, g, o = 0.5 * t_i + 0.5, 0.5 * t_f + 0.5, t_g, 0.5 * t_o + 0.5
+        i, f, g, o = self._gates_from_tanh(t_BxG)
         dh = dnew["h"] + dh_BxH
         dc = dnew["c"] + dh * o * (1.0 - tc * tc)
         d_pre = jnp.concatenate([(0.25 * dc) * g * (1.0 - t_i * t_i), (0.25 * dc) * c_prev * (1.0 - t_f * t_f),
                                  dc * i * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)], axis=-1)
+        # materialised once: otherwise XLA recomputes d_pre inside the fusion that stores it
         d_pre = jax.lax.optimization_barrier(d_pre)
         return {"h": jnp.zeros_like(dh), "c": dc * f}, d_pre, None
 

@@ -263,8 +263,11 @@ class Classifier(nnx.Module):
         """(logits [B, C], the encoder outputs, the classifier head's dropout key)."""
         k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         hs_BxTxO, _ = self.encode(tokens_BxT, lengths_B, chars_BxTxW, word_lengths_BxT, dropout_key=k_encode)
-        s_BxD = pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional)
-        return self._classify(s_BxD, k_head), hs_BxTxO, k_head
+        return self._head(hs_BxTxO, lengths_B, k_head), hs_BxTxO, k_head
+
+    def _head(self, hs_BxTxO, lengths_B, k_head):
+        """Logits [B, C] from the encoder outputs: pooling, then the classifier."""
+        return self._classify(pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional), k_head)
 
     def __call__(self, tokens_BxT, lengths_B, chars_BxTxW=None, word_lengths_BxT=None, *, dropout_key=None):
         """Logits [B, num_classes]; dropout only when ``dropout_key`` is given. ``chars`` and
@@ -324,7 +327,7 @@ class Classifier(nnx.Module):
 
         def ce_of(xs_BxTxE):
             hs_BxTxO, _ = self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
-            logits_BxC = self._classify(pool(hs_BxTxO, lengths_B, self.pooling, self.bidirectional), k_head)
+            logits_BxC = self._head(hs_BxTxO, lengths_B, k_head)
             return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean(), hs_BxTxO
 
         ce, hs_BxTxO = ce_of(xs_BxTxE)
