@@ -74,7 +74,7 @@ def init_stack(cells: Sequence[Cell], key, input_size: int, *, bidirectional=Fal
 
 def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initial_carries=None,
           reset_carries=None, bidirectional=False, merge="concat", dropout=0.0, dropout_key=None, locked=False,
-          residual=False, weight_dropout=0.0, **scan_kwargs):
+          residual=False, weight_dropout=0.0, projected=False, **scan_kwargs):
     """Run layers of cells over xs [B, T, I]; returns (hs of the top layer, [final carry per layer]).
 
     ``initial_carries`` and ``reset_carries`` are None or one entry per layer (a pair when
@@ -89,6 +89,9 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
     Merity et al. 2018's AWD-LSTM) zeroes entries of every layer's and direction's recurrent
     matrix ``W_h`` (kept ones scaled by 1 / (1 - rate)) with one mask per call, shared by every
     sequence and step, again only with a ``dropout_key``. Cells without a ``W_h`` are unaffected.
+
+    ``projected=True``: xs is the first layer's projected input, ``cells[0].project(params[0],
+    inputs)`` (see recur.scan); not with ``bidirectional`` (each direction projects its own).
     """
     if len(cells) != len(params):
         raise ValueError(f"stack: got {len(cells)} cells but {len(params)} parameter sets")
@@ -96,6 +99,9 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
         raise ValueError(f"stack: dropout must be a rate in [0, 1), got {dropout}")
     if not 0.0 <= weight_dropout < 1.0:
         raise ValueError(f"stack: weight_dropout must be a rate in [0, 1), got {weight_dropout}")
+    if projected and bidirectional:
+        raise ValueError("stack: projected inputs need a unidirectional first layer (each direction of a "
+                         "bidirectional one projects the inputs with its own weights)")
     layer = _bidirectional_layer(merge) if bidirectional else scan
     carries = []
     keys = jax.random.split(dropout_key, len(cells)) if dropout_key is not None else [None] * len(cells)
@@ -108,7 +114,8 @@ def stack(cells: Sequence[Cell], params, xs, *, lengths=None, resets=None, initi
         carry0 = None if initial_carries is None else initial_carries[l]
         reset0 = None if reset_carries is None else reset_carries[l]
         hs, carry = layer(cell, p, inputs, lengths=lengths, resets=resets, initial_carry=carry0,
-                          reset_carry=reset0, **scan_kwargs)
+                          reset_carry=reset0, **(dict(scan_kwargs, projected=True) if projected and l == 0
+                                                 else scan_kwargs))
         if residual and l > 0:
             if hs.shape != xs.shape:
                 raise ValueError(

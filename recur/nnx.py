@@ -79,11 +79,15 @@ class RNN(nnx.Module):
         top = self.cells[-1]
         return merged_size(top, self.merge) if self.bidirectional else top.output_size
 
-    def __call__(self, xs_BxTxI, *, lengths=None, resets=None, initial_carries=None, dropout_key=None):
-        """Returns (hs [B, T, output_size], [final carry per layer]). Dropout only with a key."""
+    def __call__(self, xs_BxTxI, *, lengths=None, resets=None, initial_carries=None, dropout_key=None,
+                 projected=False):
+        """Returns (hs [B, T, output_size], [final carry per layer]). Dropout only with a key.
+
+        ``projected=True``: xs is the first layer's projected input (see recur.stack).
+        """
         reset_carries = None
         if self.initial is not None:
-            B = xs_BxTxI.shape[0]
+            B = jax.tree.leaves(xs_BxTxI)[0].shape[0]
             reset_carries = _broadcast(values(self.initial), B)
             if initial_carries is None:
                 initial_carries = reset_carries
@@ -91,4 +95,4 @@ class RNN(nnx.Module):
                      initial_carries=initial_carries, reset_carries=reset_carries,
                      bidirectional=self.bidirectional, merge=self.merge, dropout=self.dropout,
                      dropout_key=dropout_key, locked=self.locked_dropout, residual=self.residual,
-                     weight_dropout=self.weight_dropout, **self.scan_kwargs)
+                     weight_dropout=self.weight_dropout, projected=projected, **self.scan_kwargs)

@@ -36,6 +36,12 @@ Semantics, for batch row b:
   ceil(sqrt(T)) steps and recomputes each chunk; an int sets that chunk length. With
   ``mode="chunked"`` any remat other than "none" stores only the states between chunks and
   recomputes each chunk (its length is ``chunk``); ``mode="parallel"`` ignores remat.
+- ``projected=True``: xs is already ``cell.project(params, inputs)`` (an array or the pytree the
+  cell's project returns, every leaf [B, T, ...]), so the scan skips the projection. The result
+  and its gradients are the same as scanning the raw inputs, with the gradient reaching xs as
+  the cotangent of the projected inputs. This lets a caller compute the projection more cheaply
+  when it knows more: recur.models.lm.LanguageModel projects the V embedding rows once and
+  gathers them, instead of projecting B*T embedded tokens.
 - ``backward``: how the sequential scan is differentiated. "deferred" (the default with
   remat="none") runs the custom BPTT of recur/backprop.py: the reverse time loop on activations
   only and every weight gradient as one large matmul after it. "autodiff" is jax.grad of the
@@ -74,21 +80,42 @@ def tree_where(mask_B, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(_bcast(mask_B, a), a, b), on_true, on_false)
 
 
+def _check_projected(cell, params, us, where):
+    """us must have the structure and shapes of cell.project's output for [B, T, input_size] inputs."""
+    leaves = jax.tree.leaves(us)
+    if not leaves or any(getattr(x, "ndim", 0) < 2 for x in leaves):
+        raise ValueError(f"{where}: projected xs must be [batch, time, ...] arrays, got {us!r:.200}")
+    B, T = leaves[0].shape[:2]
+    want = jax.eval_shape(lambda: cell.project(params, jnp.zeros((B, T, cell.input_size(params)), cell.dtype)))
+    got_def, want_def = jax.tree.structure(us), jax.tree.structure(want)
+    if got_def != want_def:
+        raise ValueError(f"{where}: projected xs must have the structure of {cell.name}.project's output "
+                         f"{want_def}, got {got_def}")
+    for g, w in zip(leaves, jax.tree.leaves(want)):
+        if g.shape != w.shape:
+            raise ValueError(f"{where}: projected xs leaf has shape {g.shape}, expected {w.shape} "
+                             f"(what {cell.name}.project gives for batch {B}, {T} steps)")
+    return B, T
+
+
 def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan",
-                  backward="deferred", chunk=256):
+                  backward="deferred", chunk=256, projected=False):
     if not isinstance(cell, Cell):
         raise TypeError(f"{where}: cell must be a recur cell, got {type(cell).__name__}")
-    if getattr(xs, "ndim", None) != 3:
-        raise ValueError(
-            f"{where}: xs must have shape [batch, time, features], got shape {getattr(xs, 'shape', None)}"
-        )
-    B, T, I = xs.shape
-    expected = cell.input_size(params)
-    if I != expected:
-        raise ValueError(
-            f"{where}: xs has {I} features per step but the {cell.name} params were made for "
-            f"input_size={expected}"
-        )
+    if projected:
+        B, T = _check_projected(cell, params, xs, where)
+    else:
+        if getattr(xs, "ndim", None) != 3:
+            raise ValueError(
+                f"{where}: xs must have shape [batch, time, features], got shape {getattr(xs, 'shape', None)}"
+            )
+        B, T, I = xs.shape
+        expected = cell.input_size(params)
+        if I != expected:
+            raise ValueError(
+                f"{where}: xs has {I} features per step but the {cell.name} params were made for "
+                f"input_size={expected}"
+            )
     if lengths is not None:
         if getattr(lengths, "shape", None) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(
@@ -138,15 +165,18 @@ def reverse_index(lengths_B, T: int):
 
 
 def _gather_time(x, idx_BxT):
-    return jnp.take_along_axis(x, jnp.reshape(idx_BxT, idx_BxT.shape + (1,) * (x.ndim - 2)), axis=1)
+    return jax.tree.map(
+        lambda x: jnp.take_along_axis(x, jnp.reshape(idx_BxT, idx_BxT.shape + (1,) * (x.ndim - 2)), axis=1), x)
 
 
 def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, reset_carry=None,
-         reverse=False, mode="sequential", unroll=1, remat="none", backward="deferred", chunk=256):
+         reverse=False, mode="sequential", unroll=1, remat="none", backward="deferred", chunk=256,
+         projected=False):
     """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
     _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward,
-                  chunk=chunk)
-    B, T, _ = xs.shape
+                  chunk=chunk, projected=projected)
+    B, T = jax.tree.leaves(xs)[0].shape[:2]
+    project = (lambda x: x) if projected else functools.partial(cell.project, params)
     mask = None if lengths is None else jnp.arange(T)[None, :] < lengths[:, None]
     if resets is not None:
         resets = resets.astype(bool)
@@ -166,14 +196,14 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     if mode in ("kernel", "auto"):
         from recur.kernels import dispatch
 
-        impl, interpret, reason = dispatch.choose(cell, mode, B, T, xs.shape[2], remat)
+        impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat)
         if reason:
             dispatch.notice(reason)
     if impl == "loop":
         from recur.backprop import deferred_scan
         from recur.kernels.dispatch import loop_fn
 
-        us_T = cell.project(params, jnp.swapaxes(xs, 0, 1))
+        us_T = project(_time_major(xs))
         hs, carry = deferred_scan(cell, unroll, loop_fn(B, interpret))(
             params, carry0, us_T, None if mask is None else mask.T, None if resets is None else resets.T,
             reset_carry)
@@ -182,27 +212,27 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.kernels.linear import linear_recurrence
 
         recurrence = functools.partial(linear_recurrence, interpret=interpret)
-        hs, carry = _linear_scan(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+        hs, carry = _linear_scan(cell, params, project(xs), carry0, mask, resets, reset_carry,
                                  recurrence)
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 
         # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]; cells
         # with a fused backward step project each step's inputs inside the loop
-        xs_T = jnp.swapaxes(xs, 0, 1)
-        inside = cell.fused_backward and cell.project_in_loop
+        xs_T = _time_major(xs)
+        inside = not projected and cell.fused_backward and cell.project_in_loop
         hs, carry = deferred_scan(cell, unroll, project=inside)(
-            params, carry0, xs_T if inside else cell.project(params, xs_T), None if mask is None else mask.T,
+            params, carry0, xs_T if inside else project(xs_T), None if mask is None else mask.T,
             None if resets is None else resets.T, reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "parallel":
-        hs, carry = _parallel(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+        hs, carry = _parallel(cell, params, project(xs), carry0, mask, resets, reset_carry,
                               unroll, remat, T)
     elif impl == "chunked":
-        hs, carry = _chunked_parallel(cell, params, cell.project(params, xs), carry0, mask, resets,
+        hs, carry = _chunked_parallel(cell, params, project(xs), carry0, mask, resets,
                                       reset_carry, remat, T, int(chunk))
     else:
-        hs, carry = _sequential(cell, params, cell.project(params, xs), carry0, mask, resets, reset_carry,
+        hs, carry = _sequential(cell, params, project(xs), carry0, mask, resets, reset_carry,
                                 unroll, remat, T)
     if mask is not None:
         hs = jnp.where(mask[:, :, None], hs, jnp.zeros((), hs.dtype))

@@ -363,3 +363,36 @@ def test_registry_names_round_trip():
         assert recur.get_cell(cell.name, cell.hidden_size) == cell, name
     cell = recur.get_cell("lstm:forget_bias=0.5,proj_size=3", 8)
     assert cell.forget_bias == 0.5 and cell.proj_size == 3 and cell.output_size == 3
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("mode", ["sequential", "autodiff", "reverse"])
+def test_projected_inputs_give_the_same_outputs_and_gradients(name, mode):
+    """scan(project(xs), projected=True) == scan(xs), and the gradients agree through project."""
+    cell, params, xs = make(name)
+    carry0 = random_carry(cell, B)
+    lengths = jnp.array([T, 4, 0])
+    kw = dict(initial_carry=carry0, lengths=lengths, reverse=mode == "reverse",
+              backward="autodiff" if mode == "autodiff" else "deferred")
+
+    def loss(projected):
+        def f(p, x):
+            us = cell.project(p, x) if projected else x
+            hs, c = recur.scan(cell, p, us, projected=projected, **kw)
+            out = jnp.sum(jnp.real(hs) ** 2)
+            return out + sum(jnp.sum(jnp.real(l) ** 2) for l in jax.tree.leaves(c)
+                             if jnp.issubdtype(l.dtype, jnp.inexact))
+        return f
+
+    got = jax.value_and_grad(loss(True), argnums=(0, 1))(params, xs)
+    want = jax.value_and_grad(loss(False), argnums=(0, 1))(params, xs)
+    assert_trees_close(got, want, tol=1e-4)
+
+
+def test_projected_inputs_of_the_wrong_shape_are_a_clear_error():
+    cell, params, xs = make("lstm")
+    us = cell.project(params, xs)
+    with pytest.raises(ValueError, match=r"projected xs leaf has shape \(3, 7, 4\), expected \(3, 7, 20\)"):
+        recur.scan(cell, params, xs, projected=True)
+    with pytest.raises(ValueError, match="projected inputs need a unidirectional first layer"):
+        recur.stack([cell], [(params, params)], us, bidirectional=True, projected=True)
