@@ -44,7 +44,9 @@ Semantics, for batch row b:
   gathers them, instead of projecting B*T embedded tokens.
 - ``backward``: how the sequential scan is differentiated. "deferred" (the default with
   remat="none") runs the custom BPTT of recur/backprop.py: the reverse time loop on activations
-  only and every weight gradient as one large matmul after it. "autodiff" is jax.grad of the
+  only and every weight gradient as one large matmul after it. On the CPU the plain float32
+  LSTM without lengths or resets runs both time loops as compiled C++ instead
+  (recur/kernels/cpu.py; ``RECUR_CPU_KERNELS=0`` turns this off). "autodiff" is jax.grad of the
   scan (weight gradients accumulated inside the loop); remat other than "none" always uses it.
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from recur.cells.base import Cell
+from recur.kernels import cpu as cpu_kernels
+from recur.kernels.cpu import applies as cpu_lstm
 
 MODES = ("sequential", "parallel", "chunked", "kernel", "auto")
 BACKWARDS = ("deferred", "autodiff")
@@ -214,6 +218,11 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         recurrence = functools.partial(linear_recurrence, interpret=interpret)
         hs, carry = _linear_scan(cell, params, project(xs), carry0, mask, resets, reset_carry,
                                  recurrence)
+    elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_lstm(
+            cell, params, carry0, mask, resets):
+        # the plain float32 LSTM on the CPU: both time loops as compiled C++ (recur/kernels/cpu.py)
+        hs_T, c_T = cpu_kernels.lstm(params["W_h"], carry0["h"], carry0["c"], project(_time_major(xs)))
+        hs, carry = jnp.swapaxes(hs_T, 0, 1), {"h": hs_T[-1], "c": c_T}
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 

@@ -1,0 +1,279 @@
+// The plain LSTM's two time loops as XLA FFI custom calls on the CPU (recur/kernels/cpu.py).
+//
+// XLA:CPU runs a scanned LSTM step as several thunks (the recurrent dot on both threads, the
+// element-wise gate fusion and the stores of the outputs on one), and the hand-offs between them
+// cost about as much as the arithmetic (docs/benchmarks.md). Here one call runs all T steps:
+// per step one sgemm (OpenBLAS, the library NumPy ships, whose function pointer the Python side
+// hands over with recur_set_sgemm) and one pass of element-wise work, with nothing in between.
+//
+// Layouts are row-major and time-major. Gates are ordered i, f, g, o, G = 4H; W_h is [G, H]
+// (pre = u + h W_h^T). The forward loop stores what the backward loop reads, as recur's LSTM
+// step_saving does: t = tanh(s * pre) with s = 1/2 on the sigmoid blocks (sigmoid(x) =
+// (1 + tanh(x / 2)) / 2) and tanh(c_t); so the backward loop recomputes nothing.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// C[R, N] (+)= A[R, K] B[K, N], B packed by pack(): panels of 32 columns, each [K][32]
+// contiguous, zero-padded to a multiple of 32 columns. One panel (32 KB at K = 256) stays in L1
+// while every block of 8 rows of A runs over it; 8 x 32 accumulators fit the vector registers.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t kPanel = 32;
+
+struct Packed {
+  int64_t K = 0, N = 0;
+  std::vector<float> data;  // [ceil(N / 32)][K][32]
+};
+
+// B[k][n] = src[k * k_stride + n * n_stride]
+Packed pack(const float* src, int64_t K, int64_t N, int64_t k_stride, int64_t n_stride) {
+  Packed p;
+  p.K = K;
+  p.N = N;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  p.data.assign(panels * K * kPanel, 0.0f);
+  for (int64_t q = 0; q < panels; ++q)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < kPanel && q * kPanel + j < N; ++j)
+        p.data[(q * K + k) * kPanel + j] = src[k * k_stride + (q * kPanel + j) * n_stride];
+  return p;
+}
+
+template <int ROWS>
+inline void micro(const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
+                  int64_t cols, bool accumulate) {
+  v16 acc0[ROWS], acc1[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const v16 b0 = *reinterpret_cast<const v16u*>(panel + k * kPanel);
+    const v16 b1 = *reinterpret_cast<const v16u*>(panel + k * kPanel + 16);
+    for (int r = 0; r < ROWS; ++r) {
+      const float x = a[r * lda + k];
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float* cr = c + r * ldc;
+    if (cols == kPanel) {
+      v16u* lo = reinterpret_cast<v16u*>(cr);
+      v16u* hi = reinterpret_cast<v16u*>(cr + 16);
+      *lo = accumulate ? *lo + acc0[r] : acc0[r];
+      *hi = accumulate ? *hi + acc1[r] : acc1[r];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = j < 16 ? acc0[r][j] : acc1[r][j - 16];
+        cr[j] = accumulate ? cr[j] + v : v;
+      }
+    }
+  }
+}
+
+void gemm(int64_t R, const float* a, int64_t lda, const Packed& b, float* c, int64_t ldc, bool accumulate) {
+  const int64_t panels = (b.N + kPanel - 1) / kPanel;
+  for (int64_t q = 0; q < panels; ++q) {
+    const float* panel = b.data.data() + q * b.K * kPanel;
+    const int64_t cols = std::min(kPanel, b.N - q * kPanel);
+    float* cq = c + q * kPanel;
+    int64_t r = 0;
+    for (; r + 8 <= R; r += 8) micro<8>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate);
+    switch (R - r) {
+      case 7: micro<7>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 6: micro<6>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 5: micro<5>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 4: micro<4>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 3: micro<3>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 2: micro<2>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      case 1: micro<1>(a + r * lda, lda, panel, b.K, cq + r * ldc, ldc, cols, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// tanh as Eigen's and XLA's CPU back end compute it (a [13/6] rational function on [-7.9, 7.9]),
+// so that the loops vectorise; within 3e-7 of tanh.
+inline float fast_tanh(float x) {
+  const float c = 7.90531110763549805f;
+  x = x < -c ? -c : (x > c ? c : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+// fn(row0, rows) over blocks of the B batch rows, one thread per block (the last on the caller),
+template <typename Fn>
+void over_row_blocks(int64_t B, Fn fn) {
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t n = std::max<int64_t>(1, std::min(cores, B / 8));
+  if (n == 1) {
+    fn(int64_t{0}, B);
+    return;
+  }
+  std::vector<std::thread> threads;
+  const int64_t per = (B + n - 1) / n;
+  for (int64_t r0 = 0; r0 < B; r0 += per) {
+    const int64_t rows = std::min(per, B - r0);
+    if (r0 + per >= B) {
+      fn(r0, rows);
+    } else {
+      threads.emplace_back([=] { fn(r0, rows); });
+    }
+  }
+  for (auto& t : threads) t.join();
+}
+
+// one step's element-wise part for R rows. t [R, G] holds the pre-activations on entry and
+// their tanh on exit; c_prev, c, tc, h are [R, H].
+void forward_pointwise(int64_t R, int64_t H, float* __restrict t, const float* __restrict c_prev,
+                       float* __restrict c, float* __restrict tc, float* __restrict h) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < R; ++b) {
+    float* tb = t + b * G;
+    for (int64_t j = 0; j < 2 * H; ++j) tb[j] = fast_tanh(0.5f * tb[j]);
+    for (int64_t j = 2 * H; j < 3 * H; ++j) tb[j] = fast_tanh(tb[j]);
+    for (int64_t j = 3 * H; j < G; ++j) tb[j] = fast_tanh(0.5f * tb[j]);
+    const float* ti = tb;
+    const float* tf = tb + H;
+    const float* tg = tb + 2 * H;
+    const float* to = tb + 3 * H;
+    const float* cp = c_prev + b * H;
+    float* cb = c + b * H;
+    float* tcb = tc + b * H;
+    float* hb = h + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = 0.5f * ti[j] + 0.5f, f = 0.5f * tf[j] + 0.5f, o = 0.5f * to[j] + 0.5f;
+      const float cn = f * cp[j] + i * tg[j];
+      const float tcn = fast_tanh(cn);
+      cb[j] = cn;
+      tcb[j] = tcn;
+      hb[j] = o * tcn;
+    }
+  }
+}
+
+// forward: us [T, B, G], W_h [G, H], h0, c0 [B, H] ->
+//   hs, cs, tcs [T, B, H] (h_t, c_t, tanh(c_t)), ts [T, B, G] (gate tanh)
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
+                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> tcs,
+                           ffi::ResultBuffer<ffi::F32> ts) {
+  auto d = us.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: us must be [T, B, 4H]");
+  const int64_t T = d[0], B = d[1], G = d[2], H = G / 4;
+  const float* W = w_h.typed_data();
+  float* hs_p = hs->typed_data();
+  float* cs_p = cs->typed_data();
+  float* tcs_p = tcs->typed_data();
+  float* ts_p = ts->typed_data();
+  const float* u = us.typed_data();
+  const Packed w = pack(W, H, G, 1, H);  // B[k][n] = W_h[n][k]: pre += h W_h^T
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t at = s * B + r0;  // first row of this block at step s
+      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - B) * H;
+      const float* c_prev = s == 0 ? c0.typed_data() + r0 * H : cs_p + (at - B) * H;
+      float* pre = ts_p + at * G;  // pre-activations, overwritten by their tanh
+      std::memcpy(pre, u + at * G, sizeof(float) * R * G);
+      gemm(R, h_prev, H, w, pre, G, true);
+      forward_pointwise(R, H, pre, c_prev, cs_p + at * H, tcs_p + at * H, hs_p + at * H);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// backward: ts [T, B, G], tcs, cs_prev [T, B, H] (c_{t-1}), dhs [T, B, H], W_h [G, H], dh_T, dc_T [B, H]
+//   -> dpre [T, B, G], dh0, dc0 [B, H]
+ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs, ffi::Buffer<ffi::F32> cs_prev,
+                            ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> dh_last,
+                            ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
+                            ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
+  auto d = ts.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: ts must be [T, B, 4H]");
+  const int64_t T = d[0], B = d[1], G = d[2], H = G / 4;
+  const float* W = w_h.typed_data();
+  float* dh_all = dh0->typed_data();  // running d h_t (through the recurrence), then d h_0
+  float* dc_all = dc0->typed_data();  // running d c_t, then d c_0
+  std::memcpy(dh_all, dh_last.typed_data(), sizeof(float) * B * H);
+  std::memcpy(dc_all, dc_last.typed_data(), sizeof(float) * B * H);
+  float* dp_all = dpre->typed_data();
+  const Packed w = pack(W, G, H, H, 1);  // B[k][n] = W_h[k][n]: d h = d pre W_h
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    float* dh = dh_all + r0 * H;
+    float* dc = dc_all + r0 * H;
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t at = s * B + r0;
+      const float* t = ts.typed_data() + at * G;
+      const float* tc = tcs.typed_data() + at * H;
+      const float* cp = cs_prev.typed_data() + at * H;
+      const float* dh_out = dhs.typed_data() + at * H;
+      float* dp = dp_all + at * G;
+      for (int64_t b = 0; b < R; ++b) {
+        const float* tb = t + b * G;
+        float* dpb = dp + b * G;
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t k = b * H + j;
+          const float ti = tb[j], tf = tb[H + j], tg = tb[2 * H + j], to = tb[3 * H + j];
+          const float i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
+          const float dht = dh[k] + dh_out[k];
+          const float tck = tc[k];
+          const float dct = dc[k] + dht * o * (1.0f - tck * tck);
+          dpb[j] = (0.25f * dct) * tg * (1.0f - ti * ti);
+          dpb[H + j] = (0.25f * dct) * cp[k] * (1.0f - tf * tf);
+          dpb[2 * H + j] = dct * i * (1.0f - tg * tg);
+          dpb[3 * H + j] = (0.25f * dht) * tck * (1.0f - to * to);
+          dc[k] = dct * f;
+        }
+      }
+      // d h_{t-1} = d pre W_h
+      gemm(R, dp, G, w, dh, H, false);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,94 @@
+"""The plain LSTM's C++ time loops on the CPU (recur/kernels/cpu.py) against the XLA scan."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recur
+from recur.kernels import cpu
+
+WHY = cpu.unavailable() if os.environ.get("RECUR_CPU_KERNELS", "1") != "0" else None
+if WHY and os.environ.get("CI"):
+    raise RuntimeError(f"CI has a C++ compiler, so the CPU LSTM kernels must build: {WHY}")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"CPU LSTM kernels unavailable: {WHY}")
+
+
+def _uses_kernel(f, *args):
+    return "recur_lstm_forward" in str(jax.make_jaxpr(f)(*args))
+
+
+def _problem(B, T, I, H, seed=0):
+    cell = recur.get_cell("lstm", H)
+    params = cell.init(jax.random.key(seed), I)
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(seed + 1), p.shape), params)
+    xs = jax.random.normal(jax.random.key(seed + 2), (B, T, I))
+    c0 = {"h": 0.5 * jax.random.normal(jax.random.key(seed + 3), (B, H)),
+          "c": jax.random.normal(jax.random.key(seed + 4), (B, H))}
+    return cell, params, xs, c0
+
+
+def _loss(cell, **kw):
+    def f(params, xs, c0):
+        hs, c = recur.scan(cell, params, xs, initial_carry=c0, **kw)
+        w = jnp.cos(jnp.arange(hs.size, dtype=hs.dtype)).reshape(hs.shape)
+        return jnp.sum(hs * w) + jnp.sum(jnp.sin(c["c"])) + 0.7 * jnp.sum(c["h"] ** 2)
+    return f
+
+
+# B < 8 (one block of rows), B = 17 (blocks of 9 and 8, rows beyond a multiple of 8), H = 33
+# (a partial 32-column panel), H = 64 (whole panels), T = 1
+@pytest.mark.parametrize("B,T,I,H", [(3, 7, 4, 5), (17, 6, 8, 33), (32, 5, 16, 64), (2, 1, 3, 8)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse):
+    cell, params, xs, c0 = _problem(B, T, I, H)
+    kernel = _loss(cell, reverse=reverse)
+    plain = _loss(cell, reverse=reverse, backward="autodiff")
+    assert _uses_kernel(kernel, params, xs, c0) and not _uses_kernel(plain, params, xs, c0)
+    got = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2)))(params, xs, c0)
+    want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(params, xs, c0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), got, want)
+
+
+def test_kernel_under_vmap_equals_each_model_alone():
+    cell, params, xs, c0 = _problem(4, 6, 5, 9)
+    stacked = jax.tree.map(lambda p: jnp.stack([p, 0.5 * p]), params)
+    grads = jax.vmap(jax.grad(_loss(cell)), in_axes=(0, None, None))(stacked, xs, c0)
+    for k in range(2):
+        alone = jax.grad(_loss(cell, backward="autodiff"))(jax.tree.map(lambda p: p[k], stacked), xs, c0)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=2e-5, atol=2e-5), grads, alone)
+
+
+def test_kernel_is_used_only_where_it_applies(monkeypatch):
+    cell, params, xs, c0 = _problem(3, 4, 2, 5)
+    assert _uses_kernel(_loss(cell), params, xs, c0)
+    # lengths, resets, other variants and remat keep the XLA loops
+    lengths = jnp.array([4, 2, 0])
+    assert not _uses_kernel(lambda p, x, c: _loss(cell, lengths=lengths)(p, x, c), params, xs, c0)
+    assert not _uses_kernel(_loss(cell, remat="step"), params, xs, c0)
+    peep = recur.get_cell("lstm:peepholes", 5)
+    assert not _uses_kernel(_loss(peep), peep.init(jax.random.key(0), 2), xs, c0)
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    assert cpu.unavailable() == "RECUR_CPU_KERNELS=0"
+    assert not _uses_kernel(_loss(cell), params, xs, c0)
+
+
+def test_language_model_training_step_matches_the_xla_loops(monkeypatch):
+    from flax import nnx
+
+    from recur.models.lm import LanguageModel
+
+    model = LanguageModel(50, embed_dim=16, hidden_size=24, num_layers=2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (9, 12), 0, 50)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, :-1].reshape(-1, 50)[jnp.arange(9 * 11),
+                                                                        tokens[:, 1:].reshape(-1)])
+
+    got = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    want = jax.jit(jax.value_and_grad(loss))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
