@@ -4,6 +4,8 @@
     python -m experiments.cpu_probes loop                 # scanned matmul + element-wise work, us/step
     python -m experiments.cpu_probes onednn               # torch's LSTM step with and without oneDNN
     python -m experiments.cpu_probes flags                # recur's LSTM step under several XLA_FLAGS
+    python -m experiments.cpu_probes fold --cell gru      # LM train / infer, folded embedding on and off
+    RECUR_CPU_KERNELS=0 python -m experiments.cpu_probes fold --cell lstm   # the same on XLA's loops
 
 Each prints medians of interleaved rounds (compilation excluded). Shapes are the issue-4 ones:
 batch 32, T = 128, input / embedding 128, hidden 256, vocabulary 256.
@@ -143,14 +145,44 @@ def _step(rounds: int):
     print(f"{_interleaved({'step': one}, rounds)['step']:.1f} ms")
 
 
+def fold(cell_name: str, rounds: int):
+    """The LM's gradient and forward pass with fold_embedding on and off (recur.models.lm)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from recur import metrics
+    from recur.models.lm import LanguageModel
+
+    x = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    y = jnp.roll(x, -1, axis=1)
+    fns = {}
+    for folded in (True, False):
+        model = LanguageModel(V, embed_dim=I, hidden_size=H, cell=cell_name, fold_embedding=folded,
+                              rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p, g=graphdef):
+            total, count = metrics.cross_entropy(nnx.merge(g, p)(x)[0], y)
+            return total / count
+
+        grad, infer = jax.jit(jax.grad(loss)), jax.jit(lambda p, g=graphdef: nnx.merge(g, p)(x)[0])
+        fns[f"train fold={folded}"] = lambda f=grad, p=params: f(p)
+        fns[f"infer fold={folded}"] = lambda f=infer, p=params: f(p)
+    for k, v in _interleaved(fns, rounds).items():
+        print(f"{cell_name} {k}: {v:.1f} ms")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=["layer", "loop", "onednn", "flags", "_step"])
+    p.add_argument("probe", choices=["layer", "loop", "onednn", "flags", "fold", "_step"])
     p.add_argument("--cell", default="lstm")
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args(argv)
     if a.probe == "layer":
         layer(a.cell, a.rounds)
+    elif a.probe == "fold":
+        fold(a.cell, a.rounds)
     elif a.probe == "_step":
         _step(a.rounds)
     else:
