@@ -65,16 +65,19 @@ def _load():
                                      _cpu_name().encode()])).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("RECUR_CACHE_DIR") or pathlib.Path.home() / ".cache" / "recur")
     target = cache / f"lstm-{key}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = pathlib.Path(tmp) / target.name
-            done = subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", str(out), "-lm"],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                return None, f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-500:]}"
-            os.replace(out, target)  # atomic: concurrent builders each write a whole file
-    lib = ctypes.CDLL(str(target))
+    try:
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                out = pathlib.Path(tmp) / target.name
+                done = subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", str(out), "-lm"],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    return None, f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-500:]}"
+                os.replace(out, target)  # atomic: concurrent builders each write a whole file
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"building or loading {target} failed ({e}); set RECUR_CACHE_DIR to a writable folder"
     for name, symbol in ((_FORWARD, lib.RecurLstmForward), (_BACKWARD, lib.RecurLstmBackward)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib, None
