@@ -45,7 +45,7 @@ Semantics, for batch row b:
 - ``backward``: how the sequential scan is differentiated. "deferred" (the default with
   remat="none") runs the custom BPTT of recur/backprop.py: the reverse time loop on activations
   only and every weight gradient as one large matmul after it. On the CPU the plain float32
-  LSTM without lengths or resets runs both time loops as compiled C++ instead
+  LSTM and reset-after GRU without lengths or resets run both time loops as compiled C++ instead
   (recur/kernels/cpu.py; ``RECUR_CPU_KERNELS=0`` turns this off). "autodiff" is jax.grad of the
   scan (weight gradients accumulated inside the loop); remat other than "none" always uses it.
 """
@@ -60,7 +60,6 @@ import numpy as np
 
 from recur.cells.base import Cell
 from recur.kernels import cpu as cpu_kernels
-from recur.kernels.cpu import applies as cpu_lstm
 
 MODES = ("sequential", "parallel", "chunked", "kernel", "auto")
 BACKWARDS = ("deferred", "autodiff")
@@ -218,11 +217,11 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         recurrence = functools.partial(linear_recurrence, interpret=interpret)
         hs, carry = _linear_scan(cell, params, project(xs), carry0, mask, resets, reset_carry,
                                  recurrence)
-    elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_lstm(
+    elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_kernels.applies(
             cell, params, carry0, mask, resets):
-        # the plain float32 LSTM on the CPU: both time loops as compiled C++ (recur/kernels/cpu.py)
-        hs_T, c_T = cpu_kernels.lstm(params["W_h"], carry0["h"], carry0["c"], project(_time_major(xs)))
-        hs, carry = jnp.swapaxes(hs_T, 0, 1), {"h": hs_T[-1], "c": c_T}
+        # the plain LSTM / reset-after GRU in float32 on the CPU: both time loops as compiled C++
+        hs_T, carry = cpu_kernels.run(cell, params, carry0, project(_time_major(xs)))
+        hs = jnp.swapaxes(hs_T, 0, 1)
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 

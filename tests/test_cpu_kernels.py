@@ -1,4 +1,5 @@
-"""The plain LSTM's C++ time loops on the CPU (recur/kernels/cpu.py) against the XLA scan."""
+"""The plain LSTM's and reset-after GRU's C++ time loops on the CPU (recur/kernels/cpu.py)
+against the XLA scan."""
 import os
 
 import jax
@@ -12,20 +13,23 @@ from recur.kernels import cpu
 WHY = cpu.unavailable() if os.environ.get("RECUR_CPU_KERNELS", "1") != "0" else None
 if WHY and os.environ.get("CI"):
     raise RuntimeError(f"CI has a C++ compiler, so the CPU LSTM kernels must build: {WHY}")
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"CPU LSTM kernels unavailable: {WHY}")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"CPU kernels unavailable: {WHY}")
 
 
 def _uses_kernel(f, *args):
-    return "recur_lstm_forward" in str(jax.make_jaxpr(f)(*args))
+    jaxpr = str(jax.make_jaxpr(f)(*args))
+    return "recur_lstm_forward" in jaxpr or "recur_gru_forward" in jaxpr
 
 
-def _problem(B, T, I, H, seed=0):
-    cell = recur.get_cell("lstm", H)
+def _problem(B, T, I, H, seed=0, name="lstm"):
+    cell = recur.get_cell(name, H)
     params = cell.init(jax.random.key(seed), I)
-    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(seed + 1), p.shape), params)
+    # perturb every leaf, so that the zero-initialised biases matter too
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
     xs = jax.random.normal(jax.random.key(seed + 2), (B, T, I))
-    c0 = {"h": 0.5 * jax.random.normal(jax.random.key(seed + 3), (B, H)),
-          "c": jax.random.normal(jax.random.key(seed + 4), (B, H))}
+    c0 = jax.tree.map(lambda c: jax.random.normal(jax.random.key(seed + 3 + c.ndim), c.shape), cell.initial_carry(B))
     return cell, params, xs, c0
 
 
@@ -33,7 +37,7 @@ def _loss(cell, **kw):
     def f(params, xs, c0):
         hs, c = recur.scan(cell, params, xs, initial_carry=c0, **kw)
         w = jnp.cos(jnp.arange(hs.size, dtype=hs.dtype)).reshape(hs.shape)
-        return jnp.sum(hs * w) + jnp.sum(jnp.sin(c["c"])) + 0.7 * jnp.sum(c["h"] ** 2)
+        return jnp.sum(hs * w) + sum(jnp.sum(jnp.sin(l) * (1 + k)) for k, l in enumerate(jax.tree.leaves(c)))
     return f
 
 
@@ -41,8 +45,9 @@ def _loss(cell, **kw):
 # (a partial 32-column panel), H = 64 (whole panels), T = 1
 @pytest.mark.parametrize("B,T,I,H", [(3, 7, 4, 5), (17, 6, 8, 33), (32, 5, 16, 64), (2, 1, 3, 8)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse):
-    cell, params, xs, c0 = _problem(B, T, I, H)
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse, name):
+    cell, params, xs, c0 = _problem(B, T, I, H, name=name)
     kernel = _loss(cell, reverse=reverse)
     plain = _loss(cell, reverse=reverse, backward="autodiff")
     assert _uses_kernel(kernel, params, xs, c0) and not _uses_kernel(plain, params, xs, c0)
@@ -51,8 +56,9 @@ def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), got, want)
 
 
-def test_kernel_under_vmap_equals_each_model_alone():
-    cell, params, xs, c0 = _problem(4, 6, 5, 9)
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_kernel_under_vmap_equals_each_model_alone(name):
+    cell, params, xs, c0 = _problem(4, 6, 5, 9, name=name)
     stacked = jax.tree.map(lambda p: jnp.stack([p, 0.5 * p]), params)
     grads = jax.vmap(jax.grad(_loss(cell)), in_axes=(0, None, None))(stacked, xs, c0)
     for k in range(2):
@@ -69,17 +75,25 @@ def test_kernel_is_used_only_where_it_applies(monkeypatch):
     assert not _uses_kernel(_loss(cell, remat="step"), params, xs, c0)
     peep = recur.get_cell("lstm:peepholes", 5)
     assert not _uses_kernel(_loss(peep), peep.init(jax.random.key(0), 2), xs, c0)
+    cho = recur.get_cell("gru:cho", 5)  # reset before the matmul: no fused step
+    assert not _uses_kernel(_loss(cho), cho.init(jax.random.key(0), 2), xs, c0["h"])
+    f64 = recur.get_cell("lstm", 5, dtype=jnp.float64, param_dtype=jnp.float64)
+    with jax.enable_x64(True):
+        p64 = f64.init(jax.random.key(0), 2)
+        c64 = jax.tree.map(lambda c: c.astype(jnp.float64), c0)
+        assert not _uses_kernel(_loss(f64), p64, xs.astype(jnp.float64), c64)
     monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
     assert cpu.unavailable() == "RECUR_CPU_KERNELS=0"
     assert not _uses_kernel(_loss(cell), params, xs, c0)
 
 
-def test_language_model_training_step_matches_the_xla_loops(monkeypatch):
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_language_model_training_step_matches_the_xla_loops(monkeypatch, name):
     from flax import nnx
 
     from recur.models.lm import LanguageModel
 
-    model = LanguageModel(50, embed_dim=16, hidden_size=24, num_layers=2, rngs=nnx.Rngs(0))
+    model = LanguageModel(50, embed_dim=16, hidden_size=24, num_layers=2, cell=name, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jax.random.randint(jax.random.key(1), (9, 12), 0, 50)
 

@@ -1,11 +1,13 @@
-"""The plain LSTM's time loops as compiled C++ on the CPU: XLA FFI custom calls (cpu/lstm.cc).
+"""Recurrent time loops as compiled C++ on the CPU: XLA FFI custom calls (cpu/rnn.cc).
 
 On the CPU back end, ``recur.scan`` with the default ``backward="deferred"`` runs the plain LSTM
-(``cell.fused_backward``; float32; no ``lengths`` or ``resets``) through :func:`lstm`: one custom
+and the reset-after GRU (``cell.fused_backward``; float32; no ``lengths`` or ``resets``) through
+:func:`lstm` / :func:`gru` (dispatched by :func:`run`): one custom
 call for the forward time loop and one for the backward one, each a small matrix product per
 step (the recurrent weights packed once per call) plus one pass of element-wise work, with
 nothing between the steps, and the batch cut into one block of rows per core. The recurrent weight
-gradient is one large matmul after the backward loop, in XLA, as in recur/backprop.py. Values
+gradient (and the GRU's recurrent bias gradient) is one large matmul (sum) after the backward
+loop, in XLA, as in recur/backprop.py. Values
 and gradients are those of the plain scan up to float rounding (tests/test_cpu_kernels.py).
 
 The extension is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``
@@ -29,10 +31,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu") / "lstm.cc"
+_SOURCE = pathlib.Path(__file__).with_name("cpu") / "rnn.cc"
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
           "-pthread", "-w"]
-_FORWARD, _BACKWARD = "recur_lstm_forward", "recur_lstm_backward"
+_TARGETS = {"recur_lstm_forward": "RecurLstmForward", "recur_lstm_backward": "RecurLstmBackward",
+            "recur_gru_forward": "RecurGruForward", "recur_gru_backward": "RecurGruBackward"}
 
 
 def _compiler() -> str | None:
@@ -64,7 +67,7 @@ def _load():
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), include.encode(),
                                      _cpu_name().encode()])).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("RECUR_CACHE_DIR") or pathlib.Path.home() / ".cache" / "recur")
-    target = cache / f"lstm-{key}.so"
+    target = cache / f"rnn-{key}.so"
     try:
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -78,13 +81,13 @@ def _load():
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"building or loading {target} failed ({e}); set RECUR_CACHE_DIR to a writable folder"
-    for name, symbol in ((_FORWARD, lib.RecurLstmForward), (_BACKWARD, lib.RecurLstmBackward)):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib, None
 
 
 def unavailable() -> str | None:
-    """None if the CPU LSTM kernels can run here; else why they do not."""
+    """None if the CPU kernels can run here; else why they do not."""
     if os.environ.get("RECUR_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         return "RECUR_CPU_KERNELS=0"
     if jax.default_backend() != "cpu":
@@ -93,22 +96,36 @@ def unavailable() -> str | None:
 
 
 def applies(cell, params, carry0, mask, resets) -> bool:
-    """Whether recur.scan's deferred path should run this LSTM scan through :func:`lstm`."""
+    """Whether recur.scan's deferred path should run this scan through :func:`run`."""
+    from recur.cells.gru import GRU
     from recur.cells.lstm import LSTM
 
-    if not (isinstance(cell, LSTM) and cell.fused_backward and mask is None and resets is None):
+    if not (isinstance(cell, (LSTM, GRU)) and cell.fused_backward and mask is None and resets is None):
+        return False
+    if isinstance(cell, LSTM) and not (isinstance(carry0, dict) and set(carry0) == {"h", "c"}):
         return False
     f32 = jnp.dtype(jnp.float32)
-    leaves = [params["W_h"], params["W_x"], carry0["h"], carry0["c"]]
+    leaves = [params["W_h"], params["W_x"], *jax.tree.leaves(carry0)]
     if jnp.dtype(cell.dtype) != f32 or any(jnp.dtype(x.dtype) != f32 for x in leaves):
         return False
-    return set(carry0) == {"h", "c"} and unavailable() is None
+    return unavailable() is None
+
+
+def run(cell, params, carry0, us_T):
+    """(hs_T [T, B, H], final carry) of an LSTM or GRU for which :func:`applies` holds."""
+    from recur.cells.lstm import LSTM
+
+    if isinstance(cell, LSTM):
+        hs_T, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us_T)
+        return hs_T, {"h": hs_T[-1], "c": c_T}
+    hs_T = gru(params["W_h"], params["b_h"], carry0, us_T)
+    return hs_T, hs_T[-1]
 
 
 def _call(name, outs, *args):
     lib, why = _load()
     if lib is None:
-        raise RuntimeError(f"recur.kernels.cpu.lstm cannot run here: {why}")
+        raise RuntimeError(f"recur.kernels.cpu cannot run here: {why}")
     return jax.ffi.ffi_call(name, outs, vmap_method="sequential")(*args)
 
 
@@ -123,7 +140,7 @@ def _forward(W_h, h0, c0, us_T):
     T, B, G = us_T.shape
     H = G // 4
     seq = jax.ShapeDtypeStruct((T, B, H), jnp.float32)
-    hs, cs, tcs, ts = _call(_FORWARD, (seq, seq, seq, jax.ShapeDtypeStruct((T, B, G), jnp.float32)),
+    hs, cs, tcs, ts = _call("recur_lstm_forward", (seq, seq, seq, jax.ShapeDtypeStruct((T, B, G), jnp.float32)),
                             us_T, W_h, h0, c0)
     return (hs, cs[-1]), (W_h, h0, c0, hs, cs, tcs, ts)
 
@@ -133,7 +150,7 @@ def _backward(res, cts):
     dhs, dc_T = cts
     cs_prev = jnp.concatenate([c0[None], cs[:-1]])
     state = jax.ShapeDtypeStruct(h0.shape, jnp.float32)
-    dpre, dh0, dc0 = _call(_BACKWARD, (jax.ShapeDtypeStruct(ts.shape, jnp.float32), state, state),
+    dpre, dh0, dc0 = _call("recur_lstm_backward", (jax.ShapeDtypeStruct(ts.shape, jnp.float32), state, state),
                            ts, tcs, cs_prev, dhs, W_h, jnp.zeros_like(h0), dc_T)
     h_prev = jnp.concatenate([h0[None], hs[:-1]])
     dW_h = jnp.einsum("tbg,tbh->gh", dpre, h_prev)
@@ -141,3 +158,33 @@ def _backward(res, cts):
 
 
 lstm.defvjp(_forward, _backward)
+
+
+@jax.custom_vjp
+def gru(W_h, b_h, h0, us_T):
+    """The reset-after GRU over time-major projected inputs us_T [T, B, 3H] (W_x x + b_x; gates
+    r, z, n; W_h [3H, H], b_h [3H]); returns hs_T [T, B, H]. float32, T >= 1."""
+    return _gru_forward(W_h, b_h, h0, us_T)[0]
+
+
+def _gru_forward(W_h, b_h, h0, us_T):
+    T, B, G = us_T.shape
+    H = G // 3
+    seq = jax.ShapeDtypeStruct((T, B, H), jnp.float32)
+    hs, ts, ns, recns = _call("recur_gru_forward", (seq, jax.ShapeDtypeStruct((T, B, 2 * H), jnp.float32), seq, seq),
+                              us_T, W_h, b_h, h0)
+    return hs, (W_h, h0, hs, ts, ns, recns)
+
+
+def _gru_backward(res, dhs):
+    W_h, h0, hs, ts, ns, recns = res
+    hs_prev = jnp.concatenate([h0[None], hs[:-1]])
+    T, B, H = hs.shape
+    full = jax.ShapeDtypeStruct((T, B, 3 * H), jnp.float32)
+    du, drec, dh0 = _call("recur_gru_backward", (full, full, jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+                          ts, ns, recns, hs_prev, dhs, W_h, jnp.zeros_like(h0))
+    dW_h = jnp.einsum("tbg,tbh->gh", drec, hs_prev)
+    return dW_h, jnp.sum(drec, axis=(0, 1)), dh0, du
+
+
+gru.defvjp(_gru_forward, _gru_backward)

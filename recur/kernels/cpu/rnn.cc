@@ -1,4 +1,5 @@
-// The plain LSTM's two time loops as XLA FFI custom calls on the CPU (recur/kernels/cpu.py).
+// The plain LSTM's and the reset-after GRU's time loops as XLA FFI custom calls on the CPU
+// (recur/kernels/cpu.py).
 //
 // XLA:CPU runs a scanned LSTM step as several thunks (the recurrent dot on both threads, the
 // element-wise gate fusion and the stores of the outputs on one), and the hand-offs between them
@@ -251,6 +252,104 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
   return ffi::Error::Success();
 }
 
+// ---- the reset-after GRU (gates r, z, n; W_h [3H, H], b_h [3H]) ----------------------------
+// rec = h W_h^T + b_h; t = tanh((u + rec)_rz / 2); r, z = (1 + t) / 2;
+// n = tanh(u_n + r rec_n); h = (1 - z) n + z h_prev (recur's GRU step_saving).
+
+// forward: us [T, B, 3H], W_h [3H, H], b_h [3H], h0 [B, H] ->
+//   hs [T, B, H], ts [T, B, 2H] (r, z tanh), ns [T, B, H], recns [T, B, H] (rec_n)
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_h,
+                          ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ts,
+                          ffi::ResultBuffer<ffi::F32> ns, ffi::ResultBuffer<ffi::F32> recns) {
+  auto d = us.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [T, B, 3H]");
+  const int64_t T = d[0], B = d[1], G = d[2], H = G / 3;
+  const Packed w = pack(w_h.typed_data(), H, G, 1, H);  // rec = h W_h^T
+  const float* bias = b_h.typed_data();
+  const float* u_all = us.typed_data();
+  float* hs_p = hs->typed_data();
+  float* ts_p = ts->typed_data();
+  float* ns_p = ns->typed_data();
+  float* rn_p = recns->typed_data();
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    std::vector<float> rec(R * G);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t at = s * B + r0;
+      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - B) * H;
+      gemm(R, h_prev, H, w, rec.data(), G, false);
+      for (int64_t b = 0; b < R; ++b) {
+        const float* u = u_all + (at + b) * G;
+        const float* rb = rec.data() + b * G;
+        const float* hp = h_prev + b * H;
+        float* t = ts_p + (at + b) * 2 * H;
+        float* n = ns_p + (at + b) * H;
+        float* rn = rn_p + (at + b) * H;
+        float* h = hs_p + (at + b) * H;
+        for (int64_t j = 0; j < 2 * H; ++j) t[j] = fast_tanh(0.5f * (u[j] + rb[j] + bias[j]));
+        for (int64_t j = 0; j < H; ++j) {
+          const float r = 0.5f * t[j] + 0.5f, z = 0.5f * t[H + j] + 0.5f;
+          const float recn = rb[2 * H + j] + bias[2 * H + j];
+          const float nn = fast_tanh(u[2 * H + j] + r * recn);
+          rn[j] = recn;
+          n[j] = nn;
+          h[j] = (1.0f - z) * nn + z * hp[j];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// backward: ts [T, B, 2H], ns, recns, hs_prev (h_{t-1}), dhs [T, B, H], W_h [3H, H], dh_T [B, H]
+//   -> du [T, B, 3H], drec [T, B, 3H], dh0 [B, H]
+ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, ffi::Buffer<ffi::F32> recns,
+                           ffi::Buffer<ffi::F32> hs_prev, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h,
+                           ffi::Buffer<ffi::F32> dh_last, ffi::ResultBuffer<ffi::F32> du,
+                           ffi::ResultBuffer<ffi::F32> drec, ffi::ResultBuffer<ffi::F32> dh0) {
+  auto d = ns.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: ns must be [T, B, H]");
+  const int64_t T = d[0], B = d[1], H = d[2], G = 3 * H;
+  const Packed w = pack(w_h.typed_data(), G, H, H, 1);  // d h += d rec W_h
+  float* dh_all = dh0->typed_data();
+  std::memcpy(dh_all, dh_last.typed_data(), sizeof(float) * B * H);
+  float* du_p = du->typed_data();
+  float* dr_p = drec->typed_data();
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    float* dh = dh_all + r0 * H;
+    std::vector<float> carry(R * H);  // d h_{t-1} through z
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t at = s * B + r0;
+      for (int64_t b = 0; b < R; ++b) {
+        const float* t = ts.typed_data() + (at + b) * 2 * H;
+        const float* n = ns.typed_data() + (at + b) * H;
+        const float* rn = recns.typed_data() + (at + b) * H;
+        const float* hp = hs_prev.typed_data() + (at + b) * H;
+        const float* dho = dhs.typed_data() + (at + b) * H;
+        float* dub = du_p + (at + b) * G;
+        float* drb = dr_p + (at + b) * G;
+        for (int64_t j = 0; j < H; ++j) {
+          const float tr = t[j], tz = t[H + j];
+          const float r = 0.5f * tr + 0.5f, z = 0.5f * tz + 0.5f;
+          const float dd = dh[b * H + j] + dho[j];
+          const float dun = dd * (1.0f - z) * (1.0f - n[j] * n[j]);
+          const float dur = dun * rn[j] * (0.25f * (1.0f - tr * tr));
+          const float duz = dd * (hp[j] - n[j]) * (0.25f * (1.0f - tz * tz));
+          dub[j] = dur;
+          dub[H + j] = duz;
+          dub[2 * H + j] = dun;
+          drb[j] = dur;
+          drb[H + j] = duz;
+          drb[2 * H + j] = r * dun;
+          carry[b * H + j] = dd * z;
+        }
+      }
+      gemm(R, dr_p + at * G, G, w, dh, H, false);
+      for (int64_t k = 0; k < R * H; ++k) dh[k] += carry[k];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 
@@ -266,6 +365,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
