@@ -220,8 +220,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_kernels.applies(
             cell, params, carry0, mask, resets):
         # the plain LSTM / reset-after GRU in float32 on the CPU: both time loops as compiled C++
-        hs_T, carry = cpu_kernels.run(cell, params, carry0, project(_time_major(xs)))
-        hs = jnp.swapaxes(hs_T, 0, 1)
+        hs, carry = cpu_kernels.run(cell, params, carry0, project(xs))
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 

@@ -111,15 +111,16 @@ def applies(cell, params, carry0, mask, resets) -> bool:
     return unavailable() is None
 
 
-def run(cell, params, carry0, us_T):
-    """(hs_T [T, B, H], final carry) of an LSTM or GRU for which :func:`applies` holds."""
+def run(cell, params, carry0, us):
+    """(hs [B, T, H], final carry) of an LSTM or GRU for which :func:`applies` holds, from the
+    batch-major projected inputs us [B, T, G]."""
     from recur.cells.lstm import LSTM
 
     if isinstance(cell, LSTM):
-        hs_T, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us_T)
-        return hs_T, {"h": hs_T[-1], "c": c_T}
-    hs_T = gru(params["W_h"], params["b_h"], carry0, us_T)
-    return hs_T, hs_T[-1]
+        hs, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us)
+        return hs, {"h": hs[:, -1], "c": c_T}
+    hs = gru(params["W_h"], params["b_h"], carry0, us)
+    return hs, hs[:, -1]
 
 
 def _call(name, outs, *args):
@@ -130,30 +131,41 @@ def _call(name, outs, *args):
 
 
 @jax.custom_vjp
-def lstm(W_h, h0, c0, us_T):
-    """The plain LSTM over time-major projected inputs us_T [T, B, 4H] (gates i, f, g, o; W_h
-    [4H, H]); returns (hs_T [T, B, H], c_T [B, H]). float32, T >= 1."""
-    return _forward(W_h, h0, c0, us_T)[0]
+def lstm(W_h, h0, c0, us):
+    """The plain LSTM over batch-major projected inputs us [B, T, 4H] (gates i, f, g, o; W_h
+    [4H, H]); returns (hs [B, T, H], c_T [B, H]). float32, T >= 1."""
+    return _forward(W_h, h0, c0, us)[0]
 
 
-def _forward(W_h, h0, c0, us_T):
-    T, B, G = us_T.shape
+def _previous(first, seq):
+    """[B, T, H]: first [B, H] at step 0, then seq's steps 0 .. T-2 (the carry entering each step)."""
+    return jnp.concatenate([first[:, None], seq[:, :-1]], axis=1)
+
+
+def _weight_gradient(d_BxTxG, x_BxTxH):
+    """sum over b, t of d[b, t]^T x[b, t]: [G, H]. Written as a transpose and a plain dot, which
+    XLA:CPU runs ~30% faster than the einsum contracting both leading axes (8.4 vs 11.9 ms at
+    B=32, T=128, G=1024, H=256)."""
+    G, H = d_BxTxG.shape[-1], x_BxTxH.shape[-1]
+    return jnp.dot(jnp.transpose(d_BxTxG.reshape(-1, G)), x_BxTxH.reshape(-1, H))
+
+
+def _forward(W_h, h0, c0, us):
+    B, T, G = us.shape
     H = G // 4
-    seq = jax.ShapeDtypeStruct((T, B, H), jnp.float32)
-    hs, cs, tcs, ts = _call("recur_lstm_forward", (seq, seq, seq, jax.ShapeDtypeStruct((T, B, G), jnp.float32)),
-                            us_T, W_h, h0, c0)
-    return (hs, cs[-1]), (W_h, h0, c0, hs, cs, tcs, ts)
+    seq = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+    hs, cs, tcs, ts = _call("recur_lstm_forward", (seq, seq, seq, jax.ShapeDtypeStruct((B, T, G), jnp.float32)),
+                            us, W_h, h0, c0)
+    return (hs, cs[:, -1]), (W_h, h0, c0, hs, cs, tcs, ts)
 
 
 def _backward(res, cts):
     W_h, h0, c0, hs, cs, tcs, ts = res
     dhs, dc_T = cts
-    cs_prev = jnp.concatenate([c0[None], cs[:-1]])
     state = jax.ShapeDtypeStruct(h0.shape, jnp.float32)
     dpre, dh0, dc0 = _call("recur_lstm_backward", (jax.ShapeDtypeStruct(ts.shape, jnp.float32), state, state),
-                           ts, tcs, cs_prev, dhs, W_h, jnp.zeros_like(h0), dc_T)
-    h_prev = jnp.concatenate([h0[None], hs[:-1]])
-    dW_h = jnp.einsum("tbg,tbh->gh", dpre, h_prev)
+                           ts, tcs, _previous(c0, cs), dhs, W_h, jnp.zeros_like(h0), dc_T)
+    dW_h = _weight_gradient(dpre, _previous(h0, hs))
     return dW_h, dh0, dc0, dpre
 
 
@@ -161,29 +173,29 @@ lstm.defvjp(_forward, _backward)
 
 
 @jax.custom_vjp
-def gru(W_h, b_h, h0, us_T):
-    """The reset-after GRU over time-major projected inputs us_T [T, B, 3H] (W_x x + b_x; gates
-    r, z, n; W_h [3H, H], b_h [3H]); returns hs_T [T, B, H]. float32, T >= 1."""
-    return _gru_forward(W_h, b_h, h0, us_T)[0]
+def gru(W_h, b_h, h0, us):
+    """The reset-after GRU over batch-major projected inputs us [B, T, 3H] (W_x x + b_x; gates
+    r, z, n; W_h [3H, H], b_h [3H]); returns hs [B, T, H]. float32, T >= 1."""
+    return _gru_forward(W_h, b_h, h0, us)[0]
 
 
-def _gru_forward(W_h, b_h, h0, us_T):
-    T, B, G = us_T.shape
+def _gru_forward(W_h, b_h, h0, us):
+    B, T, G = us.shape
     H = G // 3
-    seq = jax.ShapeDtypeStruct((T, B, H), jnp.float32)
-    hs, ts, ns, recns = _call("recur_gru_forward", (seq, jax.ShapeDtypeStruct((T, B, 2 * H), jnp.float32), seq, seq),
-                              us_T, W_h, b_h, h0)
+    seq = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+    hs, ts, ns, recns = _call("recur_gru_forward", (seq, jax.ShapeDtypeStruct((B, T, 2 * H), jnp.float32), seq, seq),
+                              us, W_h, b_h, h0)
     return hs, (W_h, h0, hs, ts, ns, recns)
 
 
 def _gru_backward(res, dhs):
     W_h, h0, hs, ts, ns, recns = res
-    hs_prev = jnp.concatenate([h0[None], hs[:-1]])
-    T, B, H = hs.shape
-    full = jax.ShapeDtypeStruct((T, B, 3 * H), jnp.float32)
+    hs_prev = _previous(h0, hs)
+    B, T, H = hs.shape
+    full = jax.ShapeDtypeStruct((B, T, 3 * H), jnp.float32)
     du, drec, dh0 = _call("recur_gru_backward", (full, full, jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
                           ts, ns, recns, hs_prev, dhs, W_h, jnp.zeros_like(h0))
-    dW_h = jnp.einsum("tbg,tbh->gh", drec, hs_prev)
+    dW_h = _weight_gradient(drec, hs_prev)
     return dW_h, jnp.sum(drec, axis=(0, 1)), dh0, du
 
 

@@ -172,81 +172,87 @@ void forward_pointwise(int64_t R, int64_t H, float* __restrict t, const float* _
   }
 }
 
-// forward: us [T, B, G], W_h [G, H], h0, c0 [B, H] ->
-//   hs, cs, tcs [T, B, H] (h_t, c_t, tanh(c_t)), ts [T, B, G] (gate tanh)
+// Every sequence array is batch-major, [B, T, width] (recur.scan's layout): row (b, s) is
+// b * T + s, so a block of rows at one step is strided by T rows (the gemm's lda / ldc).
+
+// forward: us [B, T, G], W_h [G, H], h0, c0 [B, H] ->
+//   hs, cs, tcs [B, T, H] (h_t, c_t, tanh(c_t)), ts [B, T, G] (gate tanh)
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
                            ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
                            ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> tcs,
                            ffi::ResultBuffer<ffi::F32> ts) {
   auto d = us.dimensions();
-  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: us must be [T, B, 4H]");
-  const int64_t T = d[0], B = d[1], G = d[2], H = G / 4;
-  const float* W = w_h.typed_data();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: us must be [B, T, 4H]");
+  const int64_t B = d[0], T = d[1], G = d[2], H = G / 4;
   float* hs_p = hs->typed_data();
   float* cs_p = cs->typed_data();
   float* tcs_p = tcs->typed_data();
   float* ts_p = ts->typed_data();
   const float* u = us.typed_data();
-  const Packed w = pack(W, H, G, 1, H);  // B[k][n] = W_h[n][k]: pre += h W_h^T
+  const Packed w = pack(w_h.typed_data(), H, G, 1, H);  // B[k][n] = W_h[n][k]: pre += h W_h^T
   over_row_blocks(B, [&](int64_t r0, int64_t R) {
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t at = s * B + r0;  // first row of this block at step s
-      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - B) * H;
-      const float* c_prev = s == 0 ? c0.typed_data() + r0 * H : cs_p + (at - B) * H;
+      const int64_t at = r0 * T + s;  // row (r0, s); row (r0 + b, s) is at + b * T
+      const bool first = s == 0;
+      const int64_t ld = first ? H : T * H;
+      const float* h_prev = first ? h0.typed_data() + r0 * H : hs_p + (at - 1) * H;
+      const float* c_prev = first ? c0.typed_data() + r0 * H : cs_p + (at - 1) * H;
       float* pre = ts_p + at * G;  // pre-activations, overwritten by their tanh
-      std::memcpy(pre, u + at * G, sizeof(float) * R * G);
-      gemm(R, h_prev, H, w, pre, G, true);
-      forward_pointwise(R, H, pre, c_prev, cs_p + at * H, tcs_p + at * H, hs_p + at * H);
+      for (int64_t b = 0; b < R; ++b) std::memcpy(pre + b * T * G, u + (at + b * T) * G, sizeof(float) * G);
+      gemm(R, h_prev, ld, w, pre, T * G, true);
+      for (int64_t b = 0; b < R; ++b) {
+        const int64_t k = at + b * T;
+        forward_pointwise(1, H, ts_p + k * G, c_prev + b * ld, cs_p + k * H, tcs_p + k * H, hs_p + k * H);
+      }
     }
   });
   return ffi::Error::Success();
 }
 
-// backward: ts [T, B, G], tcs, cs_prev [T, B, H] (c_{t-1}), dhs [T, B, H], W_h [G, H], dh_T, dc_T [B, H]
-//   -> dpre [T, B, G], dh0, dc0 [B, H]
+// backward: ts [B, T, G], tcs, cs_prev [B, T, H] (c_{t-1}), dhs [B, T, H], W_h [G, H], dh_T, dc_T [B, H]
+//   -> dpre [B, T, G], dh0, dc0 [B, H]
 ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs, ffi::Buffer<ffi::F32> cs_prev,
                             ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> dh_last,
                             ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
                             ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
   auto d = ts.dimensions();
-  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: ts must be [T, B, 4H]");
-  const int64_t T = d[0], B = d[1], G = d[2], H = G / 4;
-  const float* W = w_h.typed_data();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: ts must be [B, T, 4H]");
+  const int64_t B = d[0], T = d[1], G = d[2], H = G / 4;
   float* dh_all = dh0->typed_data();  // running d h_t (through the recurrence), then d h_0
   float* dc_all = dc0->typed_data();  // running d c_t, then d c_0
   std::memcpy(dh_all, dh_last.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc_all, dc_last.typed_data(), sizeof(float) * B * H);
   float* dp_all = dpre->typed_data();
-  const Packed w = pack(W, G, H, H, 1);  // B[k][n] = W_h[k][n]: d h = d pre W_h
+  const Packed w = pack(w_h.typed_data(), G, H, H, 1);  // B[k][n] = W_h[k][n]: d h = d pre W_h
   over_row_blocks(B, [&](int64_t r0, int64_t R) {
     float* dh = dh_all + r0 * H;
     float* dc = dc_all + r0 * H;
     for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t at = s * B + r0;
-      const float* t = ts.typed_data() + at * G;
-      const float* tc = tcs.typed_data() + at * H;
-      const float* cp = cs_prev.typed_data() + at * H;
-      const float* dh_out = dhs.typed_data() + at * H;
-      float* dp = dp_all + at * G;
+      const int64_t at = r0 * T + s;
       for (int64_t b = 0; b < R; ++b) {
-        const float* tb = t + b * G;
-        float* dpb = dp + b * G;
+        const int64_t row = at + b * T;
+        const float* tb = ts.typed_data() + row * G;
+        const float* tc = tcs.typed_data() + row * H;
+        const float* cp = cs_prev.typed_data() + row * H;
+        const float* dh_out = dhs.typed_data() + row * H;
+        float* dpb = dp_all + row * G;
+        float* dhb = dh + b * H;
+        float* dcb = dc + b * H;
         for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = b * H + j;
           const float ti = tb[j], tf = tb[H + j], tg = tb[2 * H + j], to = tb[3 * H + j];
           const float i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
-          const float dht = dh[k] + dh_out[k];
-          const float tck = tc[k];
-          const float dct = dc[k] + dht * o * (1.0f - tck * tck);
+          const float dht = dhb[j] + dh_out[j];
+          const float tck = tc[j];
+          const float dct = dcb[j] + dht * o * (1.0f - tck * tck);
           dpb[j] = (0.25f * dct) * tg * (1.0f - ti * ti);
-          dpb[H + j] = (0.25f * dct) * cp[k] * (1.0f - tf * tf);
+          dpb[H + j] = (0.25f * dct) * cp[j] * (1.0f - tf * tf);
           dpb[2 * H + j] = dct * i * (1.0f - tg * tg);
           dpb[3 * H + j] = (0.25f * dht) * tck * (1.0f - to * to);
-          dc[k] = dct * f;
+          dcb[j] = dct * f;
         }
       }
       // d h_{t-1} = d pre W_h
-      gemm(R, dp, G, w, dh, H, false);
+      gemm(R, dp_all + at * G, T * G, w, dh, H, false);
     }
   });
   return ffi::Error::Success();
@@ -256,14 +262,14 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
 // rec = h W_h^T + b_h; t = tanh((u + rec)_rz / 2); r, z = (1 + t) / 2;
 // n = tanh(u_n + r rec_n); h = (1 - z) n + z h_prev (recur's GRU step_saving).
 
-// forward: us [T, B, 3H], W_h [3H, H], b_h [3H], h0 [B, H] ->
-//   hs [T, B, H], ts [T, B, 2H] (r, z tanh), ns [T, B, H], recns [T, B, H] (rec_n)
+// forward: us [B, T, 3H], W_h [3H, H], b_h [3H], h0 [B, H] ->
+//   hs [B, T, H], ts [B, T, 2H] (r, z tanh), ns [B, T, H], recns [B, T, H] (rec_n)
 ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_h,
                           ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ts,
                           ffi::ResultBuffer<ffi::F32> ns, ffi::ResultBuffer<ffi::F32> recns) {
   auto d = us.dimensions();
-  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [T, B, 3H]");
-  const int64_t T = d[0], B = d[1], G = d[2], H = G / 3;
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [B, T, 3H]");
+  const int64_t B = d[0], T = d[1], G = d[2], H = G / 3;
   const Packed w = pack(w_h.typed_data(), H, G, 1, H);  // rec = h W_h^T
   const float* bias = b_h.typed_data();
   const float* u_all = us.typed_data();
@@ -274,17 +280,19 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, f
   over_row_blocks(B, [&](int64_t r0, int64_t R) {
     std::vector<float> rec(R * G);
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t at = s * B + r0;
-      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - B) * H;
-      gemm(R, h_prev, H, w, rec.data(), G, false);
+      const int64_t at = r0 * T + s;
+      const int64_t ld = s == 0 ? H : T * H;
+      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - 1) * H;
+      gemm(R, h_prev, ld, w, rec.data(), G, false);
       for (int64_t b = 0; b < R; ++b) {
-        const float* u = u_all + (at + b) * G;
+        const int64_t row = at + b * T;
+        const float* u = u_all + row * G;
         const float* rb = rec.data() + b * G;
-        const float* hp = h_prev + b * H;
-        float* t = ts_p + (at + b) * 2 * H;
-        float* n = ns_p + (at + b) * H;
-        float* rn = rn_p + (at + b) * H;
-        float* h = hs_p + (at + b) * H;
+        const float* hp = h_prev + b * ld;
+        float* t = ts_p + row * 2 * H;
+        float* n = ns_p + row * H;
+        float* rn = rn_p + row * H;
+        float* h = hs_p + row * H;
         for (int64_t j = 0; j < 2 * H; ++j) t[j] = fast_tanh(0.5f * (u[j] + rb[j] + bias[j]));
         for (int64_t j = 0; j < H; ++j) {
           const float r = 0.5f * t[j] + 0.5f, z = 0.5f * t[H + j] + 0.5f;
@@ -300,15 +308,15 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, f
   return ffi::Error::Success();
 }
 
-// backward: ts [T, B, 2H], ns, recns, hs_prev (h_{t-1}), dhs [T, B, H], W_h [3H, H], dh_T [B, H]
-//   -> du [T, B, 3H], drec [T, B, 3H], dh0 [B, H]
+// backward: ts [B, T, 2H], ns, recns, hs_prev (h_{t-1}), dhs [B, T, H], W_h [3H, H], dh_T [B, H]
+//   -> du [B, T, 3H], drec [B, T, 3H], dh0 [B, H]
 ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, ffi::Buffer<ffi::F32> recns,
                            ffi::Buffer<ffi::F32> hs_prev, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h,
                            ffi::Buffer<ffi::F32> dh_last, ffi::ResultBuffer<ffi::F32> du,
                            ffi::ResultBuffer<ffi::F32> drec, ffi::ResultBuffer<ffi::F32> dh0) {
   auto d = ns.dimensions();
-  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: ns must be [T, B, H]");
-  const int64_t T = d[0], B = d[1], H = d[2], G = 3 * H;
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: ns must be [B, T, H]");
+  const int64_t B = d[0], T = d[1], H = d[2], G = 3 * H;
   const Packed w = pack(w_h.typed_data(), G, H, H, 1);  // d h += d rec W_h
   float* dh_all = dh0->typed_data();
   std::memcpy(dh_all, dh_last.typed_data(), sizeof(float) * B * H);
@@ -318,15 +326,16 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
     float* dh = dh_all + r0 * H;
     std::vector<float> carry(R * H);  // d h_{t-1} through z
     for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t at = s * B + r0;
+      const int64_t at = r0 * T + s;
       for (int64_t b = 0; b < R; ++b) {
-        const float* t = ts.typed_data() + (at + b) * 2 * H;
-        const float* n = ns.typed_data() + (at + b) * H;
-        const float* rn = recns.typed_data() + (at + b) * H;
-        const float* hp = hs_prev.typed_data() + (at + b) * H;
-        const float* dho = dhs.typed_data() + (at + b) * H;
-        float* dub = du_p + (at + b) * G;
-        float* drb = dr_p + (at + b) * G;
+        const int64_t row = at + b * T;
+        const float* t = ts.typed_data() + row * 2 * H;
+        const float* n = ns.typed_data() + row * H;
+        const float* rn = recns.typed_data() + row * H;
+        const float* hp = hs_prev.typed_data() + row * H;
+        const float* dho = dhs.typed_data() + row * H;
+        float* dub = du_p + row * G;
+        float* drb = dr_p + row * G;
         for (int64_t j = 0; j < H; ++j) {
           const float tr = t[j], tz = t[H + j];
           const float r = 0.5f * tr + 0.5f, z = 0.5f * tz + 0.5f;
@@ -343,7 +352,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
           carry[b * H + j] = dd * z;
         }
       }
-      gemm(R, dr_p + at * G, G, w, dh, H, false);
+      gemm(R, dr_p + at * G, T * G, w, dh, H, false);
       for (int64_t k = 0; k < R * H; ++k) dh[k] += carry[k];
     }
   });
