@@ -6,6 +6,7 @@
     python -m experiments.cpu_probes flags                # recur's LSTM step under several XLA_FLAGS
     python -m experiments.cpu_probes fold --cell gru      # LM train / infer, folded embedding on and off
     RECUR_CPU_KERNELS=0 python -m experiments.cpu_probes fold --cell lstm   # the same on XLA's loops
+    python -m experiments.cpu_probes classifier --cell lstm   # SST-2-sized BiLSTM step, CPU kernels on / off
 
 Each prints medians of interleaved rounds (compilation excluded). Shapes are the issue-4 ones:
 batch 32, T = 128, input / embedding 128, hidden 256, vocabulary 256.
@@ -173,9 +174,41 @@ def fold(cell_name: str, rounds: int):
         print(f"{cell_name} {k}: {v:.1f} ms")
 
 
+def classifier(cell_name: str, rounds: int):
+    """Gradient of configs/sentiment.py's classifier (embeddings 128, a bidirectional layer of 128,
+    max pooling) on a padded batch of 32 sentences of 3..T=52 tokens, with the CPU kernels
+    (recur/kernels/cpu.py) and without (RECUR_CPU_KERNELS=0, read when the step is traced)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from recur.models.classifier import Classifier
+
+    Bc, Tc = 32, 52
+    model = Classifier(16000, 2, embed_dim=128, hidden_size=128, cell=cell_name, bidirectional=True,
+                       pooling="max", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (Bc, Tc), 2, 16000)
+    lengths = jax.random.randint(jax.random.key(2), (Bc,), 3, Tc + 1)
+    labels = jax.random.randint(jax.random.key(3), (Bc,), 0, 2)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens, lengths)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    fns = {}
+    for on in (True, False):
+        os.environ["RECUR_CPU_KERNELS"] = "1" if on else "0"
+        grad = jax.jit(jax.grad(loss)).lower(params).compile()
+        fns[f"kernels={'on' if on else 'off'}"] = lambda g=grad: g(params)
+    os.environ.pop("RECUR_CPU_KERNELS")
+    for k, v in _interleaved(fns, rounds).items():
+        print(f"classifier {cell_name} B={Bc} T={Tc} {k}: {v:.2f} ms")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=["layer", "loop", "onednn", "flags", "fold", "_step"])
+    p.add_argument("probe", choices=["layer", "loop", "onednn", "flags", "fold", "classifier", "_step"])
     p.add_argument("--cell", default="lstm")
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args(argv)
@@ -183,6 +216,8 @@ def main(argv=None):
         layer(a.cell, a.rounds)
     elif a.probe == "fold":
         fold(a.cell, a.rounds)
+    elif a.probe == "classifier":
+        classifier(a.cell, a.rounds)
     elif a.probe == "_step":
         _step(a.rounds)
     else:

@@ -45,7 +45,7 @@ Semantics, for batch row b:
 - ``backward``: how the sequential scan is differentiated. "deferred" (the default with
   remat="none") runs the custom BPTT of recur/backprop.py: the reverse time loop on activations
   only and every weight gradient as one large matmul after it. On the CPU the plain float32
-  LSTM and reset-after GRU without lengths or resets run both time loops as compiled C++ instead
+  LSTM and reset-after GRU without resets run both time loops as compiled C++ instead
   (recur/kernels/cpu.py; ``RECUR_CPU_KERNELS=0`` turns this off). "autodiff" is jax.grad of the
   scan (weight gradients accumulated inside the loop); remat other than "none" always uses it.
 """
@@ -220,7 +220,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_kernels.applies(
             cell, params, carry0, mask, resets):
         # the plain LSTM / reset-after GRU in float32 on the CPU: both time loops as compiled C++
-        hs, carry = cpu_kernels.run(cell, params, carry0, project(xs))
+        hs, carry = cpu_kernels.run(cell, params, carry0, project(xs), mask)
     elif impl == "sequential" and backward == "deferred" and remat == "none":
         from recur.backprop import deferred_scan
 

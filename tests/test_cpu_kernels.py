@@ -45,11 +45,14 @@ def _loss(cell, **kw):
 # (a partial 32-column panel), H = 64 (whole panels), T = 1
 @pytest.mark.parametrize("B,T,I,H", [(3, 7, 4, 5), (17, 6, 8, 33), (32, 5, 16, 64), (2, 1, 3, 8)])
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse, name):
+def test_kernel_values_and_gradients_equal_autodiff(B, T, I, H, reverse, padded, name):
     cell, params, xs, c0 = _problem(B, T, I, H, name=name)
-    kernel = _loss(cell, reverse=reverse)
-    plain = _loss(cell, reverse=reverse, backward="autodiff")
+    # padded: every length from 0 to T, so rows end before, at and after one another
+    lengths = jnp.arange(B) % (T + 1) if padded else None
+    kernel = _loss(cell, reverse=reverse, lengths=lengths)
+    plain = _loss(cell, reverse=reverse, lengths=lengths, backward="autodiff")
     assert _uses_kernel(kernel, params, xs, c0) and not _uses_kernel(plain, params, xs, c0)
     got = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2)))(params, xs, c0)
     want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(params, xs, c0)
@@ -69,9 +72,9 @@ def test_kernel_under_vmap_equals_each_model_alone(name):
 def test_kernel_is_used_only_where_it_applies(monkeypatch):
     cell, params, xs, c0 = _problem(3, 4, 2, 5)
     assert _uses_kernel(_loss(cell), params, xs, c0)
-    # lengths, resets, other variants and remat keep the XLA loops
-    lengths = jnp.array([4, 2, 0])
-    assert not _uses_kernel(lambda p, x, c: _loss(cell, lengths=lengths)(p, x, c), params, xs, c0)
+    # resets, other variants and remat keep the XLA loops
+    resets = jnp.zeros((3, 4), bool).at[1, 2].set(True)
+    assert not _uses_kernel(_loss(cell, resets=resets), params, xs, c0)
     assert not _uses_kernel(_loss(cell, remat="step"), params, xs, c0)
     peep = recur.get_cell("lstm:peepholes", 5)
     assert not _uses_kernel(_loss(peep), peep.init(jax.random.key(0), 2), xs, c0)

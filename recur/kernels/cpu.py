@@ -1,7 +1,7 @@
 """Recurrent time loops as compiled C++ on the CPU: XLA FFI custom calls (cpu/rnn.cc).
 
 On the CPU back end, ``recur.scan`` with the default ``backward="deferred"`` runs the plain LSTM
-and the reset-after GRU (``cell.fused_backward``; float32; no ``lengths`` or ``resets``) through
+and the reset-after GRU (``cell.fused_backward``; float32; ``lengths`` allowed, no ``resets``) through
 :func:`lstm` / :func:`gru` (dispatched by :func:`run`): one custom
 call for the forward time loop and one for the backward one, each a small matrix product per
 step (the recurrent weights packed once per call) plus one pass of element-wise work, with
@@ -100,7 +100,7 @@ def applies(cell, params, carry0, mask, resets) -> bool:
     from recur.cells.gru import GRU
     from recur.cells.lstm import LSTM
 
-    if not (isinstance(cell, (LSTM, GRU)) and cell.fused_backward and mask is None and resets is None):
+    if not (isinstance(cell, (LSTM, GRU)) and cell.fused_backward and resets is None):
         return False
     if isinstance(cell, LSTM) and not (isinstance(carry0, dict) and set(carry0) == {"h", "c"}):
         return False
@@ -111,15 +111,20 @@ def applies(cell, params, carry0, mask, resets) -> bool:
     return unavailable() is None
 
 
-def run(cell, params, carry0, us):
+def run(cell, params, carry0, us, mask=None):
     """(hs [B, T, H], final carry) of an LSTM or GRU for which :func:`applies` holds, from the
-    batch-major projected inputs us [B, T, G]."""
+    batch-major projected inputs us [B, T, G] and mask [B, T] (None: every step is real).
+
+    At a padded step (mask false) the carry passes through and hs holds it; recur.scan zeroes
+    those outputs."""
     from recur.cells.lstm import LSTM
 
+    B, T = us.shape[:2]
+    m = jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
     if isinstance(cell, LSTM):
-        hs, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us)
+        hs, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us, m)
         return hs, {"h": hs[:, -1], "c": c_T}
-    hs = gru(params["W_h"], params["b_h"], carry0, us)
+    hs = gru(params["W_h"], params["b_h"], carry0, us, m)
     return hs, hs[:, -1]
 
 
@@ -131,10 +136,11 @@ def _call(name, outs, *args):
 
 
 @jax.custom_vjp
-def lstm(W_h, h0, c0, us):
+def lstm(W_h, h0, c0, us, mask):
     """The plain LSTM over batch-major projected inputs us [B, T, 4H] (gates i, f, g, o; W_h
-    [4H, H]); returns (hs [B, T, H], c_T [B, H]). float32, T >= 1."""
-    return _forward(W_h, h0, c0, us)[0]
+    [4H, H]) with mask [B, T] (1. real, 0. padding); returns (hs [B, T, H], c_T [B, H]).
+    float32, T >= 1."""
+    return _forward(W_h, h0, c0, us, mask)[0]
 
 
 def _previous(first, seq):
@@ -150,53 +156,54 @@ def _weight_gradient(d_BxTxG, x_BxTxH):
     return jnp.dot(jnp.transpose(d_BxTxG.reshape(-1, G)), x_BxTxH.reshape(-1, H))
 
 
-def _forward(W_h, h0, c0, us):
+def _forward(W_h, h0, c0, us, mask):
     B, T, G = us.shape
     H = G // 4
     seq = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
     hs, cs, tcs, ts = _call("recur_lstm_forward", (seq, seq, seq, jax.ShapeDtypeStruct((B, T, G), jnp.float32)),
-                            us, W_h, h0, c0)
-    return (hs, cs[:, -1]), (W_h, h0, c0, hs, cs, tcs, ts)
+                            us, W_h, h0, c0, mask)
+    return (hs, cs[:, -1]), (W_h, h0, c0, hs, cs, tcs, ts, mask)
 
 
 def _backward(res, cts):
-    W_h, h0, c0, hs, cs, tcs, ts = res
+    W_h, h0, c0, hs, cs, tcs, ts, mask = res
     dhs, dc_T = cts
     state = jax.ShapeDtypeStruct(h0.shape, jnp.float32)
     dpre, dh0, dc0 = _call("recur_lstm_backward", (jax.ShapeDtypeStruct(ts.shape, jnp.float32), state, state),
-                           ts, tcs, _previous(c0, cs), dhs, W_h, jnp.zeros_like(h0), dc_T)
+                           ts, tcs, _previous(c0, cs), dhs, W_h, jnp.zeros_like(h0), dc_T, mask)
     dW_h = _weight_gradient(dpre, _previous(h0, hs))
-    return dW_h, dh0, dc0, dpre
+    return dW_h, dh0, dc0, dpre, jnp.zeros_like(mask)
 
 
 lstm.defvjp(_forward, _backward)
 
 
 @jax.custom_vjp
-def gru(W_h, b_h, h0, us):
+def gru(W_h, b_h, h0, us, mask):
     """The reset-after GRU over batch-major projected inputs us [B, T, 3H] (W_x x + b_x; gates
-    r, z, n; W_h [3H, H], b_h [3H]); returns hs [B, T, H]. float32, T >= 1."""
-    return _gru_forward(W_h, b_h, h0, us)[0]
+    r, z, n; W_h [3H, H], b_h [3H]) with mask [B, T] (1. real, 0. padding); returns hs
+    [B, T, H]. float32, T >= 1."""
+    return _gru_forward(W_h, b_h, h0, us, mask)[0]
 
 
-def _gru_forward(W_h, b_h, h0, us):
+def _gru_forward(W_h, b_h, h0, us, mask):
     B, T, G = us.shape
     H = G // 3
     seq = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
     hs, ts, ns, recns = _call("recur_gru_forward", (seq, jax.ShapeDtypeStruct((B, T, 2 * H), jnp.float32), seq, seq),
-                              us, W_h, b_h, h0)
-    return hs, (W_h, h0, hs, ts, ns, recns)
+                              us, W_h, b_h, h0, mask)
+    return hs, (W_h, h0, hs, ts, ns, recns, mask)
 
 
 def _gru_backward(res, dhs):
-    W_h, h0, hs, ts, ns, recns = res
+    W_h, h0, hs, ts, ns, recns, mask = res
     hs_prev = _previous(h0, hs)
     B, T, H = hs.shape
     full = jax.ShapeDtypeStruct((B, T, 3 * H), jnp.float32)
     du, drec, dh0 = _call("recur_gru_backward", (full, full, jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
-                          ts, ns, recns, hs_prev, dhs, W_h, jnp.zeros_like(h0))
+                          ts, ns, recns, hs_prev, dhs, W_h, jnp.zeros_like(h0), mask)
     dW_h = _weight_gradient(drec, hs_prev)
-    return dW_h, jnp.sum(drec, axis=(0, 1)), dh0, du
+    return dW_h, jnp.sum(drec, axis=(0, 1)), dh0, du, jnp.zeros_like(mask)
 
 
 gru.defvjp(_gru_forward, _gru_backward)

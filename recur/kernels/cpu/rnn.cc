@@ -174,11 +174,14 @@ void forward_pointwise(int64_t R, int64_t H, float* __restrict t, const float* _
 
 // Every sequence array is batch-major, [B, T, width] (recur.scan's layout): row (b, s) is
 // b * T + s, so a block of rows at one step is strided by T rows (the gemm's lda / ldc).
+// mask [B, T] (1 = a real step, 0 = padding): a padded step leaves the carry alone, so the
+// kernels store the unchanged carry as that step's h (and c), which recur.scan then zeroes in
+// the outputs; in the backward loop its cotangents pass straight through.
 
 // forward: us [B, T, G], W_h [G, H], h0, c0 [B, H] ->
 //   hs, cs, tcs [B, T, H] (h_t, c_t, tanh(c_t)), ts [B, T, G] (gate tanh)
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> hs,
                            ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> tcs,
                            ffi::ResultBuffer<ffi::F32> ts) {
   auto d = us.dimensions();
@@ -203,6 +206,10 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, 
       for (int64_t b = 0; b < R; ++b) {
         const int64_t k = at + b * T;
         forward_pointwise(1, H, ts_p + k * G, c_prev + b * ld, cs_p + k * H, tcs_p + k * H, hs_p + k * H);
+        if (mask.typed_data()[k] == 0.0f) {  // padding: the carry passes through
+          std::memcpy(hs_p + k * H, h_prev + b * ld, sizeof(float) * H);
+          std::memcpy(cs_p + k * H, c_prev + b * ld, sizeof(float) * H);
+        }
       }
     }
   });
@@ -213,7 +220,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, 
 //   -> dpre [B, T, G], dh0, dc0 [B, H]
 ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs, ffi::Buffer<ffi::F32> cs_prev,
                             ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> dh_last,
-                            ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
+                            ffi::Buffer<ffi::F32> dc_last, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> dpre,
                             ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
   auto d = ts.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: ts must be [B, T, 4H]");
@@ -238,6 +245,11 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
         float* dpb = dp_all + row * G;
         float* dhb = dh + b * H;
         float* dcb = dc + b * H;
+        if (mask.typed_data()[row] == 0.0f) {  // padding: d pre = 0, d h and d c pass through
+          std::memset(dpb, 0, sizeof(float) * G);
+          for (int64_t j = 0; j < H; ++j) dhb[j] += dh_out[j];
+          continue;
+        }
         for (int64_t j = 0; j < H; ++j) {
           const float ti = tb[j], tf = tb[H + j], tg = tb[2 * H + j], to = tb[3 * H + j];
           const float i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
@@ -249,10 +261,11 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
           dpb[2 * H + j] = dct * i * (1.0f - tg * tg);
           dpb[3 * H + j] = (0.25f * dht) * tck * (1.0f - to * to);
           dcb[j] = dct * f;
+          dhb[j] = 0.0f;  // h_{t-1} reaches h_t only through W_h
         }
       }
-      // d h_{t-1} = d pre W_h
-      gemm(R, dp_all + at * G, T * G, w, dh, H, false);
+      // d h_{t-1} += d pre W_h (dh holds 0 after a real step, d h_t after padding)
+      gemm(R, dp_all + at * G, T * G, w, dh, H, true);
     }
   });
   return ffi::Error::Success();
@@ -265,7 +278,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
 // forward: us [B, T, 3H], W_h [3H, H], b_h [3H], h0 [B, H] ->
 //   hs [B, T, H], ts [B, T, 2H] (r, z tanh), ns [B, T, H], recns [B, T, H] (rec_n)
 ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_h,
-                          ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ts,
+                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ts,
                           ffi::ResultBuffer<ffi::F32> ns, ffi::ResultBuffer<ffi::F32> recns) {
   auto d = us.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [B, T, 3H]");
@@ -302,6 +315,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, f
           n[j] = nn;
           h[j] = (1.0f - z) * nn + z * hp[j];
         }
+        if (mask.typed_data()[row] == 0.0f) std::memcpy(h, hp, sizeof(float) * H);  // padding
       }
     }
   });
@@ -312,7 +326,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, f
 //   -> du [B, T, 3H], drec [B, T, 3H], dh0 [B, H]
 ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, ffi::Buffer<ffi::F32> recns,
                            ffi::Buffer<ffi::F32> hs_prev, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w_h,
-                           ffi::Buffer<ffi::F32> dh_last, ffi::ResultBuffer<ffi::F32> du,
+                           ffi::Buffer<ffi::F32> dh_last, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> du,
                            ffi::ResultBuffer<ffi::F32> drec, ffi::ResultBuffer<ffi::F32> dh0) {
   auto d = ns.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: ns must be [B, T, H]");
@@ -324,7 +338,6 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
   float* dr_p = drec->typed_data();
   over_row_blocks(B, [&](int64_t r0, int64_t R) {
     float* dh = dh_all + r0 * H;
-    std::vector<float> carry(R * H);  // d h_{t-1} through z
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t at = r0 * T + s;
       for (int64_t b = 0; b < R; ++b) {
@@ -336,10 +349,17 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
         const float* dho = dhs.typed_data() + row * H;
         float* dub = du_p + row * G;
         float* drb = dr_p + row * G;
+        float* dhb = dh + b * H;
+        if (mask.typed_data()[row] == 0.0f) {  // padding: d u = d rec = 0, d h passes through
+          std::memset(dub, 0, sizeof(float) * G);
+          std::memset(drb, 0, sizeof(float) * G);
+          for (int64_t j = 0; j < H; ++j) dhb[j] += dho[j];
+          continue;
+        }
         for (int64_t j = 0; j < H; ++j) {
           const float tr = t[j], tz = t[H + j];
           const float r = 0.5f * tr + 0.5f, z = 0.5f * tz + 0.5f;
-          const float dd = dh[b * H + j] + dho[j];
+          const float dd = dhb[j] + dho[j];
           const float dun = dd * (1.0f - z) * (1.0f - n[j] * n[j]);
           const float dur = dun * rn[j] * (0.25f * (1.0f - tr * tr));
           const float duz = dd * (hp[j] - n[j]) * (0.25f * (1.0f - tz * tz));
@@ -349,11 +369,10 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
           drb[j] = dur;
           drb[H + j] = duz;
           drb[2 * H + j] = r * dun;
-          carry[b * H + j] = dd * z;
+          dhb[j] = dd * z;  // d h_{t-1} through z; the W_h path is added below
         }
       }
-      gemm(R, dr_p + at * G, T * G, w, dh, H, false);
-      for (int64_t k = 0; k < R * H; ++k) dh[k] += carry[k];
+      gemm(R, dr_p + at * G, T * G, w, dh, H, true);
     }
   });
   return ffi::Error::Success();
@@ -364,6 +383,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -382,12 +402,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -399,6 +421,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
