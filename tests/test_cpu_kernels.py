@@ -109,3 +109,16 @@ def test_language_model_training_step_matches_the_xla_loops(monkeypatch, name):
     monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
     want = jax.jit(jax.value_and_grad(loss))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+
+
+def test_a_gradient_of_a_gradient_is_a_clear_error_and_works_without_the_kernels(monkeypatch):
+    cell, params, xs, c0 = _problem(3, 4, 2, 5)
+
+    def grad_norm(p):
+        g = jax.grad(_loss(cell), argnums=1)(p, xs, c0)
+        return jnp.sum(g ** 2)
+
+    with pytest.raises(NotImplementedError, match="RECUR_CPU_KERNELS=0"):
+        jax.grad(grad_norm)(params)
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    assert np.isfinite(float(jax.tree.leaves(jax.grad(grad_norm)(params))[0].sum()))

@@ -253,3 +253,20 @@ def test_adversarial_loss_adds_the_loss_at_inputs_moved_uphill():
     np.testing.assert_allclose(no_key(adv, batch), no_key(make("max", True), batch), rtol=1e-6)
     with pytest.raises(ValueError, match="adv_eps must be a finite number"):
         make(adv_eps=-0.1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_adversarial_training_gradient_is_the_same_with_and_without_the_cpu_kernels(cell, monkeypatch):
+    """The gradient of ce(x) + ce(x + r) needs r's direction, itself a gradient: it must not need
+    a second derivative of the scan (the CPU kernels have none), and must not change with them."""
+    batch = {"tokens": TOKENS, "lengths": LENGTHS, "labels": np.array([0, 1, 2, 0], np.int32)}
+    model = make("max", True, cell=cell, num_layers=1, adv_eps=0.05)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def grad_of_loss():
+        return jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).loss(batch, dropout_key=jax.random.key(3))))(params)
+
+    got = grad_of_loss()
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    want = grad_of_loss()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)

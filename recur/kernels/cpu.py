@@ -14,7 +14,8 @@ The extension is compiled on first use with the machine's C++ compiler (``$CXX``
 or ``g++``) against the FFI headers jaxlib ships and cached in ``$RECUR_CACHE_DIR`` (default
 ``~/.cache/recur``), keyed by the source, compiler and CPU. Without a compiler, or with
 ``RECUR_CPU_KERNELS=0``, the scan runs the XLA loops of recur/backprop.py instead
-(:func:`unavailable` says why).
+(:func:`unavailable` says why). The kernels' backward pass has no derivative of its own: a
+gradient of a gradient through such a scan raises NotImplementedError saying what to do.
 """
 from __future__ import annotations
 
@@ -132,7 +133,20 @@ def _call(name, outs, *args):
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"recur.kernels.cpu cannot run here: {why}")
-    return jax.ffi.ffi_call(name, outs, vmap_method="sequential")(*args)
+    call = jax.ffi.ffi_call(name, outs, vmap_method="sequential")
+
+    @jax.custom_jvp
+    def kernel(*a):
+        return call(*a)
+
+    @kernel.defjvp
+    def _no_derivative(primals, tangents):
+        raise NotImplementedError(
+            f"recur's CPU kernel {name} has no derivative of its own, so a gradient of a gradient "
+            f"through recur.scan cannot pass through it; for that computation set RECUR_CPU_KERNELS=0 "
+            f"or call recur.scan(..., backward='autodiff')")
+
+    return kernel(*args)
 
 
 @jax.custom_vjp

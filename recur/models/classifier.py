@@ -325,14 +325,19 @@ class Classifier(nnx.Module):
         k_embed, k_rnn = jax.random.split(k_encode)
         xs_BxTxE = self._encoder_inputs(tokens_BxT, chars_BxTxW, word_lengths_BxT, k_embed)
 
-        def ce_of(xs_BxTxE):
-            hs_BxTxO, _ = self.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
-            logits_BxC = self._head(hs_BxTxO, lengths_B, k_head)
+        def ce_of(xs_BxTxE, model=self):
+            hs_BxTxO, _ = model.rnn(xs_BxTxE, lengths=lengths_B, dropout_key=k_rnn)
+            logits_BxC = model._head(hs_BxTxO, lengths_B, k_head)
             return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean(), hs_BxTxO
 
         ce, hs_BxTxO = ce_of(xs_BxTxE)
         x_BxTxE = jax.lax.stop_gradient(xs_BxTxE)
-        g_BxTxE = jax.grad(lambda x: ce_of(x)[0])(x_BxTxE)
+        # r is a constant of the training gradient, so its direction g comes from a copy of the
+        # model outside that differentiation: no gradient of a gradient is traced (the CPU
+        # kernels' backward pass, recur/kernels/cpu.py, has no derivative of its own)
+        graphdef, state = nnx.split(self)
+        frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        g_BxTxE = jax.grad(lambda x: ce_of(x, frozen)[0])(x_BxTxE)
         mask_BxTx1 = valid_mask(lengths_B, tokens_BxT.shape[1])[..., None]
         x_norm_Bx1x1 = jnp.sqrt(jnp.sum(jnp.square(x_BxTxE * mask_BxTx1), axis=(1, 2), keepdims=True))
         g_BxTxE = g_BxTxE * mask_BxTx1
