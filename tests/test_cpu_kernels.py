@@ -29,7 +29,9 @@ def _problem(B, T, I, H, seed=0, name="lstm"):
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
     xs = jax.random.normal(jax.random.key(seed + 2), (B, T, I))
-    c0 = jax.tree.map(lambda c: jax.random.normal(jax.random.key(seed + 3 + c.ndim), c.shape), cell.initial_carry(B))
+    carry, carry_tree = jax.tree.flatten(cell.initial_carry(B))
+    keys = jax.random.split(jax.random.key(seed + 3), len(carry))  # h0 and c0 differ
+    c0 = jax.tree.unflatten(carry_tree, [jax.random.normal(k, c.shape) for c, k in zip(carry, keys)])
     return cell, params, xs, c0
 
 

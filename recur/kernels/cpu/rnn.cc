@@ -4,13 +4,15 @@
 // XLA:CPU runs a scanned LSTM step as several thunks (the recurrent dot on both threads, the
 // element-wise gate fusion and the stores of the outputs on one), and the hand-offs between them
 // cost about as much as the arithmetic (docs/benchmarks.md). Here one call runs all T steps:
-// per step one sgemm (OpenBLAS, the library NumPy ships, whose function pointer the Python side
-// hands over with recur_set_sgemm) and one pass of element-wise work, with nothing in between.
+// per step one small matrix product (gemm below, with W_h packed once per call) and one pass of
+// element-wise work, with nothing in between. Batch rows never interact, so the batch is cut
+// into one block of rows per core and each thread runs the whole time loop on its block, with
+// no synchronisation per step.
 //
-// Layouts are row-major and time-major. Gates are ordered i, f, g, o, G = 4H; W_h is [G, H]
-// (pre = u + h W_h^T). The forward loop stores what the backward loop reads, as recur's LSTM
-// step_saving does: t = tanh(s * pre) with s = 1/2 on the sigmoid blocks (sigmoid(x) =
-// (1 + tanh(x / 2)) / 2) and tanh(c_t); so the backward loop recomputes nothing.
+// Gates are ordered i, f, g, o (LSTM, G = 4H) and r, z, n (GRU, G = 3H); W_h is [G, H] (the
+// recurrent product is h W_h^T). The forward loops store what the backward loops read, as the
+// cells' step_saving does (a sigmoid is stored as t = tanh(x / 2), sigmoid(x) = (1 + t) / 2), so
+// the backward loops recompute nothing.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -121,7 +123,7 @@ inline float fast_tanh(float x) {
   return x * p / q;
 }
 
-// fn(row0, rows) over blocks of the B batch rows, one thread per block (the last on the caller),
+// fn(row0, rows) over blocks of the B batch rows, one thread per block (the last on the caller)
 template <typename Fn>
 void over_row_blocks(int64_t B, Fn fn) {
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -143,32 +145,24 @@ void over_row_blocks(int64_t B, Fn fn) {
   for (auto& t : threads) t.join();
 }
 
-// one step's element-wise part for R rows. t [R, G] holds the pre-activations on entry and
-// their tanh on exit; c_prev, c, tc, h are [R, H].
-void forward_pointwise(int64_t R, int64_t H, float* __restrict t, const float* __restrict c_prev,
-                       float* __restrict c, float* __restrict tc, float* __restrict h) {
-  const int64_t G = 4 * H;
-  for (int64_t b = 0; b < R; ++b) {
-    float* tb = t + b * G;
-    for (int64_t j = 0; j < 2 * H; ++j) tb[j] = fast_tanh(0.5f * tb[j]);
-    for (int64_t j = 2 * H; j < 3 * H; ++j) tb[j] = fast_tanh(tb[j]);
-    for (int64_t j = 3 * H; j < G; ++j) tb[j] = fast_tanh(0.5f * tb[j]);
-    const float* ti = tb;
-    const float* tf = tb + H;
-    const float* tg = tb + 2 * H;
-    const float* to = tb + 3 * H;
-    const float* cp = c_prev + b * H;
-    float* cb = c + b * H;
-    float* tcb = tc + b * H;
-    float* hb = h + b * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const float i = 0.5f * ti[j] + 0.5f, f = 0.5f * tf[j] + 0.5f, o = 0.5f * to[j] + 0.5f;
-      const float cn = f * cp[j] + i * tg[j];
-      const float tcn = fast_tanh(cn);
-      cb[j] = cn;
-      tcb[j] = tcn;
-      hb[j] = o * tcn;
-    }
+// one LSTM step's element-wise part for one batch row. t [G] holds the pre-activations on
+// entry and their tanh on exit; c_prev, c, tc, h are [H].
+void lstm_pointwise(int64_t H, float* __restrict t, const float* __restrict c_prev, float* __restrict c,
+                    float* __restrict tc, float* __restrict h) {
+  for (int64_t j = 0; j < 2 * H; ++j) t[j] = fast_tanh(0.5f * t[j]);
+  for (int64_t j = 2 * H; j < 3 * H; ++j) t[j] = fast_tanh(t[j]);
+  for (int64_t j = 3 * H; j < 4 * H; ++j) t[j] = fast_tanh(0.5f * t[j]);
+  const float* ti = t;
+  const float* tf = t + H;
+  const float* tg = t + 2 * H;
+  const float* to = t + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = 0.5f * ti[j] + 0.5f, f = 0.5f * tf[j] + 0.5f, o = 0.5f * to[j] + 0.5f;
+    const float cn = f * c_prev[j] + i * tg[j];
+    const float tcn = fast_tanh(cn);
+    c[j] = cn;
+    tc[j] = tcn;
+    h[j] = o * tcn;
   }
 }
 
@@ -205,7 +199,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, 
       gemm(R, h_prev, ld, w, pre, T * G, true);
       for (int64_t b = 0; b < R; ++b) {
         const int64_t k = at + b * T;
-        forward_pointwise(1, H, ts_p + k * G, c_prev + b * ld, cs_p + k * H, tcs_p + k * H, hs_p + k * H);
+        lstm_pointwise(H, ts_p + k * G, c_prev + b * ld, cs_p + k * H, tcs_p + k * H, hs_p + k * H);
         if (mask.typed_data()[k] == 0.0f) {  // padding: the carry passes through
           std::memcpy(hs_p + k * H, h_prev + b * ld, sizeof(float) * H);
           std::memcpy(cs_p + k * H, c_prev + b * ld, sizeof(float) * H);
@@ -380,7 +374,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
 
 }  // namespace
 
-
+// us, W_h, h0, c0, mask -> hs, cs, tcs, ts
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -393,6 +387,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// ts, tcs, cs_prev, dhs, W_h, dh_T, dc_T, mask -> dpre, dh0, dc0
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -407,6 +402,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// us, W_h, b_h, h0, mask -> hs, ts, ns, recns
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -419,6 +415,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// ts, ns, recns, hs_prev, dhs, W_h, dh_T, mask -> du, drec, dh0
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
