@@ -22,8 +22,12 @@ Semantics, for batch row b:
   linear cell and give the sequential scan's results up to float rounding
   (tests/test_parallel.py). They never divide by a product of gates: products of a_t that
   underflow to 0 do so where the sequential loop's would, so no log-space form is needed
-  (docs/benchmarks.md has the measured errors at T = 16384, and the timings: on a 2-core CPU
-  neither is faster than the sequential scan at batch 32, hidden 256).
+  (docs/benchmarks.md has the measured errors at T = 16384). On the CPU, ``mode="parallel"``
+  with real float32 coefficients runs a compiled chunked scan instead of the associative one
+  (recur/kernels/cpu.py: each (batch row, time chunk) item walks its steps, chunks combined in
+  three passes; for a float32 minGRU / minLSTM without resets the gates are computed inside it
+  too), one pass over memory where the associative scan makes ~2 log2(T); docs/benchmarks.md has
+  its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
   a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
   (no GPU, a cell the GPU back end cannot lower, a complex state, remat) it runs the plain scan
@@ -302,9 +306,24 @@ def _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat
 
     Resets and the initial carry are folded into the coefficients: where the carry restarts from
     c (the initial carry at t = 0, the reset carry at a reset), b_t <- a_t c + b_t and a_t <- 0.
-    Padded steps get a = 1, b = 0 so the state passes through unchanged.
+    Padded steps get a = 1, b = 0 so the state passes through unchanged. On the CPU, real
+    float32 coefficients go through the compiled chunked scan of recur/kernels/cpu.py instead
+    of lax.associative_scan (same states up to float rounding, one pass over memory instead of
+    ~2 log2(T)); for a float32 minGRU / minLSTM without resets that scan also computes the gates.
     """
-    return _linear_scan(cell, params, us, carry0, mask, resets, reset_carry)
+    kind = cpu_kernels.gated_kind(cell, carry0, us) if resets is None and T > 0 else 0
+    if kind:
+        # minGRU / minLSTM: the gates are computed inside the compiled scan as well
+        m = jnp.ones((carry0.shape[0], T), jnp.float32) if mask is None else mask
+        states = cpu_kernels.gated(us, carry0, m.astype(jnp.float32), kind)
+        return cell.readout(params, states, us), states[:, -1]
+    return _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, _parallel_recurrence)
+
+
+def _parallel_recurrence(a, b):
+    if cpu_kernels.linear_applies(a, b):
+        return cpu_kernels.linear_recurrence(a, b)
+    return _associative(a, b)
 
 
 def _associative(a, b):

@@ -140,14 +140,22 @@ def test_kernel_on_cpu_falls_back_with_a_notice(monkeypatch):
 
 
 def test_auto_on_cpu_is_the_sequential_scan_silently(monkeypatch):
+    """On the CPU, auto is the sequential scan, except for a float32 minGRU / minLSTM with the CPU
+    kernels built: their parallel mode is the compiled chunked scan (recur/kernels/cpu.py)."""
     monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
-    for name in ("lstm", "mingru"):
+    from recur.kernels import cpu
+
+    gated = "parallel" if cpu.unavailable() is None else "sequential"
+    for name, want in (("lstm", "sequential"), ("lru", "sequential"), ("mingru", gated), ("minlstm", gated)):
         cell, params, xs = make(name)
-        assert dispatch.choose(cell, "auto", B, T, 4, "none") == ("sequential", False, None)
+        for mode in ("auto", "kernel") if want == "parallel" else ("auto",):
+            assert dispatch.choose(cell, mode, B, T, 4, "none") == (want, False, None), (name, mode)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             hs, _ = recur.scan(cell, params, xs, mode="auto")
-        assert np.allclose(hs, recur.scan(cell, params, xs)[0])
+        assert np.allclose(hs, recur.scan(cell, params, xs)[0], atol=1e-6), name
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    assert dispatch.choose(make("mingru")[0], "auto", B, T, 4, "none")[0] == "sequential"
 
 
 def test_auto_in_interpret_mode_picks_the_kernels(interpret):

@@ -1,5 +1,14 @@
 """Recurrent time loops as compiled C++ on the CPU: XLA FFI custom calls (cpu/rnn.cc).
 
+Two families: the LSTM / GRU loops below, and the linear recurrence s_t = a_t s_{t-1} + b_t
+that ``recur.scan(mode="parallel")`` runs on the CPU (:func:`linear_recurrence` on any float32
+(a, b); :func:`gated` for a float32 minGRU / minLSTM, with the gates computed inside the loop
+from the projected inputs and recomputed in the backward pass). The linear kernels cut each
+batch row's time axis into chunks when there are fewer rows than cores, fold every chunk into an
+affine map in parallel, combine the maps in order and rerun every chunk from its true entering
+state (the GPU kernel's scheme, recur/kernels/linear.py); with enough rows each row is one chunk
+and the data is streamed once. The backward pass is the same scan read from the end.
+
 On the CPU back end, ``recur.scan`` with the default ``backward="deferred"`` runs the plain LSTM
 and the reset-after GRU (``cell.fused_backward``; float32; ``lengths`` allowed, no ``resets``) through
 :func:`lstm` / :func:`gru` (dispatched by :func:`run`): one custom
@@ -31,12 +40,15 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu") / "rnn.cc"
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
           "-pthread", "-w"]
 _TARGETS = {"recur_lstm_forward": "RecurLstmForward", "recur_lstm_backward": "RecurLstmBackward",
-            "recur_gru_forward": "RecurGruForward", "recur_gru_backward": "RecurGruBackward"}
+            "recur_gru_forward": "RecurGruForward", "recur_gru_backward": "RecurGruBackward",
+            "recur_linear_forward": "RecurLinearForward", "recur_linear_backward": "RecurLinearBackward",
+            "recur_gated_forward": "RecurGatedForward", "recur_gated_backward": "RecurGatedBackward"}
 
 
 def _compiler() -> str | None:
@@ -112,6 +124,13 @@ def applies(cell, params, carry0, mask, resets) -> bool:
     return unavailable() is None
 
 
+def linear_applies(a, b) -> bool:
+    """Whether recur.scan's parallel mode should run s_t = a_t s_{t-1} + b_t through
+    :func:`linear_recurrence`: float32 coefficients, and the kernels available here."""
+    f32 = jnp.dtype(jnp.float32)
+    return jnp.dtype(a.dtype) == f32 and jnp.dtype(b.dtype) == f32 and unavailable() is None
+
+
 def run(cell, params, carry0, us, mask=None):
     """(hs [B, T, H], final carry) of an LSTM or GRU for which :func:`applies` holds, from the
     batch-major projected inputs us [B, T, G] and mask [B, T] (None: every step is real).
@@ -129,7 +148,7 @@ def run(cell, params, carry0, us, mask=None):
     return hs, hs[:, -1]
 
 
-def _call(name, outs, *args):
+def _call(name, outs, *args, **attrs):
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"recur.kernels.cpu cannot run here: {why}")
@@ -137,14 +156,14 @@ def _call(name, outs, *args):
 
     @jax.custom_jvp
     def kernel(*a):
-        return call(*a)
+        return call(*a, **attrs)
 
     @kernel.defjvp
     def _no_derivative(primals, tangents):
         raise NotImplementedError(
             f"recur's CPU kernel {name} has no derivative of its own, so a gradient of a gradient "
             f"through recur.scan cannot pass through it; for that computation set RECUR_CPU_KERNELS=0 "
-            f"or call recur.scan(..., backward='autodiff')")
+            f"(or, for a sequential scan, call recur.scan(..., backward='autodiff'))")
 
     return kernel(*args)
 
@@ -221,3 +240,76 @@ def _gru_backward(res, dhs):
 
 
 gru.defvjp(_gru_forward, _gru_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear_recurrence(a, b, chunks=0):
+    """States s [B, T, S] of s_t = a_t * s_{t-1} + b_t, s_{-1} = 0, for float32 a, b [B, T, S]
+    (the CPU counterpart of recur.kernels.linear.linear_recurrence).
+
+    chunks: time chunks per batch row, scanned in parallel (three passes, cpu/rnn.cc); 0 lets
+    the kernel choose (one chunk when there are at least as many rows as cores)."""
+    return _linear_forward(a, b, chunks)[0]
+
+
+def _linear_forward(a, b, chunks):
+    s = _call("recur_linear_forward", jax.ShapeDtypeStruct(b.shape, jnp.float32), a, b, chunks=np.int64(chunks))
+    return s, (a, s)
+
+
+def _linear_backward(chunks, res, g):
+    a, s = res
+    out = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    da, db = _call("recur_linear_backward", (out, out), a, s, g.astype(jnp.float32), chunks=np.int64(chunks))
+    return da, db
+
+
+linear_recurrence.defvjp(_linear_forward, _linear_backward)
+
+
+def gated_cell(cell) -> bool:
+    """Whether recur.scan(cell, ..., mode="parallel") with float32 inputs and no resets runs
+    :func:`gated` here: a float32 minGRU / minLSTM, and the kernels available."""
+    from recur.cells.minrnn import MinGRU, MinLSTM
+
+    f32 = jnp.dtype(jnp.float32)
+    return (type(cell) in (MinGRU, MinLSTM) and jnp.dtype(cell.dtype) == f32
+            and jnp.dtype(cell.state_dtype) == f32 and unavailable() is None)
+
+
+def gated_kind(cell, carry0, us) -> int:
+    """The gated kernel's kind for this scan (1 minGRU, 2 minGRU identity, 3 minLSTM, 4 minLSTM
+    identity; cpu/rnn.cc), or 0 when it does not apply: another cell, anything but float32, or
+    the kernels unavailable."""
+    from recur.cells.minrnn import MinGRU
+
+    f32 = jnp.dtype(jnp.float32)
+    if not gated_cell(cell) or any(jnp.dtype(x.dtype) != f32 for x in (carry0, us)):
+        return 0
+    return (1 if isinstance(cell, MinGRU) else 3) + (cell.candidate == "identity")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gated(us, s0, mask, kind, chunks=0):
+    """States s [B, T, S] of a minGRU / minLSTM (``kind``, see :func:`gated_kind`) from its
+    projected inputs us [B, T, k S], the initial state s0 [B, S] and mask [B, T] (1. real step,
+    0. padding, where the state passes through). float32. chunks as in :func:`linear_recurrence`."""
+    return _gated_forward(us, s0, mask, kind, chunks)[0]
+
+
+def _gated_forward(us, s0, mask, kind, chunks):
+    B, T = us.shape[:2]
+    out = jax.ShapeDtypeStruct((B, T, s0.shape[-1]), jnp.float32)
+    s = _call("recur_gated_forward", out, us, s0, mask, kind=np.int64(kind), chunks=np.int64(chunks))
+    return s, (us, s0, s, mask)
+
+
+def _gated_backward(kind, chunks, res, g):
+    us, s0, s, mask = res
+    du, ds0 = _call("recur_gated_backward", (jax.ShapeDtypeStruct(us.shape, jnp.float32),
+                                             jax.ShapeDtypeStruct(s0.shape, jnp.float32)),
+                    us, s0, s, g.astype(jnp.float32), mask, kind=np.int64(kind), chunks=np.int64(chunks))
+    return du, ds0, jnp.zeros_like(mask)
+
+
+gated.defvjp(_gated_forward, _gated_backward)

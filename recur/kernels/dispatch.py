@@ -13,7 +13,9 @@ do not support, or a kernel that the GPU back end cannot lower for this cell and
 scan falls back to ``sequential`` (``parallel`` for linear cells on a GPU) with a one-line
 :class:`KernelFallback` warning, never an error. ``mode="auto"`` picks the kernel on a GPU where
 it lowers and otherwise the plain scan that is fastest there, silently: on CPU the sequential
-scan (measured faster than the associative one on CPU, docs/benchmarks.md).
+scan (measured faster than the associative one on CPU, docs/benchmarks.md), except for a float32
+minGRU / minLSTM, whose parallel mode runs recur/kernels/cpu.py's compiled chunked scan there
+(both ``kernel`` and ``auto`` take it, without a notice).
 
 Setting ``RECUR_PALLAS_INTERPRET=1`` runs the kernels in Pallas' interpret mode on any backend;
 that is how the tests check them on CPU.
@@ -67,6 +69,10 @@ def choose(cell, mode, B, T, I, remat):
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
     if not (gpu or interpret):
+        from recur.kernels import cpu
+
+        if cpu.gated_cell(cell):  # a float32 minGRU / minLSTM: the parallel scan is a compiled kernel here
+            return "parallel", False, None
         return "sequential", False, (None if mode == "auto" else
                                      f"mode='kernel' needs a GPU (backend is {jax.default_backend()})")
     carry = jax.eval_shape(lambda: cell.initial_carry(B))

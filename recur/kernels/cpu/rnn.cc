@@ -372,6 +372,337 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> ns, f
   return ffi::Error::Success();
 }
 
+
+// ---- the linear recurrence s_t = a_t s_{t-1} + b_t (minGRU, minLSTM and any real cell in the
+// (a, b) form), batch-major [B, T, S], s_{-1} = 0 (recur.scan folds the carry into (a, b)).
+//
+// Memory-bound, so the aim is to stream each array once: a thread takes a run of (row, time
+// chunk) items and walks each item's steps in order, the state in a buffer of S floats. With one
+// chunk per row (enough rows for every core) that is one pass. Otherwise (few rows, long T) each
+// row's time axis is cut into C chunks, and the scan runs in parallel over time in three passes,
+// as the GPU kernel (recur/kernels/linear.py) does: (1) every chunk but the last folds its steps
+// into an affine map s_out = P s_in + Q, (2) the maps are combined in order per row, (3) every
+// chunk reruns its steps from its true entering state, writing the outputs.
+//
+// The backward pass is the same recurrence read from the end: with e the cotangent of s,
+// e_t = g_t + a_{t+1} e_{t+1}, db_t = e_t and da_t = e_t s_{t-1}.
+
+// fn(begin, end) over [0, n) cut into one contiguous block per core (the last on the caller)
+template <typename Fn>
+void parallel_for(int64_t n, Fn fn) {
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t workers = std::max<int64_t>(1, std::min(cores, n));
+  const int64_t per = (n + workers - 1) / workers;
+  std::vector<std::thread> threads;
+  for (int64_t i0 = 0; i0 < n; i0 += per) {
+    const int64_t i1 = std::min(n, i0 + per);
+    if (i1 >= n) {
+      fn(i0, i1);
+    } else {
+      threads.emplace_back([=] { fn(i0, i1); });
+    }
+  }
+  for (auto& t : threads) t.join();
+}
+
+// time chunks per row: the `chunks` attribute if positive, else 1 when the rows alone give every
+// core work, else enough chunks (of at least 64 steps) for the cores
+int64_t time_chunks(int64_t B, int64_t T, int64_t chunks) {
+  if (chunks > 0) return std::max<int64_t>(1, std::min(chunks, T));
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  if (B >= cores) return 1;
+  return std::max<int64_t>(1, std::min((cores + B - 1) / B, T / 64));
+}
+
+// The three passes over items (row r, chunk c) of steps [t0, t1), in time order or, with
+// `reverse`, from the end. init(r, state) sets the state entering row r's first chunk in reading
+// order. step(r, t, state, p, write) advances the state over step t (state = a_t state + b_t);
+// in pass 1 (p not null) it also multiplies p by a_t and writes nothing, in pass 3 (`write`)
+// it writes step t's outputs.
+template <typename Init, typename Step>
+void three_pass(int64_t B, int64_t T, int64_t S, int64_t C, bool reverse, Init init, Step step) {
+  const int64_t L = (T + C - 1) / C;
+  C = (T + L - 1) / L;  // no empty chunk
+  std::vector<float> entering(B * C * S, 0.0f);
+  for (int64_t r = 0; r < B; ++r) init(r, entering.data() + (r * C + (reverse ? C - 1 : 0)) * S);
+  if (C > 1) {
+    std::vector<float> P(B * C * S), Q(B * C * S);
+    // pass 1: each chunk's affine map from zero (the last chunk in reading order needs none)
+    parallel_for(B * C, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = i / C, c = i % C;
+        if (c == (reverse ? 0 : C - 1)) continue;
+        float* p = P.data() + i * S;
+        float* q = Q.data() + i * S;
+        std::fill(p, p + S, 1.0f);
+        std::fill(q, q + S, 0.0f);
+        const int64_t t0 = c * L, t1 = std::min(T, t0 + L);
+        for (int64_t k = 0; k < t1 - t0; ++k) step(r, reverse ? t1 - 1 - k : t0 + k, q, p, false);
+      }
+    });
+    // pass 2: the entering state of every chunk, in reading order
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t k = 1; k < C; ++k) {
+        const int64_t c = reverse ? C - 1 - k : k, prev = reverse ? c + 1 : c - 1;
+        float* e = entering.data() + (r * C + c) * S;
+        const float* ep = entering.data() + (r * C + prev) * S;
+        const float* p = P.data() + (r * C + prev) * S;
+        const float* q = Q.data() + (r * C + prev) * S;
+        for (int64_t j = 0; j < S; ++j) e[j] = p[j] * ep[j] + q[j];
+      }
+  }
+  // pass 3: every chunk from its entering state, writing the outputs
+  parallel_for(B * C, [&](int64_t i0, int64_t i1) {
+    std::vector<float> state(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / C, c = i % C;
+      std::copy(entering.data() + i * S, entering.data() + (i + 1) * S, state.data());
+      const int64_t t0 = c * L, t1 = std::min(T, t0 + L);
+      for (int64_t k = 0; k < t1 - t0; ++k) step(r, reverse ? t1 - 1 - k : t0 + k, state.data(), nullptr, true);
+    }
+  });
+}
+
+ffi::Error LinearForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> s,
+                             int64_t chunks) {
+  const auto dims = a.dimensions();
+  const int64_t B = dims[0], T = dims[1], S = dims[2];
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* sp = s->typed_data();
+  auto init = [](int64_t, float*) {};
+  auto step = [&](int64_t r, int64_t t, float* __restrict state, float* __restrict p, bool write) {
+    const float* __restrict at = ap + (r * T + t) * S;
+    const float* __restrict bt = bp + (r * T + t) * S;
+    if (write) {
+      float* __restrict out = sp + (r * T + t) * S;
+      for (int64_t j = 0; j < S; ++j) out[j] = state[j] = at[j] * state[j] + bt[j];
+    } else {
+      for (int64_t j = 0; j < S; ++j) {
+        state[j] = at[j] * state[j] + bt[j];
+        p[j] *= at[j];
+      }
+    }
+  };
+  three_pass(B, T, S, time_chunks(B, T, chunks), false, init, step);
+  return ffi::Error::Success();
+}
+
+// a, s (the forward states), g (their cotangent) -> da, db. The state carried backwards is
+// a_{t+1} e_{t+1}; step t turns it into e_t = g_t + carry, writes db_t = e_t and
+// da_t = e_t s_{t-1}, and carries a_t e_t on.
+ffi::Error LinearBackwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> g,
+                              ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> db, int64_t chunks) {
+  const auto dims = a.dimensions();
+  const int64_t B = dims[0], T = dims[1], S = dims[2];
+  const float* ap = a.typed_data();
+  const float* sp = s.typed_data();
+  const float* gp = g.typed_data();
+  float* dap = da->typed_data();
+  float* dbp = db->typed_data();
+  auto init = [](int64_t, float*) {};
+  auto step = [&](int64_t r, int64_t t, float* __restrict carry, float* __restrict p, bool write) {
+    const int64_t at = (r * T + t) * S;
+    const float* __restrict a_t = ap + at;
+    const float* __restrict g_t = gp + at;
+    if (!write) {
+      for (int64_t j = 0; j < S; ++j) {
+        carry[j] = a_t[j] * (g_t[j] + carry[j]);
+        p[j] *= a_t[j];
+      }
+      return;
+    }
+    float* __restrict da_t = dap + at;
+    float* __restrict db_t = dbp + at;
+    const float* __restrict s_prev = t > 0 ? sp + at - S : nullptr;
+    for (int64_t j = 0; j < S; ++j) {
+      const float e = g_t[j] + carry[j];
+      db_t[j] = e;
+      da_t[j] = t > 0 ? e * s_prev[j] : 0.0f;
+      carry[j] = a_t[j] * e;
+    }
+  };
+  three_pass(B, T, S, time_chunks(B, T, chunks), true, init, step);
+  return ffi::Error::Success();
+}
+
+// ---- minGRU and minLSTM (Feng et al. 2024) with their gates computed inside the scan: the
+// kernels read the projected inputs u [B, T, k S] (k = 2: pre_z | pre_h; k = 3: pre_f | pre_i |
+// pre_h) instead of (a, b), so the gates cost no pass over memory of their own, and the backward
+// pass recomputes them rather than storing them. Kinds: 1 minGRU, 2 minGRU with the identity
+// candidate, 3 minLSTM, 4 minLSTM identity (recur/cells/minrnn.py):
+//   minGRU:  z = sigmoid(pre_z), a = 1 - z, b = z c;
+//   minLSTM: f = sigmoid(pre_f), i = sigmoid(pre_i), a = f / (f + i), b = i / (f + i) c;
+//   c = g(pre_h) = pre_h + 1/2 where pre_h >= 0, else sigmoid(pre_h) (or pre_h itself).
+// The state starts from s0 [B, S]; at a padded step (mask 0) a = 1, b = 0: the state passes
+// through, and the step's inputs get no gradient.
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// The candidate c = g(x) (or x) and its derivative. Both sides of the select are computed, so
+// the loops below vectorise.
+template <bool G>
+inline float cand(float x) {
+  return G ? (x >= 0.0f ? x + 0.5f : sigmoid(x)) : x;
+}
+template <bool G>
+inline float cand_grad(float x) {
+  if (!G) return 1.0f;
+  const float sg = sigmoid(x);
+  return x >= 0.0f ? 1.0f : sg * (1.0f - sg);
+}
+
+// One step of one batch row, all S units, for kind Kind: forward (state = a state + b, and
+// either out = state or p *= a) and backward (from e = g + carry: d u, and carry = a e).
+template <int Kind>
+struct Gated {
+  static constexpr int64_t k = Kind <= 2 ? 2 : 3;
+  static constexpr bool G = Kind == 1 || Kind == 3;
+
+  static inline void forward(const float* __restrict u, int64_t S, float* __restrict state, float* __restrict out,
+                             float* __restrict p) {
+    const float* __restrict u0 = u;
+    const float* __restrict u1 = u + S;
+    const float* __restrict u2 = u + 2 * S;
+    if (out) {
+      for (int64_t j = 0; j < S; ++j) {
+        float a, b;
+        ab(u0[j], u1[j], k == 3 ? u2[j] : 0.0f, a, b);
+        out[j] = state[j] = a * state[j] + b;
+      }
+    } else {
+      for (int64_t j = 0; j < S; ++j) {
+        float a, b;
+        ab(u0[j], u1[j], k == 3 ? u2[j] : 0.0f, a, b);
+        state[j] = a * state[j] + b;
+        p[j] *= a;
+      }
+    }
+  }
+
+  static inline void ab(float x0, float x1, float x2, float& a, float& b) {
+    if (k == 2) {
+      const float z = sigmoid(x0);
+      a = 1.0f - z;
+      b = z * cand<G>(x1);
+    } else {
+      const float f = sigmoid(x0), i = sigmoid(x1);
+      const float inv = 1.0f / (f + i);
+      a = f * inv;
+      b = i * inv * cand<G>(x2);
+    }
+  }
+
+  static inline void backward(const float* __restrict u, int64_t S, const float* __restrict g,
+                              const float* __restrict s_prev, float* __restrict carry, float* __restrict du) {
+    const float* __restrict u0 = u;
+    const float* __restrict u1 = u + S;
+    const float* __restrict u2 = u + 2 * S;
+    float* __restrict d0 = du;
+    float* __restrict d1 = du + S;
+    float* __restrict d2 = du + 2 * S;
+    for (int64_t j = 0; j < S; ++j) {
+      const float e = g[j] + carry[j];
+      const float da = e * s_prev[j];  // d b = e
+      if (k == 2) {
+        const float z = sigmoid(u0[j]), c = cand<G>(u1[j]);
+        d0[j] = (e * c - da) * z * (1.0f - z);
+        d1[j] = e * z * cand_grad<G>(u1[j]);
+        carry[j] = (1.0f - z) * e;
+      } else {
+        // b = i / (f + i) c = (1 - a) c, so f and i see d a - d b c through a = f / (f + i):
+        // d a / d f = i / (f + i)^2, d a / d i = -f / (f + i)^2
+        const float f = sigmoid(u0[j]), i = sigmoid(u1[j]), c = cand<G>(u2[j]);
+        const float inv = 1.0f / (f + i);
+        const float d = (da - e * c) * inv * inv;
+        d0[j] = d * i * f * (1.0f - f);
+        d1[j] = -d * f * i * (1.0f - i);
+        d2[j] = e * i * inv * cand_grad<G>(u2[j]);
+        carry[j] = f * inv * e;
+      }
+    }
+  }
+};
+
+template <int Kind>
+void gated_forward(int64_t B, int64_t T, int64_t S, const float* up, const float* s0, const float* mask, float* sp,
+                   int64_t chunks) {
+  constexpr int64_t k = Gated<Kind>::k;
+  auto init = [&](int64_t r, float* state) { std::copy(s0 + r * S, s0 + (r + 1) * S, state); };
+  auto step = [&](int64_t r, int64_t t, float* state, float* p, bool write) {
+    const int64_t row = r * T + t;
+    if (mask[row] == 0.0f) {  // a = 1, b = 0
+      if (write) std::copy(state, state + S, sp + row * S);
+      return;
+    }
+    Gated<Kind>::forward(up + row * k * S, S, state, write ? sp + row * S : nullptr, p);
+  };
+  three_pass(B, T, S, time_chunks(B, T, chunks), false, init, step);
+}
+
+// u, s0, s (the forward states), g (their cotangent), mask -> du, ds0
+template <int Kind>
+void gated_backward(int64_t B, int64_t T, int64_t S, const float* up, const float* s0, const float* sp,
+                    const float* gp, const float* mask, float* dup, float* ds0, int64_t chunks) {
+  constexpr int64_t k = Gated<Kind>::k;
+  auto init = [](int64_t, float*) {};
+  auto step = [&](int64_t r, int64_t t, float* __restrict carry, float* __restrict p, bool write) {
+    const int64_t row = r * T + t;
+    const float* __restrict g_t = gp + row * S;
+    const float* u = up + row * k * S;
+    if (mask[row] == 0.0f) {  // a = 1: the carry gathers g_t and passes on; no gradient to u
+      for (int64_t j = 0; j < S; ++j) carry[j] += g_t[j];
+      if (write) std::fill(dup + row * k * S, dup + (row + 1) * k * S, 0.0f);
+    } else if (!write) {
+      for (int64_t j = 0; j < S; ++j) {
+        float a, b;
+        Gated<Kind>::ab(u[j], u[S + j], k == 3 ? u[2 * S + j] : 0.0f, a, b);
+        carry[j] = a * (g_t[j] + carry[j]);
+        p[j] *= a;
+      }
+    } else {
+      Gated<Kind>::backward(u, S, g_t, t > 0 ? sp + (row - 1) * S : s0 + r * S, carry, dup + row * k * S);
+    }
+    if (write && t == 0) std::copy(carry, carry + S, ds0 + r * S);
+  };
+  three_pass(B, T, S, time_chunks(B, T, chunks), true, init, step);
+}
+
+ffi::Error GatedForwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> mask,
+                            ffi::ResultBuffer<ffi::F32> s, int64_t kind, int64_t chunks) {
+  const auto dims = s->dimensions();
+  const int64_t B = dims[0], T = dims[1], S = dims[2];
+  const float *up = u.typed_data(), *s0p = s0.typed_data(), *mp = mask.typed_data();
+  float* sp = s->typed_data();
+  switch (kind) {
+    case 1: gated_forward<1>(B, T, S, up, s0p, mp, sp, chunks); break;
+    case 2: gated_forward<2>(B, T, S, up, s0p, mp, sp, chunks); break;
+    case 3: gated_forward<3>(B, T, S, up, s0p, mp, sp, chunks); break;
+    case 4: gated_forward<4>(B, T, S, up, s0p, mp, sp, chunks); break;
+    default: return ffi::Error(ffi::ErrorCode::kInvalidArgument, "recur_gated_forward: kind must be 1..4");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedBackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> s,
+                             ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> du,
+                             ffi::ResultBuffer<ffi::F32> ds0, int64_t kind, int64_t chunks) {
+  const auto dims = s.dimensions();
+  const int64_t B = dims[0], T = dims[1], S = dims[2];
+  const float *up = u.typed_data(), *s0p = s0.typed_data(), *sp = s.typed_data(), *gp = g.typed_data(),
+              *mp = mask.typed_data();
+  float *dup = du->typed_data(), *ds0p = ds0->typed_data();
+  if (T == 0) std::fill(ds0p, ds0p + B * S, 0.0f);
+  switch (kind) {
+    case 1: gated_backward<1>(B, T, S, up, s0p, sp, gp, mp, dup, ds0p, chunks); break;
+    case 2: gated_backward<2>(B, T, S, up, s0p, sp, gp, mp, dup, ds0p, chunks); break;
+    case 3: gated_backward<3>(B, T, S, up, s0p, sp, gp, mp, dup, ds0p, chunks); break;
+    case 4: gated_backward<4>(B, T, S, up, s0p, sp, gp, mp, dup, ds0p, chunks); break;
+    default: return ffi::Error(ffi::ErrorCode::kInvalidArgument, "recur_gated_backward: kind must be 1..4");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // us, W_h, h0, c0, mask -> hs, cs, tcs, ts
@@ -429,3 +760,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// a, b -> s; attribute chunks (time chunks per row, 0: choose)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLinearForward, LinearForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("chunks"));
+
+// a, s, g -> da, db; attribute chunks
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLinearBackward, LinearBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("chunks"));
+
+// u, s0, mask -> s; attributes kind (1..4, see Gates), chunks
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGatedForward, GatedForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("chunks"));
+
+// u, s0, s, g, mask -> du, ds0; attributes kind, chunks
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGatedBackward, GatedBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("chunks"));
