@@ -7,9 +7,17 @@
 
 Timing: one layer ``recur.scan(mingru, params, xs, mode=...)`` with xs [B, T, I]; the step is
 jax.value_and_grad of mean(hs**2) with respect to the params and xs (a layer inside a network),
-jitted; compile time is measured on its own and excluded. The modes run interleaved, one step
-each per round, for ``--rounds`` rounds; min and median are reported. Each mode's outputs and
-gradients are compared with the sequential scan's (max abs difference).
+jitted; compile time is measured on its own and excluded. With ``--projected`` the input
+projection us = W_x xs + b is computed once outside the step and the step is the scan alone,
+``recur.scan(..., us, projected=True)``, differentiated with respect to the params and us (the
+recurrence and the gates, which is what the modes differ in). The modes run interleaved, one
+step each per round, for ``--rounds`` rounds; min and median are reported. Each mode's outputs
+and gradients are compared with the sequential scan's (max abs difference).
+
+Modes: ``sequential``, ``parallel`` and ``chunked`` are recur.scan's; ``associative`` is
+``mode="parallel"`` traced with ``RECUR_CPU_KERNELS=0``, i.e. ``lax.associative_scan`` (on the
+CPU, ``parallel`` runs the compiled chunked scan of recur/kernels/cpu.py instead; elsewhere the
+two are the same computation).
 
 Accuracy (``--accuracy``): float32 sequential, parallel and chunked scans (and two closed forms
 for reference: the plain cumulative-product form s_t = A_t (s_0 + sum_k b_k / A_k) and the
@@ -18,7 +26,9 @@ log-space form of Feng et al. / Heinsen with logcumsumexp) against a float64 seq
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import os
 import pathlib
 import platform
 import statistics
@@ -30,12 +40,30 @@ import numpy as np
 
 import recur
 
-MODES = ("sequential", "parallel", "chunked")
+MODES = ("sequential", "parallel", "chunked", "associative")
 
 
-def make_step(cell, mode, chunk):
+@contextlib.contextmanager
+def _tracing(mode):
+    """While tracing "associative": the CPU kernels off, so mode="parallel" is lax.associative_scan."""
+    old = os.environ.get("RECUR_CPU_KERNELS")
+    if mode == "associative":
+        os.environ["RECUR_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if mode == "associative":
+            if old is None:
+                os.environ.pop("RECUR_CPU_KERNELS")
+            else:
+                os.environ["RECUR_CPU_KERNELS"] = old
+
+
+def make_step(cell, mode, chunk, projected=False):
+    scan_mode = "parallel" if mode == "associative" else mode
+
     def loss(params, xs):
-        hs, _ = recur.scan(cell, params, xs, mode=mode, chunk=chunk)
+        hs, _ = recur.scan(cell, params, xs, mode=scan_mode, chunk=chunk, projected=projected)
         return jnp.mean(jnp.square(hs.astype(jnp.float32))), hs
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -51,11 +79,14 @@ def bench(args):
     rows = []
     for T in args.lengths:
         xs = jax.random.normal(jax.random.key(1), (args.batch, T, args.input))
+        if args.projected:
+            xs = jax.jit(cell.project)(params, xs)
         steps, compile_s, outs = {}, {}, {}
         for mode in MODES:
-            f = make_step(cell, mode, args.chunk)
+            f = make_step(cell, mode, args.chunk, args.projected)
             t0 = time.perf_counter()
-            compiled = f.lower(params, xs).compile()
+            with _tracing(mode):
+                compiled = f.lower(params, xs).compile()
             compile_s[mode] = time.perf_counter() - t0
             steps[mode] = compiled
             outs[mode] = jax.block_until_ready(compiled(params, xs))  # warm-up, and the results
@@ -69,7 +100,7 @@ def bench(args):
         for mode in MODES:
             (_, hs), g = outs[mode]
             row = dict(T=T, mode=mode, batch=args.batch, hidden=args.hidden, input=args.input,
-                       chunk=args.chunk if mode == "chunked" else "",
+                       projected=int(args.projected), chunk=args.chunk if mode == "chunked" else "",
                        min_s=min(times[mode]), median_s=statistics.median(times[mode]),
                        compile_s=compile_s[mode], max_abs_diff_hs=max_abs(hs, hs_ref),
                        max_abs_diff_grad=max_abs(g, g_ref),
@@ -80,8 +111,8 @@ def bench(args):
                   f"|dgrad| {row['max_abs_diff_grad']:.1e} (max |grad| {row['max_abs_grad']:.1e})",
                   flush=True)
         seq = statistics.median(times["sequential"])
-        print(f"T={T:6d} sequential/parallel {seq / statistics.median(times['parallel']):.2f}x  "
-              f"sequential/chunked {seq / statistics.median(times['chunked']):.2f}x", flush=True)
+        print(f"T={T:6d} " + "  ".join(f"sequential/{m} {seq / statistics.median(times[m]):.2f}x"
+                                       for m in MODES[1:]), flush=True)
     return rows
 
 
@@ -117,8 +148,9 @@ def write(rows, out, append):
             label = "chunked (chunk=" + next(str(r["chunk"]) for r in rows if r["mode"] == "chunked") + ")"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     r0 = rows[0]
+    what = "scan of projected inputs" if int(r0.get("projected") or 0) else f"layer, I={r0['input']}"
     ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="training step, median s",
-           title=f"minGRU H={r0['hidden']} B={r0['batch']} I={r0['input']}, {platform.machine()} CPU")
+           title=f"minGRU H={r0['hidden']} B={r0['batch']} {what}, {platform.machine()} CPU")
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -155,7 +187,8 @@ def accuracy(args):
     print(f"{'float32 form':40s} {'max |hs - hs64|':>16s} {'max |grad - grad64|':>20s}  (max |hs64| "
           f"{np.abs(hs64).max():.3g}, max |grad64| {max(np.abs(x).max() for x in jax.tree.leaves(g64)):.3g})")
     for mode in MODES:
-        g, hs = loss(cell32, mode)(params, xs)
+        with _tracing(mode):
+            g, hs = loss(cell32, "parallel" if mode == "associative" else mode)(params, xs)
         err_g = max(float(np.abs(np.asarray(x) - y).max()) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g64)))
         print(f"{'recur.scan mode=' + mode:40s} {float(np.abs(np.asarray(hs) - hs64).max()):16.2e} {err_g:20.2e}")
     # the closed forms, for reference (s_0 = 0; outputs are the states for minGRU)
@@ -184,6 +217,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="docs/bench_parallel", help="writes OUT.csv and OUT.png")
     p.add_argument("--append", action="store_true", help="merge into an existing OUT.csv")
+    p.add_argument("--projected", action="store_true",
+                   help="time the scan of precomputed projected inputs (no input projection in the step)")
     p.add_argument("--accuracy", action="store_true", help="only the float32-vs-float64 check")
     p.add_argument("--accuracy-length", type=int, default=16384)
     args = p.parse_args(argv)
@@ -192,7 +227,9 @@ def main(argv=None):
     if args.accuracy:
         accuracy(args)
         return
-    write(bench(args), args.out, args.append)
+    rows = bench(args)
+    write(rows, args.out, args.append)
+    return rows
 
 
 if __name__ == "__main__":

@@ -38,3 +38,19 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):
+    """experiments/bench_parallel.py at a tiny shape, on the layer and on projected inputs: every
+    mode is timed and its outputs and gradients match the sequential scan's."""
+    from experiments import bench_parallel
+
+    for extra in ([], ["--projected"]):
+        rows = bench_parallel.main(["--batch", "2", "--hidden", "4", "--input", "3", "--lengths", "5,9",
+                                    "--chunk", "4", "--rounds", "1", "--out", str(tmp_path / "par"), *extra])
+        assert {(r["T"], r["mode"]) for r in rows} == {(T, m) for T in (5, 9) for m in bench_parallel.MODES}
+        assert all(r["median_s"] > 0 and r["max_abs_diff_hs"] < 1e-5 and r["max_abs_diff_grad"] < 1e-5
+                   for r in rows)
+        assert all(r["projected"] == int(bool(extra)) for r in rows)
+        with open(tmp_path / "par.csv") as f:
+            assert len(list(csv.DictReader(f))) == len(rows)
