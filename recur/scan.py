@@ -17,8 +17,9 @@ Semantics, for batch row b:
   (a, b) form of a :class:`~recur.cells.base.LinearCell` with ``jax.lax.associative_scan`` over
   all T steps at once; ``mode="chunked"`` cuts time into chunks of ``chunk`` steps (the last one
   padded), runs ``jax.lax.scan`` over the chunks carrying the state and, inside each chunk, the
-  associative scan, with the state s_in entering the chunk folded into its first step
-  (b <- a s_in + b, a <- 0). Coefficients and readout are computed chunk by chunk. Both need a
+  parallel scan, starting from the state s_in entering the chunk (the associative scan folds it
+  into the first step: b <- a s_in + b, a <- 0). Coefficients and readout are computed chunk by
+  chunk. Both need a
   linear cell and give the sequential scan's results up to float rounding
   (tests/test_parallel.py). They never divide by a product of gates: products of a_t that
   underflow to 0 do so where the sequential loop's would, so no log-space form is needed
@@ -360,7 +361,7 @@ def _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, recurrence
 
 
 def _chunked_parallel(cell, params, us, carry0, mask, resets, reset_carry, remat, T, chunk):
-    """``lax.scan`` over chunks of ``chunk`` steps carrying the state; ``_linear_scan`` inside.
+    """``lax.scan`` over chunks of ``chunk`` steps carrying the state; ``_parallel`` inside.
 
     The state entering a chunk is folded into its first step's coefficients exactly as
     _parallel folds the initial carry, so each chunk is one associative scan. T is padded up to
@@ -381,7 +382,8 @@ def _chunked_parallel(cell, params, us, carry0, mask, resets, reset_carry, remat
 
     def body(state, chunk_xs):
         u_c, m_c, r_c = chunk_xs
-        hs_c, last = _linear_scan(cell, params, u_c, state, m_c, r_c, reset_carry)
+        # the parallel scan of one chunk (on the CPU, the compiled scan where it applies)
+        hs_c, last = _parallel(cell, params, u_c, state, m_c, r_c, reset_carry, 1, "none", chunk)
         return last.astype(state.dtype), hs_c
 
     if remat != "none":

@@ -241,3 +241,11 @@ def test_parallel_mode_uses_the_kernels_only_where_they_apply(monkeypatch):
 def test_gated_kernel_rejects_an_unknown_kind():
     with pytest.raises(Exception, match="kind must be 1..4"):
         jax.block_until_ready(cpu.gated(jnp.zeros((1, 2, 6)), jnp.zeros((1, 3)), jnp.ones((1, 2)), 9))
+
+
+def test_linear_kernels_take_zero_steps():
+    assert cpu.linear_recurrence(jnp.zeros((2, 0, 3)), jnp.zeros((2, 0, 3))).shape == (2, 0, 3)
+    s0 = jnp.ones((2, 3))
+    f = lambda s0: jnp.sum(cpu.gated(jnp.zeros((2, 0, 6)), s0, jnp.zeros((2, 0)), 1))
+    assert float(f(s0)) == 0.0
+    np.testing.assert_array_equal(jax.grad(f)(s0), np.zeros((2, 3)))

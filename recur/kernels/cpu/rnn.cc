@@ -421,6 +421,7 @@ int64_t time_chunks(int64_t B, int64_t T, int64_t chunks) {
 // it writes step t's outputs.
 template <typename Init, typename Step>
 void three_pass(int64_t B, int64_t T, int64_t S, int64_t C, bool reverse, Init init, Step step) {
+  if (B == 0 || T == 0) return;
   const int64_t L = (T + C - 1) / C;
   C = (T + L - 1) / L;  // no empty chunk
   std::vector<float> entering(B * C * S, 0.0f);
