@@ -312,7 +312,10 @@ def _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat
     of lax.associative_scan (same states up to float rounding, one pass over memory instead of
     ~2 log2(T)); for a float32 minGRU / minLSTM without resets that scan also computes the gates.
     """
-    kind = cpu_kernels.gated_kind(cell, carry0, us) if resets is None and T > 0 else 0
+    if T == 0:  # no steps: no outputs, and the carry as it came
+        states = jnp.zeros(carry0.shape[:1] + (0,) + carry0.shape[1:], carry0.dtype)
+        return cell.readout(params, states, us), carry0
+    kind = cpu_kernels.gated_kind(cell, carry0, us) if resets is None else 0
     if kind:
         # minGRU / minLSTM: the gates are computed inside the compiled scan as well
         m = jnp.ones((carry0.shape[0], T), jnp.float32) if mask is None else mask

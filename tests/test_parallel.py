@@ -137,3 +137,16 @@ def test_modes_are_listed():
     from recur.scan import MODES
 
     assert MODES == ("sequential", "parallel", "chunked", "kernel", "auto")
+
+
+@pytest.mark.parametrize("name", LINEAR)
+@pytest.mark.parametrize("mode", ["parallel", "chunked"])
+def test_zero_steps_give_no_outputs_and_the_initial_carry(name, mode):
+    cell, params, _ = make(name)
+    carry0 = random_carry(cell, B)
+    xs = jnp.zeros((B, 0, cell.input_size(params)))
+    hs, carry = recur.scan(cell, params, xs, mode=mode, initial_carry=carry0)
+    want, want_carry = recur.scan(cell, params, xs, initial_carry=carry0)
+    assert hs.shape == want.shape == (B, 0, cell.output_size) and hs.dtype == want.dtype
+    np.testing.assert_array_equal(carry, carry0)
+    np.testing.assert_array_equal(want_carry, carry0)
