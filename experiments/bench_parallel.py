@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
 import pathlib
 import platform
 import statistics
@@ -39,24 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import recur
+from recur.kernels import cpu as cpu_kernels
 
 MODES = ("sequential", "parallel", "chunked", "associative")
 
 
-@contextlib.contextmanager
 def _tracing(mode):
     """While tracing "associative": the CPU kernels off, so mode="parallel" is lax.associative_scan."""
-    old = os.environ.get("RECUR_CPU_KERNELS")
-    if mode == "associative":
-        os.environ["RECUR_CPU_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if mode == "associative":
-            if old is None:
-                os.environ.pop("RECUR_CPU_KERNELS")
-            else:
-                os.environ["RECUR_CPU_KERNELS"] = old
+    return cpu_kernels.switched(False) if mode == "associative" else contextlib.nullcontext()
 
 
 def make_step(cell, mode, chunk, projected=False):

@@ -196,12 +196,13 @@ def classifier(cell_name: str, rounds: int):
         logits = nnx.merge(graphdef, p)(tokens, lengths)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+    from recur.kernels import cpu
+
     fns = {}
     for on in (True, False):
-        os.environ["RECUR_CPU_KERNELS"] = "1" if on else "0"
-        grad = jax.jit(jax.grad(loss)).lower(params).compile()
+        with cpu.switched(on):
+            grad = jax.jit(jax.grad(loss)).lower(params).compile()
         fns[f"kernels={'on' if on else 'off'}"] = lambda g=grad: g(params)
-    os.environ.pop("RECUR_CPU_KERNELS")
     for k, v in _interleaved(fns, rounds).items():
         print(f"classifier {cell_name} B={Bc} T={Tc} {k}: {v:.2f} ms")
 

@@ -318,8 +318,7 @@ def _parallel(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat
     kind = cpu_kernels.gated_kind(cell, carry0, us) if resets is None else 0
     if kind:
         # minGRU / minLSTM: the gates are computed inside the compiled scan as well
-        m = jnp.ones((carry0.shape[0], T), jnp.float32) if mask is None else mask
-        states = cpu_kernels.gated(us, carry0, m.astype(jnp.float32), kind)
+        states = cpu_kernels.gated(us, carry0, cpu_kernels.float_mask(mask, carry0.shape[0], T), kind)
         return cell.readout(params, states, us), states[:, -1]
     return _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, _parallel_recurrence)
 
@@ -366,8 +365,8 @@ def _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, recurrence
 def _chunked_parallel(cell, params, us, carry0, mask, resets, reset_carry, remat, T, chunk):
     """``lax.scan`` over chunks of ``chunk`` steps carrying the state; ``_parallel`` inside.
 
-    The state entering a chunk is folded into its first step's coefficients exactly as
-    _parallel folds the initial carry, so each chunk is one associative scan. T is padded up to
+    Each chunk is one parallel scan starting from the state entering it (``_parallel``, which
+    treats it as that chunk's initial carry). T is padded up to
     a multiple of ``chunk`` with masked steps (a = 1, b = 0), which leave the state alone.
     """
     B = carry0.shape[0]

@@ -249,3 +249,14 @@ def test_linear_kernels_take_zero_steps():
     f = lambda s0: jnp.sum(cpu.gated(jnp.zeros((2, 0, 6)), s0, jnp.zeros((2, 0)), 1))
     assert float(f(s0)) == 0.0
     np.testing.assert_array_equal(jax.grad(f)(s0), np.zeros((2, 3)))
+
+
+def test_switched_sets_the_kernels_for_the_block_and_restores_the_variable(monkeypatch):
+    monkeypatch.delenv("RECUR_CPU_KERNELS", raising=False)
+    with cpu.switched(False):
+        assert cpu.unavailable() == "RECUR_CPU_KERNELS=0"
+    assert "RECUR_CPU_KERNELS" not in os.environ and cpu.unavailable() is None
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")
+    with cpu.switched(True):
+        assert cpu.unavailable() is None
+    assert os.environ["RECUR_CPU_KERNELS"] == "0"

@@ -28,6 +28,7 @@ gradient of a gradient through such a scan raises NotImplementedError saying wha
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -108,6 +109,28 @@ def unavailable() -> str | None:
     return _load()[1]
 
 
+@contextlib.contextmanager
+def switched(on: bool):
+    """The kernels on (``RECUR_CPU_KERNELS=1``) or off (``=0``) for the duration, the variable
+    restored after. The switch is read when a computation is traced, so what is traced inside
+    keeps it: ``with switched(False): compiled = jax.jit(f).lower(x).compile()``."""
+    old = os.environ.get("RECUR_CPU_KERNELS")
+    os.environ["RECUR_CPU_KERNELS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RECUR_CPU_KERNELS", None)
+        else:
+            os.environ["RECUR_CPU_KERNELS"] = old
+
+
+def float_mask(mask, B, T):
+    """mask [B, T] as the kernels take it: float32, 1. at a real step and 0. at padding (None:
+    every step is real)."""
+    return jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
 def applies(cell, params, carry0, mask, resets) -> bool:
     """Whether recur.scan's deferred path should run this scan through :func:`run`."""
     from recur.cells.gru import GRU
@@ -139,8 +162,7 @@ def run(cell, params, carry0, us, mask=None):
     those outputs."""
     from recur.cells.lstm import LSTM
 
-    B, T = us.shape[:2]
-    m = jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    m = float_mask(mask, *us.shape[:2])
     if isinstance(cell, LSTM):
         hs, c_T = lstm(params["W_h"], carry0["h"], carry0["c"], us, m)
         return hs, {"h": hs[:, -1], "c": c_T}
