@@ -210,10 +210,12 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     if impl == "loop":
         from recur.backprop import deferred_scan
         from recur.kernels.dispatch import loop_fn
+        from recur.kernels.pad import padded
 
-        us_T = project(_time_major(xs))
-        hs, carry = deferred_scan(cell, unroll, loop_fn(B, interpret))(
-            params, carry0, us_T, None if mask is None else mask.T, None if resets is None else resets.T,
+        # 3 gate blocks (GRU, cifg, ...) padded to 4: Triton's arrays are powers of 2 in size
+        cell_k, params_k, us_T = padded(cell, params, project(_time_major(xs)))
+        hs, carry = deferred_scan(cell_k, unroll, loop_fn(B, interpret))(
+            params_k, carry0, us_T, None if mask is None else mask.T, None if resets is None else resets.T,
             reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":

@@ -18,6 +18,7 @@ from cell_cases import CASES
 from recur.kernels import dispatch
 from recur.kernels.linear import linear_recurrence
 from recur.kernels.loop import kernel_loop
+from recur.kernels.pad import padded
 from test_scan import B, T, make, random_carry
 
 REAL_CASES = [n for n in CASES if not n.startswith("lru")]  # the LRU's state is complex: no kernel
@@ -185,7 +186,9 @@ def test_block_rows():
 # The cells whose kernels the Triton back end lowers (power-of-2 sizes); docs/kernels.md lists
 # them. The others fall back on a GPU (dispatch probes the lowering before choosing).
 GPU_CELLS = ["elman", "elman:relu", "lstm", "lstm:peepholes", "lstm:ln", "lstm:niaf", "lstm:noaf",
-             "mgu", "indrnn", "clockwork", "mingru", "minlstm"]
+             "mgu", "indrnn", "clockwork", "mingru", "minlstm",
+             # 3 gate blocks, padded to 4 (recur/kernels/pad.py)
+             "gru", "gru:cho", "lstm:cifg", "lstm:nig", "lstm:nfg", "lstm:nog", "lstm:cifg,peepholes"]
 
 
 @pytest.fixture
@@ -210,9 +213,9 @@ def _lower_for_cuda(cell, B_, T_, I_, dtype=jnp.float32):
                                          None, rec)[0]
     else:
         def run(p, x):
-            us = cell.project(p, jnp.swapaxes(x, 0, 1))
-            return deferred_scan(cell, 1, dispatch.loop_fn(B_, interpret=False))(
-                p, cell.initial_carry(B_), us, None, None, None)[0]
+            cell_k, p_k, us = padded(cell, p, cell.project(p, jnp.swapaxes(x, 0, 1)))
+            return deferred_scan(cell_k, 1, dispatch.loop_fn(B_, interpret=False))(
+                p_k, cell.initial_carry(B_), us, None, None, None)[0]
 
     loss = lambda p, x: jnp.sum(run(p, x).astype(jnp.float32))
     with warnings.catch_warnings():
@@ -233,3 +236,31 @@ def test_kernels_lower_for_an_h100(name, fake_h100):
 def test_half_precision_lstm_lowers_for_an_h100(fake_h100):
     cell = recur.get_cell("lstm", 64, dtype=jnp.bfloat16)
     assert _lower_for_cuda(cell, 32, 16, 64, jnp.bfloat16).count("__gpu$xla.gpu.triton") >= 2
+
+
+def test_padded_gate_layout_runs_the_same_step():
+    """The GRU's step in the padded layout (3 blocks + a zero block) equals its unpadded step,
+    and its input cotangent is zero on the padded block."""
+    for name in ["gru", "gru:cho", "lstm:cifg,peepholes"]:
+        cell = recur.get_cell(name, 8)
+        params = cell.init(jax.random.key(0), 5)
+        us = cell.project(params, jax.random.normal(jax.random.key(1), (3, 1, 5)))[:, 0]
+        carry = random_carry(cell, 3, seed=2)
+        cell_p, params_p, us_p = padded(cell, params, us)
+        assert us_p.shape[-1] == us.shape[-1] // 3 * 4 and cell_p is not cell, name
+        want = cell.step(params, carry, us)
+        got = cell_p.step(params_p, carry, us_p)
+        _assert_close(want, got, 1e-6, name)
+        du = jax.grad(lambda u: jnp.sum(cell_p.step(params_p, carry, u)[1] ** 2))(us_p)
+        np.testing.assert_array_equal(np.asarray(du[:, us.shape[-1]:]), 0.0)
+    lstm = recur.get_cell("lstm", 8)  # 4 blocks: nothing to pad
+    assert padded(lstm, {}, jnp.zeros((2, 32)))[0] is lstm
+
+
+def test_padding_checks_the_gate_blocks():
+    cell = recur.get_cell("gru", 8)
+    params = cell.init(jax.random.key(0), 5)
+    with pytest.raises(ValueError, match="projected inputs of gru has 10 entries on axis 1, not 3 gate"):
+        padded(cell, params, jnp.zeros((2, 10)))
+    with pytest.raises(ValueError, match=r"no \['b_h'\]"):
+        padded(cell, {"W_h": params["W_h"]}, jnp.zeros((2, 24)))

@@ -75,6 +75,11 @@ class Cell:
     #: row by row). It pays where the projected inputs are wide (LSTM 4H, GRU 3H per row), not
     #: for the Elman RNN's H.
     project_in_loop = False
+    #: (n, param keys) for a cell whose pre-activations are n gate blocks (split by ``split``) and
+    #: whose recurrent and step read the gate-blocked params named (leading axis n * H) only
+    #: through ``split`` / ``head`` or whole: such a step also runs with the blocks padded to a
+    #: power of 2 (recur/kernels/pad.py, for the GPU kernels). None: not in that form.
+    gate_layout = None
 
     # --- the interface -------------------------------------------------------------------
     def init(self, key: Array, input_size: int) -> PyTree:
@@ -159,20 +164,59 @@ def kernel_trace():
         _IN_KERNEL.pop()
 
 
-def split(x: Array, n: int) -> list[Array]:
-    """jnp.split(x, n, axis=-1), the gate blocks of a pre-activation.
+def split(x: Array, n: int, axis: int = -1) -> list[Array]:
+    """jnp.split(x, n, axis), the gate blocks of a pre-activation (or of a weight's rows).
 
     Traced into a kernel (``kernel_trace``) with n a power of 2, it halves x recursively by
     reshape [..., 2, m] -> transpose [..., m, 2] -> unstack: Pallas' Triton back end lowers
     these and their transposes (stack, transpose, reshape), whereas the transpose of a split,
     an n-way concatenate, it does not lower.
+
+    In the padded gate layout (``padded_gates``, recur/kernels/pad.py) a count of blocks that is
+    not a power of 2 is followed by zero blocks up to the next power of 2: x holds that many
+    blocks and the first n are returned.
     """
-    if not _IN_KERNEL or n == 1 or n & (n - 1):
-        return jnp.split(x, n, axis=-1)
+    m = padded_count(n)
+    if not _IN_KERNEL or m == 1 or m & (m - 1):
+        return jnp.split(x, m, axis=axis)[:n]
+    axis = axis % x.ndim
+    if axis != x.ndim - 1:
+        return [jnp.moveaxis(p, -1, axis) for p in split(jnp.moveaxis(x, axis, -1), n)]
     parts = [x]
-    while len(parts) < n:
+    while len(parts) < m:
         parts = [half for p in parts for half in _halves(p)]
-    return parts
+    return parts[:n]
+
+
+def head(x: Array, n: int, k: int, axis: int = -1) -> Array:
+    """The first k of x's n gate blocks along axis, as one array (a slice outside a kernel; in
+    one, halves of halves where the block counts allow it)."""
+    m = padded_count(n)
+    axis = axis % x.ndim
+    size = x.shape[axis] // m
+    if _IN_KERNEL and not (m & (m - 1)) and not (k & (k - 1)):
+        while m > k:
+            x, m = split(x, 2, axis)[0], m // 2
+        return x
+    return jax.lax.slice_in_dim(x, 0, k * size, axis=axis)
+
+
+_PADDED = []  # non-empty while a cell's functions run in the padded gate layout
+
+
+@contextlib.contextmanager
+def padded_gates():
+    """Cell functions called inside see their gate blocks padded to a power of 2 (see split)."""
+    _PADDED.append(True)
+    try:
+        yield
+    finally:
+        _PADDED.pop()
+
+
+def padded_count(n: int) -> int:
+    """n gate blocks, or the next power of 2 in the padded gate layout."""
+    return 1 << (n - 1).bit_length() if _PADDED and n & (n - 1) else n
 
 
 def _halves(x):

@@ -63,26 +63,29 @@ class GRU(base.Cell):
         """W_h h + b_h for all three blocks (reset after), for r and z only (Cho: reset before)."""
         W_h, b_h = params["W_h"], params["b_h"]
         if not self.reset_after:
-            W_h, b_h = W_h[: 2 * self.hidden_size], b_h[: 2 * self.hidden_size]
+            W_h, b_h = base.head(W_h, 3, 2, axis=0), base.head(b_h, 3, 2)
         return base.add_bias(base.dense(h_BxH, W_h, self.dtype), b_h)
 
     def step(self, params, h_BxH, u_Bx3H, rec=None):
-        H = self.hidden_size
-        un = u_Bx3H[:, 2 * H :]
-        W_h, b_h = params["W_h"], params["b_h"]
+        # gate blocks by base.split (no slices), so that the step also runs in a GPU kernel
+        u_r, u_z, u_n = base.split(u_Bx3H, 3)
         rec = self.recurrent(params, h_BxH) if rec is None else rec
+        # sigmoid(x) = (1 + tanh(x / 2)) / 2: one element-wise function for every block
+        sig = lambda x: 0.5 * jnp.tanh(0.5 * x) + 0.5
         if self.reset_after:
-            # r and z from one tanh over both blocks: sigmoid(x) = (1 + tanh(x / 2)) / 2
-            rz = 0.5 * jnp.tanh(0.5 * (u_Bx3H[:, : 2 * H] + rec[:, : 2 * H])) + 0.5
-            r, z = rz[:, :H], rz[:, H:]
-            n = jnp.tanh(un + r * rec[:, 2 * H :])
+            rec_r, rec_z, rec_n = base.split(rec, 3)
+            r, z = sig(u_r + rec_r), sig(u_z + rec_z)
+            n = jnp.tanh(u_n + r * rec_n)
         else:
-            rz = 0.5 * jnp.tanh(0.5 * (u_Bx3H[:, : 2 * H] + rec)) + 0.5
-            r, z = rz[:, :H], rz[:, H:]
-            rn = base.add_bias(base.dense(r * h_BxH, W_h[2 * H :], self.dtype), b_h[2 * H :])
-            n = jnp.tanh(un + rn)
+            rec_r, rec_z = base.split(rec, 2)
+            r, z = sig(u_r + rec_r), sig(u_z + rec_z)
+            W_n, b_n = base.split(params["W_h"], 3, axis=0)[2], base.split(params["b_h"], 3)[2]
+            n = jnp.tanh(u_n + base.add_bias(base.dense(r * h_BxH, W_n, self.dtype), b_n))
         h = ((1.0 - z) * n + z * h_BxH).astype(self.state_dtype)
         return h, h.astype(self.dtype)
+
+    #: the padded gate layout of recur/kernels/pad.py: 3 gate blocks, padded in W_h and b_h
+    gate_layout = (3, ("W_h", "b_h"))
 
     # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
     @property

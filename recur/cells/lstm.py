@@ -189,6 +189,12 @@ class LSTM(base.Cell):
         return new, h_new.astype(self.dtype)
 
     @property
+    def gate_layout(self):
+        """n gate blocks in W_h (the padded layout of recur/kernels/pad.py); not with layer norm,
+        whose statistics run over all blocks."""
+        return None if self.layer_norm else (len(self.blocks), ("W_h",))
+
+    @property
     def _fused_gates(self) -> bool:
         """Gates without peepholes or gate recurrence: one tanh over all blocks at once."""
         return not (self.peepholes or self.full_gate_recurrence) and self.input_activation
