@@ -9,7 +9,8 @@ on) and half precision (recur and lax.scan in bfloat16 with float32 state; cuDNN
 bf16), and the forward pass alone ("infer"). Systems: PyTorch nn.LSTM / nn.GRU (cuDNN),
 jax.experimental.rnn.lstm (cuDNN, fp32), Flax nn.RNN(OptimizedLSTMCell), recur's sequential scan
 (``mode="sequential"``) and recur's kernel (``mode="kernel"``, which falls back to the sequential
-scan with a printed notice where the kernel does not lower) for every cell in --cells.
+scan with a printed notice where the kernel does not lower) for every cell in --cells, and
+``mode="auto"`` for the plain LSTM (cuDNN through recur.scan in fp32, the kernel in bf16).
 Part 2, linear cells: minGRU's scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
@@ -174,7 +175,8 @@ def part1(args, have_torch, gpu):
                 fns["lax.scan lstm"] = lambda: lax_scan_lstm_fn(H, args.batch, args.length, jdt, train)
                 fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
                 for cell in args.cells:
-                    for mode in ("sequential", "kernel"):
+                    # auto differs from kernel for the plain LSTM only: cuDNN in fp32 (recur/kernels/cudnn.py)
+                    for mode in ("sequential", "kernel") + (("auto",) if cell == "lstm" else ()):
                         fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
                 print(f"H={H} {prec} {task}")
                 for name, (compile_s, t) in _time(fns, args.repeats).items():

@@ -32,8 +32,10 @@ Semantics, for batch row b:
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
   a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
   (no GPU, a cell the GPU back end cannot lower, a complex state, remat) it runs the plain scan
-  with a one-line ``KernelFallback`` warning. ``mode="auto"`` takes the kernel on a GPU where it
-  lowers and the sequential scan otherwise. docs/kernels.md has the table per cell.
+  with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
+  through cuDNN (``jax.experimental.rnn``) on a GPU, falling back the same way for anything
+  else. ``mode="auto"`` takes cuDNN for that LSTM on a GPU, the kernel for other cells on a GPU
+  where it lowers, and the sequential scan otherwise. docs/kernels.md has the table per cell.
 - ``chunk``: steps per chunk of ``mode="chunked"`` (a positive int; chunk >= T is one chunk).
 - ``unroll``: steps per loop iteration of ``jax.lax.scan``.
 - ``remat``: what the backward pass recomputes instead of storing. "none" stores every step's
@@ -66,7 +68,7 @@ import numpy as np
 from recur.cells.base import Cell
 from recur.kernels import cpu as cpu_kernels
 
-MODES = ("sequential", "parallel", "chunked", "kernel", "auto")
+MODES = ("sequential", "parallel", "chunked", "kernel", "cudnn", "auto")
 BACKWARDS = ("deferred", "autodiff")
 
 
@@ -201,13 +203,18 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     if resets is not None and reset_carry is None:
         reset_carry = cell.initial_carry(B)
     impl, interpret = mode, False
-    if mode in ("kernel", "auto"):
+    if mode in ("kernel", "cudnn", "auto"):
         from recur.kernels import dispatch
 
-        impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat)
+        impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat,
+                                                  resets=resets is not None, projected=projected)
         if reason:
             dispatch.notice(reason)
-    if impl == "loop":
+    if impl == "cudnn":
+        from recur.kernels import cudnn
+
+        hs, carry = cudnn.lstm(cell, params, xs, carry0, lengths, reference=interpret)
+    elif impl == "loop":
         from recur.backprop import deferred_scan
         from recur.kernels.dispatch import loop_fn
         from recur.kernels.pad import padded

@@ -160,8 +160,77 @@ def test_auto_on_cpu_is_the_sequential_scan_silently(monkeypatch):
 
 
 def test_auto_in_interpret_mode_picks_the_kernels(interpret):
-    assert dispatch.choose(make("lstm")[0], "auto", B, T, 4, "none")[0] == "loop"
-    assert dispatch.choose(make("mingru")[0], "auto", B, T, 4, "none")[0] == "linear"
+    """On a GPU (interpret mode stands in for one) the plain float32 LSTM goes to cuDNN, other
+    cells and that LSTM with resets or projected inputs to recur's kernels."""
+    choose = lambda name, **kw: dispatch.choose(make(name)[0], "auto", B, T, 4, "none", **kw)[0]
+    assert choose("lstm") == "cudnn"
+    assert choose("lstm", resets=True) == choose("lstm", projected=True) == "loop"
+    assert choose("lstm:peepholes") == choose("gru") == "loop"
+    assert choose("mingru") == "linear"
+
+
+def _scan_loss_and_grad(cell, mode, **kwargs):
+    def loss(p, x, c0):
+        hs, carry = recur.scan(cell, p, x, initial_carry=c0, mode=mode, **kwargs)
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(carry["h"] ** 2) + jnp.sum(carry["c"] ** 3), (hs, carry)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cudnn_lstm_equals_sequential(reverse, interpret):
+    """mode="cudnn": recur's LSTM parameters packed into cuDNN's weight vector (run here through
+    jax.experimental.rnn.lstm_ref, which unpacks it as cuDNN reads it), with lengths (one of
+    them 0: that row keeps its initial carry), an initial carry and reverse reading; outputs,
+    final carry and the gradients of params, inputs and initial carry."""
+    cell = recur.get_cell("lstm", 16)
+    params = cell.init(jax.random.key(0), 12)
+    params["b"] = jax.random.normal(jax.random.key(5), params["b"].shape)  # a bias the test can see
+    xs = jax.random.normal(jax.random.key(1), (4, 9, 12))
+    c0 = random_carry(cell, 4, seed=2)
+    kw = dict(lengths=jnp.array([9, 5, 0, 1]), reverse=reverse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallback)
+        (_, got_out), got = _scan_loss_and_grad(cell, "cudnn", **kw)(params, xs, c0)
+    (_, want_out), want = _scan_loss_and_grad(cell, "sequential", **kw)(params, xs, c0)
+    _assert_close(want_out, got_out, 2e-6, "outputs")
+    _assert_close(want, got, 2e-5, "gradients")
+    np.testing.assert_array_equal(got_out[1]["h"][2], c0["h"][2])  # length 0: the initial carry
+
+
+def test_cudnn_packs_weights_in_cudnns_layout():
+    from jax.experimental import rnn
+
+    from recur.kernels.cudnn import pack
+
+    cell = recur.get_cell("lstm", 4)
+    params = cell.init(jax.random.key(0), 3)
+    w = pack(params, 3, 4)
+    assert w.shape == (rnn.get_num_params_in_lstm(3, 4, 1, False),)
+    W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, 3, 4, 1, False)
+    np.testing.assert_array_equal(W_ih[0], params["W_x"])
+    np.testing.assert_array_equal(W_hh[0], params["W_h"])
+    np.testing.assert_array_equal(b_ih[0], params["b"])
+    np.testing.assert_array_equal(b_hh[0], 0.0)
+
+
+def test_cudnn_falls_back_for_what_it_cannot_run(interpret, monkeypatch):
+    cell, params, xs = make("lstm")
+    resets = jnp.zeros(xs.shape[:2], bool).at[0, 2].set(True)
+    for name, kw, why in (("lstm:peepholes", {}, "plain LSTM only"), ("gru", {}, "plain LSTM only"),
+                          ("lstm", dict(resets=resets), "cannot restart"),
+                          ("lstm", dict(remat="step"), "remat='step'")):
+        c, p, x = make(name)
+        with pytest.warns(dispatch.KernelFallback, match=why):
+            hs, _ = recur.scan(c, p, x, mode="cudnn", **kw)
+        assert np.allclose(hs, recur.scan(c, p, x, **kw)[0], atol=1e-6), name
+    with pytest.warns(dispatch.KernelFallback, match="raw inputs"):
+        recur.scan(cell, params, cell.project(params, xs), mode="cudnn", projected=True)
+    bf16 = recur.get_cell("lstm", cell.hidden_size, dtype=jnp.bfloat16)
+    assert "float32" in dispatch.choose(bf16, "cudnn", B, T, 4, "none")[2]
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET")
+    with pytest.warns(dispatch.KernelFallback, match="mode='cudnn' needs a GPU"):
+        recur.scan(cell, params, xs, mode="cudnn")
 
 
 def test_unsupported_combinations_fall_back(interpret):
@@ -264,3 +333,12 @@ def test_padding_checks_the_gate_blocks():
         padded(cell, params, jnp.zeros((2, 10)))
     with pytest.raises(ValueError, match=r"no \['b_h'\]"):
         padded(cell, {"W_h": params["W_h"]}, jnp.zeros((2, 24)))
+
+
+def test_a_recurrent_matrix_larger_than_triton_allows_is_refused(fake_h100):
+    """An LSTM at H = 1024 has W_h [4096, 1024]: 4M elements, over Triton's 2^20 per array. The
+    loop kernel refuses it with the reason (dispatch's probe turns that into a fallback notice)."""
+    with pytest.raises(ValueError, match=r"\['W_h'\] \(4096, 1024\) whole, 4,194,304 elements, more than the "
+                                         r"1,048,576 Triton allows"):
+        _lower_for_cuda(recur.get_cell("lstm", 1024), 16, 4, 1024)
+    assert _lower_for_cuda(recur.get_cell("lstm", 512), 16, 4, 512).count("__gpu$xla.gpu.triton") >= 2

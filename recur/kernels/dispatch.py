@@ -6,6 +6,9 @@ Implementations (see docs/kernels.md for the table per cell):
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
+- ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
+  float32 LSTM on a GPU (``mode="cudnn"``, and what ``mode="auto"`` picks for that cell there:
+  the fastest LSTM measured on a GPU so far).
 - the plain scans: ``sequential`` (lax.scan), ``parallel`` (lax.associative_scan).
 
 ``mode="kernel"`` asks for the kernel; where it cannot run (no GPU, a combination the kernels
@@ -59,22 +62,37 @@ def block_rows(B: int, gpu: bool) -> int:
     return b
 
 
-def choose(cell, mode, B, T, I, remat):
-    """(implementation, interpret, reason): implementation in loop / linear / sequential / parallel.
+def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False):
+    """(implementation, interpret, reason): implementation in loop / linear / cudnn / sequential /
+    parallel.
 
-    reason is None when nothing was given up; else the notice's text.
+    reason is None when nothing was given up; else the notice's text. resets / projected: the
+    scan has resets / takes projected inputs (cuDNN's LSTM can do neither).
     """
     interpret = interpret_forced()
     gpu = _on_gpu()
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
+    if mode in ("cudnn", "auto") and (gpu or interpret) and T > 0:
+        from recur.kernels import cudnn
+
+        why = cudnn.problem(cell, resets=resets, projected=projected, remat=remat)
+        if why is None and not (interpret or cudnn.available()):
+            why = "this jax has no cuDNN RNN bindings"
+        if why is None:  # the plain float32 LSTM: cuDNN's persistent kernel (the fastest measured)
+            return "cudnn", interpret, None
+        if mode == "cudnn":
+            return "sequential", False, why
+    elif mode == "cudnn":
+        return "sequential", False, (f"mode='cudnn' needs a GPU (backend is {jax.default_backend()})"
+                                     if T > 0 else None)
     if not (gpu or interpret):
         from recur.kernels import cpu
 
         if cpu.gated_cell(cell):  # a float32 minGRU / minLSTM: the parallel scan is a compiled kernel here
             return "parallel", False, None
         return "sequential", False, (None if mode == "auto" else
-                                     f"mode='kernel' needs a GPU (backend is {jax.default_backend()})")
+                                     f"mode={mode!r} needs a GPU (backend is {jax.default_backend()})")
     carry = jax.eval_shape(lambda: cell.initial_carry(B))
     if _complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating):
         return plain, False, f"the kernels take real numbers; {cell.name} has a complex state"
@@ -101,8 +119,10 @@ def _gpu_problem(cell, wanted, B, T, I):
 
     try:
         with _probing():
-            jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower()
-    except Exception as e:  # a lowering the Triton back end does not support
+            lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower()
+            if _on_gpu():  # Triton compiles the kernels here: a failure there falls back too
+                lowered.compile()
+    except Exception as e:  # a lowering or compilation the Triton back end does not support
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"the {wanted} kernel does not lower for {cell.name} at B={B}, T={T}: {first[:200]}"
     return None

@@ -28,6 +28,9 @@ from jax.experimental import pallas as pl
 from recur.cells.base import kernel_trace
 
 
+TRITON_MAX_NUMEL = 1 << 20  # Triton's largest array (triton.language's TRITON_MAX_TENSOR_NUMEL)
+
+
 def _spec_rows(shape, block_b, time_major):
     """BlockSpec that gives program i rows [i*block_b, (i+1)*block_b) of a [T, B, ...] or [B, ...] leaf."""
     if time_major:
@@ -103,6 +106,13 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
                 + [_spec_rows(x.shape, block_b, True) for x in x_leaves])
     out_specs = ([_spec_rows(o.shape, block_b, True) for o in out_shape[:ny]]
                  + [_spec_rows(o.shape, block_b, False) for o in out_shape[ny:]])
+    if not interpret:
+        for path, x in jax.tree_util.tree_flatten_with_path(consts)[0]:
+            if x.size > TRITON_MAX_NUMEL:
+                raise ValueError(
+                    f"recur.kernels.loop: the kernel holds {jax.tree_util.keystr(path) or 'a constant'} "
+                    f"{tuple(x.shape)} whole, {x.size:,} elements, more than the {TRITON_MAX_NUMEL:,} "
+                    f"Triton allows in one array")
     kwargs = {} if interpret else {"compiler_params": _triton_params(num_warps)}
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B // block_b,), in_specs=in_specs, out_specs=out_specs,
