@@ -79,12 +79,16 @@ def test_kernel_reverse_equals_sequential(name, interpret):
         _assert_close(want, got, 1e-10, name)
 
 
-def test_kernel_bfloat16_keeps_float32_state(interpret):
-    cell, params, xs = make("lstm")
-    cell = recur.get_cell("lstm", cell.hidden_size, dtype=jnp.bfloat16)
-    hs, carry = jax.jit(lambda p, x: recur.scan(cell, p, x, mode="kernel"))(params, xs)
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_kernel_bfloat16_keeps_float32_state(name, interpret):
+    cell, params, xs = make(name)
+    cell = recur.get_cell(name, cell.hidden_size, dtype=jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallback)
+        hs, carry = jax.jit(lambda p, x: recur.scan(cell, p, x, mode="kernel"))(params, xs)
     want, want_carry = recur.scan(cell, params, xs)
-    assert hs.dtype == jnp.bfloat16 and carry["c"].dtype == jnp.float32
+    state = carry["c"] if name == "lstm" else carry
+    assert hs.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert np.allclose(hs.astype(np.float32), want.astype(np.float32), atol=2e-2)
 
 
@@ -302,8 +306,9 @@ def test_kernels_lower_for_an_h100(name, fake_h100):
     assert text.count("__gpu$xla.gpu.triton") >= 2, name
 
 
-def test_half_precision_lstm_lowers_for_an_h100(fake_h100):
-    cell = recur.get_cell("lstm", 64, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("name", ["lstm", "gru", "lstm:cifg"])
+def test_half_precision_lowers_for_an_h100(name, fake_h100):
+    cell = recur.get_cell(name, 64, dtype=jnp.bfloat16)
     assert _lower_for_cuda(cell, 32, 16, 64, jnp.bfloat16).count("__gpu$xla.gpu.triton") >= 2
 
 
