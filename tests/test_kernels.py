@@ -6,6 +6,8 @@ lowers the kernels for an H100 through the Triton back end without a GPU, so a k
 GPU compiler path cannot express fails here rather than only on a GPU.
 """
 import importlib
+import pathlib
+import tempfile
 import warnings
 
 import jax
@@ -340,10 +342,120 @@ def test_padding_checks_the_gate_blocks():
         padded(cell, {"W_h": params["W_h"]}, jnp.zeros((2, 24)))
 
 
-def test_a_recurrent_matrix_larger_than_triton_allows_is_refused(fake_h100):
-    """An LSTM at H = 1024 has W_h [4096, 1024]: 4M elements, over Triton's 2^20 per array. The
-    loop kernel refuses it with the reason (dispatch's probe turns that into a fallback notice)."""
-    with pytest.raises(ValueError, match=r"\['W_h'\] \(4096, 1024\) whole, 4,194,304 elements, more than the "
-                                         r"1,048,576 Triton allows"):
-        _lower_for_cuda(recur.get_cell("lstm", 1024), 16, 4, 1024)
-    assert _lower_for_cuda(recur.get_cell("lstm", 512), 16, 4, 512).count("__gpu$xla.gpu.triton") >= 2
+def test_a_step_too_wide_for_one_program_is_refused(fake_h100):
+    """An LSTM at H = 512 has [16, 2048] gate arrays per program: compiled for an H100 it spills
+    ~100 KiB of registers per thread, so the loop kernel refuses it with the reason (dispatch's
+    probe turns that into a fallback notice; the plain float32 LSTM goes to cuDNN). H = 256 lowers."""
+    with pytest.raises(ValueError, match=r"a step's arrays hold 32,768 values per program \(16 rows\), more than "
+                                         r"the 16,384"):
+        _lower_for_cuda(recur.get_cell("lstm", 512), 16, 4, 512)
+    assert _lower_for_cuda(recur.get_cell("elman", 1024), 16, 4, 1024).count("__gpu$xla.gpu.triton") >= 2
+
+
+# --- large recurrent matrices: read tile by tile (recur.kernels.loop.WeightTiles) ------------
+TILED = ["lstm", "lstm:peepholes,cifg", "lstm:proj_size=3", "gru", "gru:cho", "mgu", "elman", "clockwork"]
+
+
+@pytest.mark.parametrize("name", TILED)
+def test_kernel_with_tiled_weights_equals_sequential(name, interpret, monkeypatch):
+    """With every matrix read tile by tile (TILE_BYTES shrunk so the small test cells are tiled:
+    several tiles per matrix), outputs, final carry and every gradient still equal the plain
+    scan's; the tiled product and its hand-written derivative really ran (the clockwork RNN
+    masks its W_h, so it loads the tiled weight whole)."""
+    from recur.kernels import loop
+
+    monkeypatch.setattr(loop, "TILE_BYTES", 8)
+    calls = []
+    product = loop.WeightTiles.tile_product
+    monkeypatch.setattr(loop.WeightTiles, "tile_product",
+                        lambda self, x, dtype, acc: calls.append(self._tile()) or product(self, x, dtype, acc))
+    whole = loop.WeightTiles.whole
+    monkeypatch.setattr(loop.WeightTiles, "whole", lambda self: calls.append("whole") or whole(self))
+    with jax.enable_x64(True):
+        cell, params, xs = make(name, dtype=jnp.float64)
+        carry0 = random_carry(cell, B, seed=3)
+        w = jax.random.normal(jax.random.key(9), (B, T, cell.output_size), jnp.float64)
+        kwargs = dict(lengths=jnp.array([T, 4, 0]))
+        args = (params, xs, carry0, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dispatch.KernelFallback)
+            (_, got_out), got = _loss_and_grad(cell, "kernel", kwargs, w)(*args)
+        (_, want_out), want = _loss_and_grad(cell, "sequential", kwargs, w)(*args)
+    assert ("whole" in calls) == (name == "clockwork") and len(calls) >= 2, (name, calls)
+    _assert_close(want_out, got_out, 1e-12, (name, "outputs"))
+    _assert_close(want, got, 1e-10, (name, "gradients"))
+
+
+def test_weight_tiles_pick_rows_that_divide():
+    from recur.kernels.loop import TILE_BYTES, WeightTiles
+
+    class Ref:  # stands in for a kernel's ref: the tiles only read shape and dtype here
+        def __init__(self, shape):
+            self.shape, self.dtype = shape, jnp.float32
+
+    assert WeightTiles(Ref((1024, 256)))._tile() == TILE_BYTES // (256 * 4)  # 64 rows of 1 KiB
+    assert WeightTiles(Ref((4096, 1024)))._tile() == 16  # at least Triton's smallest dot
+    assert WeightTiles(Ref((20, 5)))._tile() == 4  # a power of 2 that divides the rows
+    assert WeightTiles(Ref((1024, 256))).rows(256, 512).shape == (512, 256)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_tiled_kernels_lower_for_an_h100_at_h256(name, fake_h100):
+    """At H = 256 the recurrent matrix ([1024, 256] float32, 1 MiB) is read in tiles of 64 rows."""
+    text = _lower_for_cuda(recur.get_cell(name, 256), 16, 4, 256)
+    assert text.count("__gpu$xla.gpu.triton") >= 2, name
+
+
+# --- compiled for an H100 by Triton itself (no GPU needed): shared memory -------------------
+H100_SHARED = 232448  # bytes of shared memory a block may use on an H100 (227 KiB)
+
+
+def _compile_for_h100(cell, I_, monkeypatch):
+    """[(shared bytes, num_warps)] of each Triton kernel recur.scan's training step builds for
+    this cell, compiled by the triton package for sm_90 from the Triton IR that jax lowers."""
+    triton = pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    from triton.backends.compiler import GPUTarget
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    from recur.kernels import loop
+
+    modules, warps = [], []
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        out = lower(*a, **k)
+        modules.append(out.module.operation.get_asm(enable_debug_info=False))
+        return out
+
+    params = loop._triton_params
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
+    monkeypatch.setattr(loop, "_triton_params", lambda n: warps.append(n) or params(n))
+    _lower_for_cuda(cell, 16, 4, I_)
+    assert len(modules) == len(warps) == 2  # the forward and the backward loop
+    out = []
+    for text, n in zip(modules, warps):
+        path = pathlib.Path(tempfile.mkdtemp()) / "recur_loop.ttir"
+        path.write_text(text)
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": n, "num_stages": 1})
+        out.append((kernel.metadata.shared, n))
+    return out
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_kernels_at_h256_fit_an_h100s_shared_memory(name, fake_h100, monkeypatch):
+    """The issue's H = 256: with the recurrent matrix read tile by tile, both kernels of the
+    training step compile for sm_90 and use at most 128 KiB of shared memory (measured: 64 KiB
+    forward, 128 KiB backward for the LSTM with 8 warps)."""
+    for shared, warps in _compile_for_h100(recur.get_cell(name, 256), 256, monkeypatch):
+        assert shared <= H100_SHARED // 2 + 16384 and warps == 8, (name, shared, warps)
+
+
+def test_a_whole_recurrent_matrix_outgrows_shared_memory(fake_h100, monkeypatch):
+    """The control: held whole (no tiles), an LSTM's W_h at H = 128 already needs more shared
+    memory than an H100 has, which is what the tiles are for."""
+    from recur.kernels import loop
+
+    monkeypatch.setattr(loop, "TILE_BYTES", 1 << 30)
+    shared = [s for s, _ in _compile_for_h100(recur.get_cell("lstm", 128), 128, monkeypatch)]
+    assert max(shared) > H100_SHARED, shared

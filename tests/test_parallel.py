@@ -136,7 +136,7 @@ def test_nonlinear_cell_is_refused(mode):
 def test_modes_are_listed():
     from recur.scan import MODES
 
-    assert MODES == ("sequential", "parallel", "chunked", "kernel", "auto")
+    assert MODES == ("sequential", "parallel", "chunked", "kernel", "cudnn", "auto")
 
 
 @pytest.mark.parametrize("name", LINEAR)

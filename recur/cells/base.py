@@ -177,6 +177,9 @@ def split(x: Array, n: int, axis: int = -1) -> list[Array]:
     blocks and the first n are returned.
     """
     m = padded_count(n)
+    if _tiled(x):  # a kernel's weight read tile by tile: views of its blocks of rows
+        size = _tiled_rows(x, axis) // m
+        return [x.rows(i * size, size) for i in range(n)]
     if not _IN_KERNEL or m == 1 or m & (m - 1):
         return jnp.split(x, m, axis=axis)[:n]
     axis = axis % x.ndim
@@ -192,6 +195,8 @@ def head(x: Array, n: int, k: int, axis: int = -1) -> Array:
     """The first k of x's n gate blocks along axis, as one array (a slice outside a kernel; in
     one, halves of halves where the block counts allow it)."""
     m = padded_count(n)
+    if _tiled(x):
+        return x.rows(0, k * (_tiled_rows(x, axis) // m))
     axis = axis % x.ndim
     size = x.shape[axis] // m
     if _IN_KERNEL and not (m & (m - 1)) and not (k & (k - 1)):
@@ -226,9 +231,28 @@ def _halves(x):
     return jax.lax.unstack(jnp.transpose(x2, perm), axis=-1)
 
 
+def _tiled(x) -> bool:
+    """x is a kernel's weight that it reads tile by tile (recur.kernels.loop.WeightTiles)."""
+    return hasattr(x, "tile_product")
+
+
+def _tiled_rows(x, axis):
+    if axis not in (0, -2):
+        raise ValueError(f"a kernel's tiled weight {x.shape} splits into blocks of rows only (axis 0), not axis {axis}")
+    return x.shape[0]
+
+
+def whole(W):
+    """W as one array: a kernel's tiled weight loaded whole (for a step that does more with it
+    than ``dense``, ``split`` and ``head``: e.g. masks it), any other array as it is."""
+    return W.whole() if _tiled(W) else W
+
+
 def dense(x: Array, W_GxI: Array, dtype) -> Array:
     """x @ W.T over the last axis of x, computed in ``dtype`` with float32 accumulation."""
     acc = jnp.promote_types(dtype, jnp.float32)
+    if _tiled(W_GxI):  # inside a kernel: tile by tile from the weight's memory
+        return W_GxI.tile_product(x, dtype, acc)
     if _IN_KERNEL and jnp.dtype(dtype).itemsize < 4:
         # Triton's dot takes operands of one type: a half x half product (the tensor cores
         # accumulate it in float32) widened afterwards, so that the transposed products of the

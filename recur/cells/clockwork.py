@@ -81,7 +81,7 @@ class Clockwork(base.Cell):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
     def recurrent(self, params, carry):
-        W_h = params["W_h"] * self.block_mask(params["W_h"].dtype)
+        W_h = base.whole(params["W_h"]) * self.block_mask(params["W_h"].dtype)
         return base.dense(carry["h"], W_h, self.dtype)
 
     def step(self, params, carry, u_BxH, rec=None):

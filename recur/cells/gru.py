@@ -156,12 +156,12 @@ class MGU(base.Cell):
 
     def recurrent(self, params, h_BxH):
         """R_f h (the candidate's R_n (f ⊙ h) needs f, so it stays in step)."""
-        # jnp.split, not a slice: Pallas' Triton back end lowers equal power-of-2 splits only
-        return base.dense(h_BxH, jnp.split(params["W_h"], 2)[0], self.dtype)
+        # base.split, not a slice: Pallas' Triton back end lowers equal power-of-2 splits only
+        return base.dense(h_BxH, base.split(params["W_h"], 2, axis=0)[0], self.dtype)
 
     def step(self, params, h_BxH, u_Bx2H, rec=None):
         uf, un = base.split(u_Bx2H, 2)
         f = jax.nn.sigmoid(uf + (self.recurrent(params, h_BxH) if rec is None else rec))
-        n = jnp.tanh(un + base.dense(f * h_BxH, jnp.split(params["W_h"], 2)[1], self.dtype))
+        n = jnp.tanh(un + base.dense(f * h_BxH, base.split(params["W_h"], 2, axis=0)[1], self.dtype))
         h = ((1.0 - f) * h_BxH + f * n).astype(self.state_dtype)
         return h, h.astype(self.dtype)

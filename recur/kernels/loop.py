@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from recur.cells.base import kernel_trace
 
 
 TRITON_MAX_NUMEL = 1 << 20  # Triton's largest array (triton.language's TRITON_MAX_TENSOR_NUMEL)
+MAX_STEP_VALUES = 16 * 1024  # the widest step array one program takes: [16, 4H] for an LSTM at H = 256
 
 
 def _spec_rows(shape, block_b, time_major):
@@ -48,11 +50,128 @@ def _load(ref, t=None):
     return ref[...] if t is None else ref[t]
 
 
+TILE_BYTES = 64 * 1024  # a 2-D constant larger than this is read tile by tile (WeightTiles)
+
+
+def _pow2_floor(n):
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _join(parts):
+    """Concatenate equal power-of-2 pieces along the last axis, in order, by pairwise stack,
+    transpose and reshape (the transposes of recur.cells.base.split's halving, which Triton
+    lowers; an n-way concatenate it does not). Any other count (interpret mode): concatenate."""
+    if len(parts) & (len(parts) - 1):
+        return jnp.concatenate(parts, axis=-1)
+    while len(parts) > 1:
+        nxt = []
+        for a, b in zip(parts[::2], parts[1::2]):
+            ab = jnp.stack([a, b], axis=-1)  # [..., m, 2]
+            perm = tuple(range(ab.ndim - 2)) + (ab.ndim - 1, ab.ndim - 2)
+            nxt.append(jnp.reshape(jnp.transpose(ab, perm), a.shape[:-1] + (2 * a.shape[-1],)))
+        parts = nxt
+    return parts[0]
+
+
+class WeightTiles:
+    """A [G, K] weight that the kernel reads from memory a tile of rows at a time.
+
+    Held whole, a cell's recurrent matrix is one Triton dot operand, which Triton stages through
+    shared memory: an LSTM's W_h [4H, H] in float32 outgrows an H100's 227 KiB at H ~ 120. As
+    WeightTiles, ``dense(h, W)`` (recur.cells.base) becomes one dot per tile of rows read from
+    the weight's buffer (global memory, served from L2 across steps), the tiles' products joined
+    into the [B, G] result; its derivative for h runs over the same tiles (a custom_vjp), so no
+    step ever holds the whole matrix. ``split`` / ``head`` of blocks of rows give views;
+    ``whole()`` loads it all (for a step that does more with it).
+    """
+
+    def __init__(self, ref, row0=0, rows=None):
+        self.ref, self.row0 = ref, row0
+        self.rows_n = ref.shape[0] if rows is None else rows
+        self.shape = (self.rows_n, ref.shape[1])
+        self.dtype = ref.dtype
+        self.ndim = 2
+
+    def rows(self, start, n):
+        return WeightTiles(self.ref, self.row0 + start, n)
+
+    def whole(self):
+        return self.ref[self.row0:self.row0 + self.rows_n, :]
+
+    def _tile(self):
+        """Rows per tile: about TILE_BYTES' worth, at least 16 (Triton's smallest dot), a power
+        of 2 dividing the rows (on a GPU every size is a power of 2 anyway)."""
+        K, item = self.shape[1], jnp.dtype(self.dtype).itemsize
+        n = min(_pow2_floor(self.rows_n), max(16, _pow2_floor(TILE_BYTES // (K * item))))
+        while self.rows_n % n:
+            n //= 2
+        return n
+
+    def _tiles(self):
+        """The tiles, each loaded only when the generator reaches it, so that one at a time is live
+        (Triton keeps the program's order: loading all first would hold them all)."""
+        n = self._tile()
+        for j in range(0, self.rows_n, n):
+            yield self.ref[self.row0 + j:self.row0 + j + n, :]
+
+    def tile_product(self, x, dtype, acc):
+        """x @ W.T [..., G], accumulated in acc, one dot per tile of W's rows (recur.cells.base
+        recognises a tiled weight by this method)."""
+        half = jnp.dtype(dtype).itemsize < 4
+
+        def dot(a, w, spec):  # as recur.cells.base.dense: half x half widened, else accumulate in acc
+            if half:
+                return jnp.einsum(spec, a.astype(dtype), w.astype(dtype)).astype(acc)
+            return jnp.einsum(spec, a.astype(dtype), w.astype(dtype), preferred_element_type=acc)
+
+        def plain(x):
+            return _join([dot(x, w, "...k,gk->...g") for w in self._tiles()])
+
+        if not _differentiated(x):  # Triton cannot lower custom_vjp_call itself; under AD it is gone
+            return plain(x)
+        product = jax.custom_vjp(plain)
+
+        def fwd(x):
+            return product(x), None
+
+        def bwd(_, g):
+            from recur.cells.base import split
+
+            dx = None
+            for g_j, w in zip(split(g, self.rows_n // self._tile()), self._tiles()):
+                part = dot(g_j, w, "...g,gk->...k")
+                dx = part if dx is None else dx + part
+            return (dx.astype(x.dtype),)
+
+        product.defvjp(fwd, bwd)
+        return product(x)
+
+
+def _differentiated(x) -> bool:
+    """x is being differentiated (jax.vjp / jvp inside the kernel body: the backward kernel)."""
+    try:
+        from jax._src.interpreters import ad
+    except ImportError:  # pragma: no cover - a jax without these: treat as differentiated
+        return True
+    return isinstance(x, tuple(t for t in (getattr(ad, "LinearizeTracer", None), getattr(ad, "JVPTracer", None)) if t))
+
+
+def _tiled_shape(x) -> bool:
+    """A constant of this shape and type is read tile by tile (a matrix over TILE_BYTES)."""
+    return len(x.shape) == 2 and x.shape[0] * x.shape[1] * jnp.dtype(x.dtype).itemsize > TILE_BYTES
+
+
+def _const(ref):
+    """A constant as the body sees it: loaded whole, or as WeightTiles when it is a large matrix."""
+    return WeightTiles(ref) if _tiled_shape(ref) else _load(ref)
+
+
 def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, interpret=True,
-                num_warps=4, name="recur_loop"):
+                num_warps=None, name="recur_loop"):
     """(final carry, ys) of ``lax.scan(lambda c, x: body(consts, rows, c, x), carry0, xs, reverse=reverse)``.
 
-    consts: a pytree of arrays every program reads whole. rows: a pytree of [B, ...] arrays that
+    consts: a pytree of arrays every program reads (whole, except that a matrix over TILE_BYTES
+    reaches the body as :class:`WeightTiles`, read tile by tile by ``dense``). rows: a pytree of [B, ...] arrays that
     each program reads its rows of (e.g. a reset carry). carry0: pytree of [B, ...] leaves.
     xs: pytree of [T, B, ...] leaves (None leaves allowed). block_b: batch rows per program
     (default: all B). ys's structure and shapes come from tracing body once.
@@ -84,7 +203,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
             at += n
         k_refs, r_refs, c_refs, x_refs, y_refs = groups
         cout_refs = refs[at:]
-        k = jax.tree.unflatten(k_def, [_load(r) for r in k_refs])
+        k = jax.tree.unflatten(k_def, [_const(r) for r in k_refs])
         rw = jax.tree.unflatten(r_def, [_load(r) for r in r_refs])
 
         def step(i, carry_leaves):
@@ -108,11 +227,21 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
                  + [_spec_rows(o.shape, block_b, False) for o in out_shape[ny:]])
     if not interpret:
         for path, x in jax.tree_util.tree_flatten_with_path(consts)[0]:
-            if x.size > TRITON_MAX_NUMEL:
+            if x.size > TRITON_MAX_NUMEL and not _tiled_shape(x):
                 raise ValueError(
                     f"recur.kernels.loop: the kernel holds {jax.tree_util.keystr(path) or 'a constant'} "
                     f"{tuple(x.shape)} whole, {x.size:,} elements, more than the {TRITON_MAX_NUMEL:,} "
                     f"Triton allows in one array")
+    row_shapes = ([x.shape[2:] for x in x_leaves] + [c.shape[1:] for c in c_leaves]
+                  + [y.shape[1:] for y in y_leaves_shape])
+    widest = max((block_b * _size(s) for s in row_shapes), default=0)
+    if not interpret and widest > MAX_STEP_VALUES:
+        raise ValueError(
+            f"recur.kernels.loop: a step's arrays hold {widest:,} values per program ({block_b} rows), more "
+            f"than the {MAX_STEP_VALUES:,} one program keeps in registers (compiled for an H100, an LSTM at "
+            f"H = 512 spills ~100 KiB per thread)")
+    if num_warps is None:
+        num_warps = warps_for(row_shapes, block_b)
     kwargs = {} if interpret else {"compiler_params": _triton_params(num_warps)}
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B // block_b,), in_specs=in_specs, out_specs=out_specs,
@@ -120,6 +249,22 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
     )(*k_leaves, *r_leaves, *c_leaves, *x_leaves)
     ys = jax.tree.unflatten(y_def, outs[:ny])
     return jax.tree.unflatten(c_def, outs[ny:]), ys
+
+
+def warps_for(row_shapes, block_b):
+    """Warps per program: 4, or 8 once a step's widest array holds more than 4,096 values
+    ([16, 256]) per program. Compiled for an H100 with Triton (tests/test_kernels.py), an
+    LSTM at H = 256 ([16, 1024] gate arrays) spills ~40 KiB of registers per thread with 4 warps
+    and under 1 KiB with 8; 16 spills more again (the compiler caps the registers)."""
+    widest = max((block_b * _size(s) for s in row_shapes), default=0)
+    return 4 if widest <= 4096 else 8
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @functools.lru_cache(maxsize=None)
