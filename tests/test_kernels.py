@@ -6,8 +6,6 @@ lowers the kernels for an H100 through the Triton back end without a GPU, so a k
 GPU compiler path cannot express fails here rather than only on a GPU.
 """
 import importlib
-import pathlib
-import tempfile
 import warnings
 
 import jax
@@ -410,52 +408,32 @@ def test_tiled_kernels_lower_for_an_h100_at_h256(name, fake_h100):
 H100_SHARED = 232448  # bytes of shared memory a block may use on an H100 (227 KiB)
 
 
-def _compile_for_h100(cell, I_, monkeypatch):
-    """[(shared bytes, num_warps)] of each Triton kernel recur.scan's training step builds for
-    this cell, compiled by the triton package for sm_90 from the Triton IR that jax lowers."""
-    triton = pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
-    from triton.backends.compiler import GPUTarget
-    from jax._src.pallas.triton import pallas_call_registration as reg
+def _compile_for_h100(cell, I_):
+    """[(shared bytes, num_warps)] of the forward and backward Triton kernels of recur.scan's
+    training step for this cell, compiled by the triton package for sm_90 from the Triton IR
+    that jax lowers (experiments/triton_compile.py)."""
+    pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    from experiments.triton_compile import compile_sm90, kernels_ir
 
-    from recur.kernels import loop
-
-    modules, warps = [], []
-    lower = reg.lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **k):
-        out = lower(*a, **k)
-        modules.append(out.module.operation.get_asm(enable_debug_info=False))
-        return out
-
-    params = loop._triton_params
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
-    monkeypatch.setattr(loop, "_triton_params", lambda n: warps.append(n) or params(n))
-    _lower_for_cuda(cell, 16, 4, I_)
-    assert len(modules) == len(warps) == 2  # the forward and the backward loop
-    out = []
-    for text, n in zip(modules, warps):
-        path = pathlib.Path(tempfile.mkdtemp()) / "recur_loop.ttir"
-        path.write_text(text)
-        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": n, "num_stages": 1})
-        out.append((kernel.metadata.shared, n))
-    return out
+    irs = kernels_ir(cell, I_)
+    assert len(irs) == 2  # the forward and the backward loop
+    return [(compile_sm90(text, n)[0], n) for text, n in irs]
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_kernels_at_h256_fit_an_h100s_shared_memory(name, fake_h100, monkeypatch):
+def test_kernels_at_h256_fit_an_h100s_shared_memory(name):
     """The issue's H = 256: with the recurrent matrix read tile by tile, both kernels of the
     training step compile for sm_90 and use at most 128 KiB of shared memory (measured: 64 KiB
     forward, 128 KiB backward for the LSTM with 8 warps)."""
-    for shared, warps in _compile_for_h100(recur.get_cell(name, 256), 256, monkeypatch):
+    for shared, warps in _compile_for_h100(recur.get_cell(name, 256), 256):
         assert shared <= H100_SHARED // 2 + 16384 and warps == 8, (name, shared, warps)
 
 
-def test_a_whole_recurrent_matrix_outgrows_shared_memory(fake_h100, monkeypatch):
+def test_a_whole_recurrent_matrix_outgrows_shared_memory(monkeypatch):
     """The control: held whole (no tiles), an LSTM's W_h at H = 128 already needs more shared
     memory than an H100 has, which is what the tiles are for."""
     from recur.kernels import loop
 
     monkeypatch.setattr(loop, "TILE_BYTES", 1 << 30)
-    shared = [s for s, _ in _compile_for_h100(recur.get_cell("lstm", 128), 128, monkeypatch)]
+    shared = [s for s, _ in _compile_for_h100(recur.get_cell("lstm", 128), 128)]
     assert max(shared) > H100_SHARED, shared

@@ -1,0 +1,114 @@
+"""Compile recur's GPU loop kernels for an H100 without a GPU: shared memory and register spills.
+
+    python -m experiments.triton_compile --cells lstm --hidden 128,256 --warps auto,4
+    python -m experiments.triton_compile --cells lstm --hidden 128 --whole     # W_h held whole
+
+jax lowers the training step's two Pallas kernels (forward and backward time loop) to Triton IR
+for CUDA (the GPU query patched to an H100, as tests/test_kernels.py does); the ``triton``
+package (a dev dependency) compiles that IR for sm_90 and its bundled ``ptxas -v`` reports
+registers and spills. On a GPU, XLA compiles the same IR with jaxlib's own Triton, so the
+figures are the pip compiler's, close to but not necessarily equal to what runs there.
+Batch 16 rows per program, T = 4 (the loop body, not T, sets the kernel's size).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+import recur
+from recur.kernels import dispatch, loop
+from recur.kernels.pad import padded
+
+
+def kernels_ir(cell, I):
+    """[(Triton IR text, num_warps)] of the forward and backward loop kernels of a training step."""
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as reg
+    from recur.backprop import deferred_scan
+
+    modules, warps = [], []
+    lower, params_of, info = reg.lowering.lower_jaxpr_to_triton_module, loop._triton_params, reg.gpu_info_lib.get_gpu_info
+
+    def capture(*a, **k):
+        out = lower(*a, **k)
+        modules.append(out.module.operation.get_asm(enable_debug_info=False))
+        return out
+
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    loop._triton_params = lambda n: warps.append(n) or params_of(n)
+    reg.gpu_info_lib.get_gpu_info = lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    try:
+        B = dispatch.GPU_BLOCK_B
+        params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
+        xs = jax.ShapeDtypeStruct((B, 4, I), cell.dtype)
+
+        def run(p, x):
+            cell_k, p_k, us = padded(cell, p, cell.project(p, jnp.swapaxes(x, 0, 1)))
+            return deferred_scan(cell_k, 1, dispatch.loop_fn(B, interpret=False))(
+                p_k, cell.initial_carry(B), us, None, None, None)[0]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), argnums=(0, 1))).trace(
+                params, xs).lower(lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = lower
+        loop._triton_params = params_of
+        reg.gpu_info_lib.get_gpu_info = info
+    return list(zip(modules, warps))
+
+
+def compile_sm90(text, num_warps):
+    """(shared bytes, registers, spill store bytes, spill load bytes) of one kernel for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "recur_loop.ttir")
+        with open(path, "w") as f:
+            f.write(text)
+        kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps, "num_stages": 1})
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True,
+                              text=True).stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, info)) else -1
+    return (kernel.metadata.shared, num(r"Used (\d+) registers"), num(r"(\d+) bytes spill stores"),
+            num(r"(\d+) bytes spill loads"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="lstm,gru")
+    p.add_argument("--hidden", default="128,256")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--warps", default="auto", help="comma-separated: auto (recur's choice) or a count")
+    p.add_argument("--whole", action="store_true", help="hold every matrix whole (no tiles), as before tiling")
+    args = p.parse_args(argv)
+    if args.whole:
+        loop.TILE_BYTES = 1 << 40
+    loop.MAX_STEP_VALUES = 1 << 40  # measure wide steps too (the kernel refuses them on a GPU)
+    print("cell | H | warps | kernel | shared KiB | registers | spill stores / loads (bytes per thread)")
+    for name in args.cells.split(","):
+        for H in (int(h) for h in args.hidden.split(",")):
+            cell = recur.get_cell(name, H, dtype=getattr(jnp, args.dtype))
+            irs = kernels_ir(cell, H)
+            for w in args.warps.split(","):
+                for which, (text, auto) in zip(("forward", "backward"), irs):
+                    n = auto if w == "auto" else int(w)
+                    shared, regs, st, ld = compile_sm90(text, n)
+                    print(f"{name} | {H} | {n} | {which} | {shared / 1024:.0f} | {regs} | {st} / {ld}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
