@@ -31,6 +31,7 @@ from recur.cells.base import kernel_trace
 
 TRITON_MAX_NUMEL = 1 << 20  # Triton's largest array (triton.language's TRITON_MAX_TENSOR_NUMEL)
 MAX_STEP_VALUES = 16 * 1024  # the widest step array one program takes: [16, 4H] for an LSTM at H = 256
+TILE_BYTES = 64 * 1024  # a 2-D constant larger than this is read tile by tile (WeightTiles)
 
 
 def _spec_rows(shape, block_b, time_major):
@@ -48,9 +49,6 @@ def _spec_whole(shape):
 
 def _load(ref, t=None):
     return ref[...] if t is None else ref[t]
-
-
-TILE_BYTES = 64 * 1024  # a 2-D constant larger than this is read tile by tile (WeightTiles)
 
 
 def _pow2_floor(n):
@@ -241,7 +239,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
             f"than the {MAX_STEP_VALUES:,} one program keeps in registers (compiled for an H100, an LSTM at "
             f"H = 512 spills ~100 KiB per thread)")
     if num_warps is None:
-        num_warps = warps_for(row_shapes, block_b)
+        num_warps = warps_for(widest)
     kwargs = {} if interpret else {"compiler_params": _triton_params(num_warps)}
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B // block_b,), in_specs=in_specs, out_specs=out_specs,
@@ -251,12 +249,11 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
     return jax.tree.unflatten(c_def, outs[ny:]), ys
 
 
-def warps_for(row_shapes, block_b):
-    """Warps per program: 4, or 8 once a step's widest array holds more than 4,096 values
-    ([16, 256]) per program. Compiled for an H100 with Triton (tests/test_kernels.py), an
-    LSTM at H = 256 ([16, 1024] gate arrays) spills ~40 KiB of registers per thread with 4 warps
-    and under 1 KiB with 8; 16 spills more again (the compiler caps the registers)."""
-    widest = max((block_b * _size(s) for s in row_shapes), default=0)
+def warps_for(widest):
+    """Warps per program for a step whose widest array holds ``widest`` values per program: 4, or
+    8 above 4,096 ([16, 256]). Compiled for an H100 with Triton (experiments/triton_compile.py),
+    an LSTM at H = 256 ([16, 1024] gate arrays) spills ~41 KiB of registers per thread with 4 warps
+    and under 1 KiB with 8."""
     return 4 if widest <= 4096 else 8
 
 
