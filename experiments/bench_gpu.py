@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import recur
+from recur.kernels.dispatch import KernelFallback
 
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
 
@@ -135,16 +136,23 @@ def torch_fn(kind, H, B, T, dtype_name, train):
     return run
 
 
+NOTES = {}  # system name -> the fallback notices its first call raised (what actually ran)
+
+
 def _time(fns, repeats):
     """{name: (compile_s, median_s)}, interleaving the systems call by call."""
     first, times = {}, {n: [] for n in fns}
     for name, make in list(fns.items()):
         t = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("always", KernelFallback)
                 fns[name] = make()
                 fns[name]()
+            NOTES[name] = "; ".join(str(w.message) for w in seen if issubclass(w.category, KernelFallback))
+            if NOTES[name]:
+                print(f"  {name}: {NOTES[name]}")
         except Exception as e:  # a system that does not run here (no cuDNN, bf16 unsupported...)
             print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
             fns[name] = None
@@ -180,7 +188,7 @@ def part1(args, have_torch, gpu):
                         fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
                 print(f"H={H} {prec} {task}")
                 for name, (compile_s, t) in _time(fns, args.repeats).items():
-                    rows.append(dict(part="cells", system=name, H=H, precision=prec, task=task, T=args.length,
+                    rows.append(dict(part="cells", system=name, note=NOTES.get(name, ""), H=H, precision=prec, task=task, T=args.length,
                                      B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2)))
                     print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)")
     return rows
@@ -244,7 +252,7 @@ def main(argv=None):
 def write(rows, out, device):
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["part", "system", "H", "precision", "task", "B", "T", "ms", "compile_s", "GBs", "peak_frac"]
+    keys = ["part", "system", "H", "precision", "task", "B", "T", "ms", "compile_s", "GBs", "peak_frac", "note"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()

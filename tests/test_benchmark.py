@@ -34,6 +34,9 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
         for task in ("train", "infer"):
             for system in ("recur lstm sequential", "recur lstm kernel", "recur gru kernel", "lax.scan lstm"):
                 assert ("cells", system, prec, task) in got
+    # each recur row says what ran: on CPU the kernel rows fell back, the sequential ones did not
+    notes = {r["system"]: r["note"] for r in rows if r["part"] == "cells" and r["system"].startswith("recur")}
+    assert "needs a GPU" in notes["recur lstm kernel"] and notes["recur lstm sequential"] == ""
     assert {r["T"] for r in rows if r["system"] == "minGRU kernel"} == {16, 64}
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
