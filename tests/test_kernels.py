@@ -343,11 +343,17 @@ def test_padding_checks_the_gate_blocks():
 def test_a_step_too_wide_for_one_program_is_refused(fake_h100):
     """An LSTM at H = 512 has [16, 2048] gate arrays per program: compiled for an H100 it spills
     ~100 KiB of registers per thread, so the loop kernel refuses it with the reason (dispatch's
-    probe turns that into a fallback notice; the plain float32 LSTM goes to cuDNN). H = 256 lowers."""
+    probe turns that into a fallback notice; the plain float32 LSTM goes to cuDNN). So does a
+    matrix of more than 16 tiles per step (Triton's compile time)."""
     with pytest.raises(ValueError, match=r"a step's arrays hold 32,768 values per program \(16 rows\), more than "
                                          r"the 16,384"):
         _lower_for_cuda(recur.get_cell("lstm", 512), 16, 4, 512)
-    assert _lower_for_cuda(recur.get_cell("elman", 1024), 16, 4, 1024).count("__gpu$xla.gpu.triton") >= 2
+    assert _lower_for_cuda(recur.get_cell("elman", 512), 16, 4, 512).count("__gpu$xla.gpu.triton") >= 2
+    # a large matrix the step never multiplies by (W_x [1024, 4096], used before the loop) is no reason
+    assert _lower_for_cuda(recur.get_cell("lstm", 256), 16, 4, 4096).count("__gpu$xla.gpu.triton") >= 2
+    # Elman at H = 1024: [16, 1024] steps, but W_h (4 MiB) would take 64 tiles per step
+    with pytest.raises(ValueError, match=r"\['W_h'\] \(1024, 1024\) takes 64 tiles per step, more than 16"):
+        _lower_for_cuda(recur.get_cell("elman", 1024), 16, 4, 1024)
 
 
 # --- large recurrent matrices: read tile by tile (recur.kernels.loop.WeightTiles) ------------

@@ -32,6 +32,7 @@ from recur.cells.base import kernel_trace
 TRITON_MAX_NUMEL = 1 << 20  # Triton's largest array (triton.language's TRITON_MAX_TENSOR_NUMEL)
 MAX_STEP_VALUES = 16 * 1024  # the widest step array one program takes: [16, 4H] for an LSTM at H = 256
 TILE_BYTES = 64 * 1024  # a 2-D constant larger than this is read tile by tile (WeightTiles)
+MAX_TILES = 16  # tiles per matrix per step: an LSTM's W_h at H = 256 (1 MiB) compiles in seconds
 
 
 def _spec_rows(shape, block_b, time_major):
@@ -83,27 +84,25 @@ class WeightTiles:
     ``whole()`` loads it all (for a step that does more with it).
     """
 
-    def __init__(self, ref, row0=0, rows=None):
-        self.ref, self.row0 = ref, row0
+    def __init__(self, ref, row0=0, rows=None, *, name="a matrix", strict=True):
+        self.ref, self.row0, self.name, self.strict = ref, row0, name, strict
         self.rows_n = ref.shape[0] if rows is None else rows
         self.shape = (self.rows_n, ref.shape[1])
         self.dtype = ref.dtype
         self.ndim = 2
 
     def rows(self, start, n):
-        return WeightTiles(self.ref, self.row0 + start, n)
+        return WeightTiles(self.ref, self.row0 + start, n, name=self.name, strict=self.strict)
 
     def whole(self):
+        if self.strict and self.rows_n * self.shape[1] > TRITON_MAX_NUMEL:
+            raise ValueError(f"recur.kernels.loop: the step loads {self.name} {self.shape} whole, "
+                             f"{self.rows_n * self.shape[1]:,} elements, more than the {TRITON_MAX_NUMEL:,} "
+                             f"Triton allows in one array")
         return self.ref[self.row0:self.row0 + self.rows_n, :]
 
     def _tile(self):
-        """Rows per tile: about TILE_BYTES' worth, at least 16 (Triton's smallest dot), a power
-        of 2 dividing the rows (on a GPU every size is a power of 2 anyway)."""
-        K, item = self.shape[1], jnp.dtype(self.dtype).itemsize
-        n = min(_pow2_floor(self.rows_n), max(16, _pow2_floor(TILE_BYTES // (K * item))))
-        while self.rows_n % n:
-            n //= 2
-        return n
+        return _tile_rows(self.rows_n, self.shape[1], self.dtype)
 
     def _tiles(self):
         """The tiles, each loaded only when the generator reaches it, so that one at a time is live
@@ -115,6 +114,11 @@ class WeightTiles:
     def tile_product(self, x, dtype, acc):
         """x @ W.T [..., G], accumulated in acc, one dot per tile of W's rows (recur.cells.base
         recognises a tiled weight by this method)."""
+        tiles = self.rows_n // self._tile()
+        if self.strict and tiles > MAX_TILES:  # only for a matrix the step really multiplies by
+            raise ValueError(
+                f"recur.kernels.loop: {self.name} {self.shape} takes {tiles} tiles per step, more than "
+                f"{MAX_TILES} (each is a dot unrolled into the kernel: Triton's compile time grows past minutes)")
         half = jnp.dtype(dtype).itemsize < 4
 
         def dot(a, w, spec):  # as recur.cells.base.dense: half x half widened, else accumulate in acc
@@ -145,6 +149,15 @@ class WeightTiles:
         return product(x)
 
 
+def _tile_rows(rows, K, dtype):
+    """Rows per tile of a [rows, K] matrix: about TILE_BYTES' worth, at least 16 (Triton's
+    smallest dot), a power of 2 dividing the rows (on a GPU every size is a power of 2 anyway)."""
+    n = min(_pow2_floor(rows), max(16, _pow2_floor(TILE_BYTES // (K * jnp.dtype(dtype).itemsize))))
+    while rows % n:
+        n //= 2
+    return n
+
+
 def _differentiated(x) -> bool:
     """x is being differentiated (jax.vjp / jvp inside the kernel body: the backward kernel)."""
     try:
@@ -159,9 +172,10 @@ def _tiled_shape(x) -> bool:
     return len(x.shape) == 2 and x.shape[0] * x.shape[1] * jnp.dtype(x.dtype).itemsize > TILE_BYTES
 
 
-def _const(ref):
-    """A constant as the body sees it: loaded whole, or as WeightTiles when it is a large matrix."""
-    return WeightTiles(ref) if _tiled_shape(ref) else _load(ref)
+def _const(ref, name, strict):
+    """A constant as the body sees it: loaded whole, or as WeightTiles when it is a large matrix
+    (strict: compiled for a GPU, where the tile count and whole loads are limited)."""
+    return WeightTiles(ref, name=name, strict=strict) if _tiled_shape(ref) else _load(ref)
 
 
 def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, interpret=True,
@@ -178,6 +192,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
     c_leaves, c_def = jax.tree.flatten(carry0)
     x_leaves, x_def = jax.tree.flatten(xs)
     k_leaves, k_def = jax.tree.flatten(consts)
+    k_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(consts)[0]]
     if not x_leaves:
         raise ValueError("kernel_loop: xs must have at least one array leaf (it sets T)")
     T, B = x_leaves[0].shape[:2]
@@ -201,7 +216,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
             at += n
         k_refs, r_refs, c_refs, x_refs, y_refs = groups
         cout_refs = refs[at:]
-        k = jax.tree.unflatten(k_def, [_const(r) for r in k_refs])
+        k = jax.tree.unflatten(k_def, [_const(r, n, not interpret) for r, n in zip(k_refs, k_names)])
         rw = jax.tree.unflatten(r_def, [_load(r) for r in r_refs])
 
         def step(i, carry_leaves):
@@ -223,13 +238,6 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
                 + [_spec_rows(x.shape, block_b, True) for x in x_leaves])
     out_specs = ([_spec_rows(o.shape, block_b, True) for o in out_shape[:ny]]
                  + [_spec_rows(o.shape, block_b, False) for o in out_shape[ny:]])
-    if not interpret:
-        for path, x in jax.tree_util.tree_flatten_with_path(consts)[0]:
-            if x.size > TRITON_MAX_NUMEL and not _tiled_shape(x):
-                raise ValueError(
-                    f"recur.kernels.loop: the kernel holds {jax.tree_util.keystr(path) or 'a constant'} "
-                    f"{tuple(x.shape)} whole, {x.size:,} elements, more than the {TRITON_MAX_NUMEL:,} "
-                    f"Triton allows in one array")
     row_shapes = ([x.shape[2:] for x in x_leaves] + [c.shape[1:] for c in c_leaves]
                   + [y.shape[1:] for y in y_leaves_shape])
     widest = max((block_b * _size(s) for s in row_shapes), default=0)
@@ -238,6 +246,13 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
             f"recur.kernels.loop: a step's arrays hold {widest:,} values per program ({block_b} rows), more "
             f"than the {MAX_STEP_VALUES:,} one program keeps in registers (compiled for an H100, an LSTM at "
             f"H = 512 spills ~100 KiB per thread)")
+    if not interpret:
+        for path, x in jax.tree_util.tree_flatten_with_path(consts)[0]:
+            what = jax.tree_util.keystr(path) or "a constant"
+            if x.size > TRITON_MAX_NUMEL and not _tiled_shape(x):
+                raise ValueError(
+                    f"recur.kernels.loop: the kernel holds {what} {tuple(x.shape)} whole, {x.size:,} elements, "
+                    f"more than the {TRITON_MAX_NUMEL:,} Triton allows in one array")
     if num_warps is None:
         num_warps = warps_for(widest)
     kwargs = {} if interpret else {"compiler_params": _triton_params(num_warps)}
