@@ -3,6 +3,10 @@
     python -m experiments.bench_gpu --out docs/bench_gpu        # on a GPU machine: the full table
     python -m experiments.bench_gpu --smoke                      # tiny shapes, any backend (CI)
 
+Where one command may run only so long (the lent GPU machines: 10 minutes a call), split it:
+``--hidden 256 --parts cells``, ``--hidden 1024 --parts cells``, ``--parts linear``, each with
+its own --out. OUT is rewritten after every shape, so a run cut short keeps what it measured.
+
 Part 1, recurrent cells: forward + backward of mean(h^2) with respect to the weights and the
 inputs, batch 64, T = 512, input size = hidden size, H = 256 and 1024, fp32 (PyTorch with TF32
 on) and half precision (recur and lax.scan in bfloat16 with float32 state; cuDNN in fp16 and
@@ -166,8 +170,7 @@ def _time(fns, repeats):
     return {n: (first[n], statistics.median(v)) for n, v in times.items() if v}
 
 
-def part1(args, have_torch, gpu):
-    rows = []
+def part1(args, have_torch, gpu, rows, save):
     for H in args.hidden:
         for prec in ("fp32", "half"):
             jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
@@ -191,11 +194,11 @@ def part1(args, have_torch, gpu):
                     rows.append(dict(part="cells", system=name, note=NOTES.get(name, ""), H=H, precision=prec, task=task, T=args.length,
                                      B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2)))
                     print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)")
-    return rows
+                save()
 
 
-def part2(args):
-    rows, B, S = [], args.linear_batch, args.linear_hidden
+def part2(args, rows, save):
+    B, S = args.linear_batch, args.linear_hidden
     cell = recur.get_cell("mingru", S)
     params = cell.init(jax.random.key(0), S)
     peak = next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
@@ -217,7 +220,7 @@ def part2(args):
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
                              peak_frac=round(bw / peak, 3) if peak else ""))
             print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
-    return rows
+        save()
 
 
 def main(argv=None):
@@ -231,7 +234,9 @@ def main(argv=None):
     p.add_argument("--linear-hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
-    p.add_argument("--out", default="", help="write OUT.md and OUT.csv")
+    p.add_argument("--parts", default="cells,linear", help="cells (part 1), linear (part 2), or both")
+    p.add_argument("--out", default="", help="write OUT.md and OUT.csv (rewritten after every shape, so a run "
+                                              "cut short keeps what it measured)")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.hidden, args.batch, args.length = "lstm,gru", "16", 4, 8
@@ -243,9 +248,13 @@ def main(argv=None):
     gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0].device_kind
     print(f"device: {device}; jax {jax.__version__}; torch {'yes' if have_torch else 'absent'}")
-    rows = part1(args, have_torch, gpu) + part2(args)
-    if args.out:
-        write(rows, args.out, device)
+    rows = []
+    save = (lambda: write(rows, args.out, device)) if args.out else (lambda: None)
+    parts = args.parts.split(",")
+    if "cells" in parts:
+        part1(args, have_torch, gpu, rows, save)
+    if "linear" in parts:
+        part2(args, rows, save)
     return rows
 
 

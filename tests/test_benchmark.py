@@ -41,6 +41,10 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    rows = bench_gpu.main(["--smoke", "--parts", "linear", "--out", str(tmp_path / "lin")])
+    assert {r["part"] for r in rows} == {"linear"}
+    with open(tmp_path / "lin.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 4
 
 
 def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):
