@@ -63,6 +63,10 @@ class RNN(nnx.Module):
         if not 0.0 <= weight_dropout < 1.0:
             raise ValueError(f"RNN: weight_dropout must be a rate in [0, 1), got {weight_dropout}")
         self.weight_dropout = weight_dropout
+        from recur.scan import MODES
+
+        if scan_kwargs.get("mode", "sequential") not in MODES:
+            raise ValueError(f"RNN: mode must be one of {MODES}, got {scan_kwargs['mode']!r}")
         self.scan_kwargs = dict(scan_kwargs)
         params = init_stack(cells, rngs.params(), input_size, bidirectional=bidirectional, merge=merge)
         self.params = nnx.data(jax.tree.map(nnx.Param, params))

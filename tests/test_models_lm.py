@@ -60,3 +60,31 @@ def test_fold_is_skipped_with_embedding_dropout_and_for_large_vocabularies(monke
     model(tokens, dropout_key=jax.random.key(0))    # embedding dropout needs the embedded tokens
     model(tokens[:1, :2])                           # V = 11 >= B * T = 2: projecting tokens is cheaper
     assert calls == [True, False, False]
+
+
+def test_scan_mode_reaches_the_scan_from_the_config():
+    """config.model.scan_mode picks recur.scan's mode for the model's layers: the minGRU language
+    model built with mode "parallel" (on the CPU, the compiled scan) gives the sequential loss
+    and gradients; the builder reads the field (and defaults it for older configs); a bad mode is
+    an error naming the valid ones."""
+    import ml_collections
+
+    from recur.nnx import RNN
+    from recur.train.lm import build_model
+
+    m = ml_collections.ConfigDict(dict(cell="mingru", embed_dim=4, hidden=8, layers=2, tie_weights=False,
+                                       embed_dropout=0.0, dropout=0.0, output_dropout=0.0,
+                                       locked_dropout=False, init_scale=0.0, scan_mode="parallel"))
+    parallel = build_model(m, V, seed=0)
+    assert parallel.rnn.scan_kwargs["mode"] == "parallel"
+    del m["scan_mode"]
+    sequential = build_model(m, V, seed=0)
+    assert sequential.rnn.scan_kwargs["mode"] == "sequential"
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    carries = sequential.initial_carries(B)
+    got = _loss_and_grads(parallel, tokens, carries, None)
+    want = _loss_and_grads(sequential, tokens, carries, None)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 got, want)
+    with pytest.raises(ValueError, match=r"RNN: mode must be one of \('sequential', 'parallel', .*got 'fast'"):
+        RNN("gru", 4, hidden_size=8, mode="fast", rngs=nnx.Rngs(0))

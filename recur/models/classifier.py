@@ -144,9 +144,10 @@ class CharFeatures(nnx.Module):
     so a word's features depend on its own characters only.
     """
 
-    def __init__(self, char_vocab_size: int, cell: str, char_embed_dim: int, char_hidden: int, rngs: nnx.Rngs):
+    def __init__(self, char_vocab_size: int, cell: str, char_embed_dim: int, char_hidden: int, rngs: nnx.Rngs,
+                 scan_mode: str = "sequential"):
         self.embed = nnx.Embed(char_vocab_size, char_embed_dim, rngs=rngs)
-        self.rnn = RNN(cell, char_embed_dim, hidden_size=char_hidden, bidirectional=True, rngs=rngs)
+        self.rnn = RNN(cell, char_embed_dim, hidden_size=char_hidden, bidirectional=True, mode=scan_mode, rngs=rngs)
 
     @property
     def output_size(self) -> int:
@@ -183,7 +184,8 @@ class Classifier(nnx.Module):
                  dropout: float = 0.0, locked_dropout: bool = False, lm_vocab: int = 0,
                  lm_weight: float = 0.0, unk_id: int = 1, word_dropout_to: str = "zero",
                  char_vocab_size: int = 0, char_embed_dim: int = 25, char_hidden: int = 25,
-                 adv_eps: float = 0.0, weight_dropout: float = 0.0, rngs: nnx.Rngs):
+                 adv_eps: float = 0.0, weight_dropout: float = 0.0, scan_mode: str = "sequential",
+                 rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"Classifier: pooling must be one of {POOLINGS}, got {pooling!r}")
         if lm_vocab and bidirectional and num_layers > 1:
@@ -205,11 +207,12 @@ class Classifier(nnx.Module):
         self.lm_vocab, self.lm_weight, self.unk_id = lm_vocab, lm_weight, unk_id
         self.word_dropout_to, self.adv_eps = word_dropout_to, adv_eps
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.chars = CharFeatures(char_vocab_size, cell, char_embed_dim, char_hidden, rngs) if char_vocab_size else None
+        self.chars = CharFeatures(char_vocab_size, cell, char_embed_dim, char_hidden, rngs,
+                                   scan_mode) if char_vocab_size else None
         input_size = embed_dim + (self.chars.output_size if self.chars is not None else 0)
         self.rnn = RNN(cell, input_size, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dropout=dropout, locked_dropout=locked_dropout,
-                       weight_dropout=weight_dropout, rngs=rngs)
+                       weight_dropout=weight_dropout, mode=scan_mode, rngs=rngs)
         D = self.sentence_size
         if mlp_hidden:
             self.hidden = nnx.Linear(D, mlp_hidden, rngs=rngs)

@@ -30,11 +30,12 @@ class LanguageModel(nnx.Module):
     def __init__(self, vocab_size: int, *, embed_dim: int, hidden_size: int, cell: str = "lstm",
                  num_layers: int = 1, tie_weights: bool = False, embed_dropout: float = 0.0,
                  dropout: float = 0.0, output_dropout: float = 0.0, locked_dropout: bool = False,
-                 init_scale: float = 0.0, fold_embedding: bool = True, rngs: nnx.Rngs):
+                 init_scale: float = 0.0, fold_embedding: bool = True, scan_mode: str = "sequential",
+                 rngs: nnx.Rngs):
         self.vocab_size = vocab_size
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.rnn = RNN(cell, embed_dim, hidden_size=hidden_size, num_layers=num_layers,
-                       dropout=dropout, locked_dropout=locked_dropout, rngs=rngs)
+                       dropout=dropout, locked_dropout=locked_dropout, mode=scan_mode, rngs=rngs)
         out = self.rnn.output_size
         self.tie_weights = tie_weights
         if tie_weights and out != embed_dim:

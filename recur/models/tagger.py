@@ -53,7 +53,8 @@ class Tagger(nnx.Module):
     def __init__(self, vocab_size: int, num_tags: int, *, embed_dim: int, hidden_size: int,
                  cell: str = "lstm", num_layers: int = 1, char_vocab_size: int = 0,
                  char_embed_dim: int = 25, char_hidden: int = 25, crf: bool = False,
-                 embed_dropout: float = 0.0, dropout: float = 0.0, rngs: nnx.Rngs):
+                 embed_dropout: float = 0.0, dropout: float = 0.0, scan_mode: str = "sequential",
+                 rngs: nnx.Rngs):
         check_rate("embed_dropout", embed_dropout, "Tagger")
         check_rate("dropout", dropout, "Tagger")
         self.embed_dropout, self.dropout = embed_dropout, dropout
@@ -62,12 +63,12 @@ class Tagger(nnx.Module):
         if char_vocab_size:
             self.char_embed = nnx.Embed(char_vocab_size, char_embed_dim, rngs=rngs)
             self.char_rnn = RNN(cell, char_embed_dim, hidden_size=char_hidden, bidirectional=True,
-                                rngs=rngs)
+                                mode=scan_mode, rngs=rngs)
             input_size += self.char_rnn.output_size
         else:
             self.char_embed = self.char_rnn = None
         self.rnn = RNN(cell, input_size, hidden_size=hidden_size, num_layers=num_layers,
-                       bidirectional=True, dropout=dropout, rngs=rngs)
+                       bidirectional=True, dropout=dropout, mode=scan_mode, rngs=rngs)
         self.out = nnx.Linear(self.rnn.output_size, num_tags, rngs=rngs)
         # a dict of nnx.Param, or None without a CRF
         self.crf = nnx.data(jax.tree.map(nnx.Param, crf_lib.init(rngs.params(), num_tags))) if crf else None

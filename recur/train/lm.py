@@ -39,7 +39,8 @@ def build_model(m, vocab_size: int, seed: int) -> LanguageModel:
     return LanguageModel(vocab_size, embed_dim=m.embed_dim, hidden_size=m.hidden, cell=m.cell,
                          num_layers=m.layers, tie_weights=m.tie_weights, embed_dropout=m.embed_dropout,
                          dropout=m.dropout, output_dropout=m.output_dropout,
-                         locked_dropout=m.locked_dropout, init_scale=m.init_scale, rngs=nnx.Rngs(seed))
+                         locked_dropout=m.locked_dropout, init_scale=m.init_scale,
+                         scan_mode=m.get("scan_mode", "sequential"), rngs=nnx.Rngs(seed))
 
 
 def make_steps(graphdef, tx, loss_reduction: str = "mean"):

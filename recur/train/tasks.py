@@ -91,7 +91,7 @@ class ClassifyTask:
                           char_vocab_size=len(self.chars) if self.use_chars else 0,
                           char_embed_dim=m.get("char_embed_dim", 25), char_hidden=m.get("char_hidden", 25),
                           adv_eps=m.get("adv_eps", 0.0), weight_dropout=m.get("weight_dropout", 0.0),
-                          rngs=nnx.Rngs(seed))
+                          scan_mode=m.get("scan_mode", "sequential"), rngs=nnx.Rngs(seed))
 
     def score(self, preds, data):
         labels = np.asarray(data[1])
@@ -147,7 +147,8 @@ class TagTask:
         return Tagger(len(self.vocab), len(self.tags), embed_dim=m.embed_dim, hidden_size=m.hidden, cell=m.cell,
                       num_layers=m.layers, char_vocab_size=len(self.chars) if self.use_chars else 0,
                       char_embed_dim=m.char_embed_dim, char_hidden=m.char_hidden, crf=m.crf,
-                      embed_dropout=m.embed_dropout, dropout=m.dropout, rngs=nnx.Rngs(seed))
+                      embed_dropout=m.embed_dropout, dropout=m.dropout,
+                      scan_mode=m.get("scan_mode", "sequential"), rngs=nnx.Rngs(seed))
 
     def score(self, preds, data):
         gold = [tags for _, tags in data]
