@@ -104,12 +104,21 @@ class WeightTiles:
     def _tile(self):
         return _tile_rows(self.rows_n, self.shape[1], self.dtype)
 
-    def _tiles(self):
+    def _tiles(self, again=False):
         """The tiles, each loaded only when the generator reaches it, so that one at a time is live
-        (Triton keeps the program's order: loading all first would hold them all)."""
+        (Triton keeps the program's order: loading all first would hold them all). ``again``: for
+        the derivative's pass, compiled for a GPU as volatile loads, so that Triton does not
+        merge them with the product's loads of the same tiles (which would keep every tile live
+        from one pass to the other: 320 KiB of shared memory for the MGU at H = 256)."""
         n = self._tile()
         for j in range(0, self.rows_n, n):
-            yield self.ref[self.row0 + j:self.row0 + j + n, :]
+            tile = self.ref.at[self.row0 + j:self.row0 + j + n, :]
+            if again and self.strict:
+                from jax.experimental.pallas import triton as pl_triton
+
+                yield pl_triton.load(tile, volatile=True)
+            else:
+                yield tile[...]
 
     def tile_product(self, x, dtype, acc):
         """x @ W.T [..., G], accumulated in acc, one dot per tile of W's rows (recur.cells.base
@@ -133,14 +142,14 @@ class WeightTiles:
             return plain(x)
         product = jax.custom_vjp(plain)
 
-        def fwd(x):
-            return product(x), None
+        def fwd(x):  # plain, not product: a nested custom_vjp_call would stay in the kernel
+            return plain(x), None
 
         def bwd(_, g):
             from recur.cells.base import split
 
             dx = None
-            for g_j, w in zip(split(g, self.rows_n // self._tile()), self._tiles()):
+            for g_j, w in zip(split(g, self.rows_n // self._tile()), self._tiles(again=True)):
                 part = dot(g_j, w, "...g,gk->...k")
                 dx = part if dx is None else dx + part
             return (dx.astype(x.dtype),)
