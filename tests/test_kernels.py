@@ -209,7 +209,7 @@ def test_cudnn_packs_weights_in_cudnns_layout():
 
     cell = recur.get_cell("lstm", 4)
     params = cell.init(jax.random.key(0), 3)
-    w = pack(params, 3, 4)
+    w = pack(params)
     assert w.shape == (rnn.get_num_params_in_lstm(3, 4, 1, False),)
     W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, 3, 4, 1, False)
     np.testing.assert_array_equal(W_ih[0], params["W_x"])

@@ -219,9 +219,14 @@ def padded_gates():
         _PADDED.pop()
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def padded_count(n: int) -> int:
     """n gate blocks, or the next power of 2 in the padded gate layout."""
-    return 1 << (n - 1).bit_length() if _PADDED and n & (n - 1) else n
+    return next_pow2(n) if _PADDED else n
 
 
 def _halves(x):

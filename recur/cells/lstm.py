@@ -227,13 +227,17 @@ class LSTM(base.Cell):
         return self.fused_backward
 
     @property
-    def fused_backward(self) -> bool:
-        """The plain LSTM has a hand-written backward step: all four gates, tanh on the candidate
-        and the output (no niaf / noaf), no peepholes, gate recurrence, layer norm or projection,
-        and no lower-precision compute (dtype is its float32-or-wider state dtype)."""
+    def plain(self) -> bool:
+        """The plain LSTM (cuDNN's): all four gates, tanh on the candidate and the output (no niaf
+        / noaf), no peepholes, gate recurrence, layer norm or projection."""
         return (self._fused_gates and self.blocks == ("i", "f", "g", "o") and not self.layer_norm
-                and not self.proj_size and self.output_activation
-                and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype))
+                and not self.proj_size and self.output_activation)
+
+    @property
+    def fused_backward(self) -> bool:
+        """The plain LSTM has a hand-written backward step, without lower-precision compute (dtype
+        is its float32-or-wider state dtype)."""
+        return self.plain and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
 
     def step_saving(self, params, carry, u_BxG, rec):
         """:meth:`step`, also returning what :meth:`step_backward` reads: the gate tanh t [B, 4H]

@@ -25,8 +25,7 @@ def problem(cell, *, resets: bool, projected: bool, remat) -> str | None:
     """None if cuDNN's LSTM computes this scan, else why not (for the notice)."""
     from recur.cells.lstm import LSTM
 
-    if not isinstance(cell, LSTM) or cell.gate_layout != (4, ("W_h",)) or not (
-            cell._fused_gates and cell.output_activation and not cell.proj_size):
+    if not (isinstance(cell, LSTM) and cell.plain):
         return f"cuDNN's LSTM is the plain LSTM only, not {cell.name}"
     if jnp.dtype(cell.dtype) != jnp.float32:
         return f"cuDNN's LSTM runs in float32 here (jax.experimental.rnn has no {jnp.dtype(cell.dtype).name})"
@@ -39,7 +38,7 @@ def problem(cell, *, resets: bool, projected: bool, remat) -> str | None:
     return None
 
 
-def pack(params, input_size: int, hidden_size: int):
+def pack(params):
     """cuDNN's flat weight vector for one layer, one direction: W_ih, W_hh, b_ih, b_hh."""
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     b = f32(params["b"])
@@ -54,7 +53,7 @@ def lstm(cell, params, xs_BxTxI, carry0, lengths_B, *, reference: bool):
 
     B, T, I = xs_BxTxI.shape
     H = cell.hidden_size
-    weights = pack(params, I, H)
+    weights = pack(params)
     n = jnp.full((B,), T, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
     seq = jnp.maximum(n, 1)  # cuDNN needs >= 1 step per row; length-0 rows are restored below
     x = xs_BxTxI.astype(jnp.float32)

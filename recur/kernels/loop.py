@@ -21,6 +21,7 @@ a cell's kernels lower before choosing them. Elsewhere the kernel runs in Pallas
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -249,7 +250,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
                  + [_spec_rows(o.shape, block_b, False) for o in out_shape[ny:]])
     row_shapes = ([x.shape[2:] for x in x_leaves] + [c.shape[1:] for c in c_leaves]
                   + [y.shape[1:] for y in y_leaves_shape])
-    widest = max((block_b * _size(s) for s in row_shapes), default=0)
+    widest = max((block_b * math.prod(s) for s in row_shapes), default=0)
     if not interpret and widest > MAX_STEP_VALUES:
         raise ValueError(
             f"recur.kernels.loop: a step's arrays hold {widest:,} values per program ({block_b} rows), more "
@@ -279,13 +280,6 @@ def warps_for(widest):
     an LSTM at H = 256 ([16, 1024] gate arrays) spills ~41 KiB of registers per thread with 4 warps
     and under 1 KiB with 8."""
     return 4 if widest <= 4096 else 8
-
-
-def _size(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ def padded(cell, params, us):
     if not needs_padding(cell):
         return cell, params, us
     n, keys = cell.gate_layout
-    m = 1 << (n - 1).bit_length()
+    m = base.next_pow2(n)
     missing = [k for k in keys if k not in params]
     if missing:
         raise ValueError(f"recur.kernels.pad: {cell.name}'s params have no {missing} (gate_layout names them)")
