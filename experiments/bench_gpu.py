@@ -19,6 +19,10 @@ Part 2, linear cells: minGRU's scan at T = 512 .. 65,536 (batch 8, H = 256), lax
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
 
+Each recur row's err_vs_seq is its result's largest relative error (loss, or each gradient)
+against recur's sequential scan of the same cell (minGRU: against the associative scan), so a
+kernel that runs fast but wrong shows. ``--baselines`` picks the comparison systems.
+
 Every figure is the median of --repeats timed calls after a warm-up call; systems are
 interleaved call by call so that machine noise hits them alike. Compile times (the first call)
 are reported on their own. Writes OUT.md and OUT.csv.
@@ -141,6 +145,15 @@ def torch_fn(kind, H, B, T, dtype_name, train):
 
 
 NOTES = {}  # system name -> the fallback notices its first call raised (what actually ran)
+RESULTS = {}  # system name -> what its first call returned (recur rows are checked against the sequential scan)
+
+
+def rel_err(got, ref):
+    """The largest ||got - ref|| / ||ref|| over the leaves (loss, or gradients of params and inputs)."""
+    errs = [float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                  / (jnp.linalg.norm(b.astype(jnp.float32).ravel()) + 1e-30))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+    return max(errs)
 
 
 def _time(fns, repeats):
@@ -153,7 +166,7 @@ def _time(fns, repeats):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("always", KernelFallback)
                 fns[name] = make()
-                fns[name]()
+                RESULTS[name] = fns[name]()
             NOTES[name] = "; ".join(str(w.message) for w in seen if issubclass(w.category, KernelFallback))
             if NOTES[name]:
                 print(f"  {name}: {NOTES[name]}")
@@ -172,28 +185,37 @@ def _time(fns, repeats):
 
 def part1(args, have_torch, gpu, rows, save):
     for H in args.hidden:
-        for prec in ("fp32", "half"):
-            jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
-            for train in (True, False):
+        for train in (True, False):
+            for prec in ("fp32", "half"):
+                jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
                 task = "train" if train else "infer"
                 fns = {}
-                if have_torch:
+                if have_torch and "torch" in args.baselines:
                     for kind in ("LSTM", "GRU"):
                         for tdt in (["fp32"] if prec == "fp32" else ["fp16", "bf16"]):
                             fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: torch_fn(k, H, args.batch, args.length, d, train))
-                if gpu and prec == "fp32":
+                if gpu and prec == "fp32" and "jax-cudnn" in args.baselines:
                     fns["jax.experimental.rnn lstm (cuDNN)"] = lambda: jax_cudnn_lstm_fn(H, args.batch, args.length, train)
-                fns["lax.scan lstm"] = lambda: lax_scan_lstm_fn(H, args.batch, args.length, jdt, train)
-                fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
+                if "lax" in args.baselines:
+                    fns["lax.scan lstm"] = lambda: lax_scan_lstm_fn(H, args.batch, args.length, jdt, train)
+                if "flax" in args.baselines:
+                    fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
                 for cell in args.cells:
                     # auto differs from kernel for the plain LSTM only: cuDNN in fp32 (recur/kernels/cudnn.py)
                     for mode in ("sequential", "kernel") + (("auto",) if cell == "lstm" else ()):
                         fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
                 print(f"H={H} {prec} {task}")
+                RESULTS.clear()
                 for name, (compile_s, t) in _time(fns, args.repeats).items():
+                    # a recur kernel / auto row's loss or gradients against the sequential scan's
+                    ref = RESULTS.get(name.rsplit(" ", 1)[0] + " sequential")
+                    err = rel_err(RESULTS[name], ref) if name.startswith("recur") and ref is not None and not name.endswith(" sequential") else ""
                     rows.append(dict(part="cells", system=name, note=NOTES.get(name, ""), H=H, precision=prec, task=task, T=args.length,
-                                     B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2)))
-                    print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)")
+                                     B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2),
+                                     err_vs_seq=f"{err:.1e}" if err != "" else ""))
+                    print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)"
+                          + (f"  rel. err vs sequential {err:.1e}" if err != "" else ""))
+                RESULTS.clear()
                 save()
 
 
@@ -211,13 +233,16 @@ def part2(args, rows, save):
                                      argnums=(0, 1)))
                 return lambda: _block(g(params, xs))
             fns[f"minGRU {mode}"] = make
+        RESULTS.clear()
         for name, (compile_s, t) in _time(fns, args.repeats).items():
+            err = rel_err(RESULTS[name], RESULTS["minGRU parallel"]) if name != "minGRU parallel" and "minGRU parallel" in RESULTS else ""
             # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
             # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db
             gb = B * T * S * 4 * (5 + 7) / 1e9
             bw = gb / t
             rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
+                             err_vs_seq=f"{err:.1e}" if err != "" else "",
                              peak_frac=round(bw / peak, 3) if peak else ""))
             print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
         save()
@@ -233,6 +258,8 @@ def main(argv=None):
     p.add_argument("--linear-batch", type=int, default=8)
     p.add_argument("--linear-hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--baselines", default="torch,jax-cudnn,lax,flax",
+                   help="the comparison systems of part 1: torch (cuDNN), jax-cudnn, lax, flax")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     p.add_argument("--parts", default="cells,linear", help="cells (part 1), linear (part 2), or both")
     p.add_argument("--out", default="", help="write OUT.md and OUT.csv (rewritten after every shape, so a run "
@@ -242,6 +269,7 @@ def main(argv=None):
         args.cells, args.hidden, args.batch, args.length = "lstm,gru", "16", 4, 8
         args.linear_lengths, args.linear_batch, args.linear_hidden, args.repeats = "16,64", 2, 16, 2
     args.cells = args.cells.split(",")
+    args.baselines = args.baselines.split(",")
     args.hidden = [int(h) for h in args.hidden.split(",")]
     args.linear_lengths = [int(t) for t in args.linear_lengths.split(",")]
     have_torch = importlib.util.find_spec("torch") is not None
@@ -261,7 +289,7 @@ def main(argv=None):
 def write(rows, out, device):
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["part", "system", "H", "precision", "task", "B", "T", "ms", "compile_s", "GBs", "peak_frac", "note"]
+    keys = ["part", "system", "H", "precision", "task", "B", "T", "ms", "compile_s", "err_vs_seq", "GBs", "peak_frac", "note"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()

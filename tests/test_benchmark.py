@@ -37,6 +37,9 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     # each recur row says what ran: on CPU the kernel rows fell back, the sequential ones did not
     notes = {r["system"]: r["note"] for r in rows if r["part"] == "cells" and r["system"].startswith("recur")}
     assert "needs a GPU" in notes["recur lstm kernel"] and notes["recur lstm sequential"] == ""
+    # kernel rows are checked against the sequential scan (here the same program: tiny error)
+    errs = {r["system"]: r["err_vs_seq"] for r in rows if r["part"] == "cells"}
+    assert float(errs["recur gru kernel"]) < 1e-6 and errs["recur gru sequential"] == "" == errs["lax.scan lstm"]
     assert {r["T"] for r in rows if r["system"] == "minGRU kernel"} == {16, 64}
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
