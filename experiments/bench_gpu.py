@@ -50,13 +50,13 @@ def _block(x):
     return jax.tree.map(lambda a: a.block_until_ready(), x)
 
 
-def recur_fn(cell_name, H, B, T, dtype, mode, train):
+def recur_fn(cell_name, H, B, T, dtype, mode, train, unroll=1):
     cell = recur.get_cell(cell_name, H, dtype=dtype)
     params = cell.init(jax.random.key(0), H)
     xs = jax.random.normal(jax.random.key(1), (B, T, H), dtype)
 
     def loss(p, x):
-        hs, _ = recur.scan(cell, p, x, mode=mode)
+        hs, _ = recur.scan(cell, p, x, mode=mode, unroll=unroll)
         return jnp.mean(jnp.square(hs.astype(jnp.float32)))
 
     f = jax.jit(jax.grad(loss, argnums=(0, 1)) if train else loss)

@@ -239,9 +239,9 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.backprop import deferred_scan
 
         # project time-major inputs: transposing xs [B, T, I] is cheaper than us [B, T, G]; cells
-        # with a fused backward step project each step's inputs inside the loop
+        # with a fused backward step project each step's inputs inside the loop on a CPU
         xs_T = _time_major(xs)
-        inside = not projected and cell.fused_backward and cell.project_in_loop
+        inside = projects_in_loop(cell, projected)
         hs, carry = deferred_scan(cell, unroll, project=inside)(
             params, carry0, xs_T if inside else project(xs_T), None if mask is None else mask.T,
             None if resets is None else resets.T, reset_carry)
@@ -264,6 +264,15 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
 
 def _time_major(tree):
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
+
+
+def projects_in_loop(cell, projected) -> bool:
+    """Whether the deferred scan multiplies each step's inputs by W_x inside its loop. On a CPU
+    that saves writing the projected inputs [T, B, G] and reading them back (LSTM inference 43 ->
+    34 ms at B=32, T=128, H=256); on a GPU one large matmul before the loop beats T small ones in
+    it (H200, B=64, T=512, H=256: see docs/benchmarks.md)."""
+    return (not projected and cell.fused_backward and cell.project_in_loop
+            and jax.default_backend() == "cpu")
 
 
 def _sequential(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T):

@@ -134,6 +134,17 @@ def test_linear_recurrence_chunks(T_):
         _assert_close(grad(ref), grad(linear_recurrence), 1e-11, "gradients")
 
 
+def test_linear_chunk_length_leaves_enough_programs(monkeypatch):
+    """Chunks are as long as possible while rows x chunks still fills PROGRAMS programs; a T with
+    no chunk length that divides it runs as one chunk; CHUNK pins the length."""
+    from recur.kernels import linear
+
+    assert linear._chunk(65536, 16) == 512 and linear._chunk(4096, 16) == 32
+    assert linear._chunk(4096, 1024) == 512 and linear._chunk(96, 1) == 32 and linear._chunk(7, 4) == 7
+    monkeypatch.setattr(linear, "CHUNK", 128)
+    assert linear._chunk(4096, 16) == 128
+
+
 # --- fallbacks and the auto choice ----------------------------------------------------------
 def test_kernel_on_cpu_falls_back_with_a_notice(monkeypatch):
     monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)

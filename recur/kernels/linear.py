@@ -6,7 +6,8 @@ runs its chunk sequentially, keeping the state in registers:
 
 1. (only when T > L) every chunk, in parallel, folds its L steps into one affine map
    s_out = P ⊙ s_in + Q (P the product of its a_t, Q its state from s_in = 0);
-2. the n = T / L chunk maps are combined in order (a short ``lax.scan`` over [B, n, S]);
+2. the n = T / L chunk maps are combined in order (an exclusive ``lax.associative_scan`` over
+   [B, n, S], L times smaller than the sequence);
 3. every chunk, in parallel, reruns its steps from its true entering state, writing s_t.
 
 Inputs are read twice and the states written once: the memory traffic of a copy, not of
@@ -25,14 +26,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-CHUNKS = (512, 256, 128, 64, 32)  # steps per chunk, the first that divides T (else one chunk)
+CHUNKS = (512, 256, 128, 64, 32)  # steps per chunk: the longest that divides T and leaves enough programs
+#: programs wanted per pass: a program's steps run one after another, each waiting on its loads,
+#: so short chunks over many programs hide that latency (the chunks' maps combine in log2 passes)
+PROGRAMS = 2048
+#: a fixed chunk length (a power of 2 in CHUNKS) instead of the rule above, for measurements
+CHUNK = None
 
 
-def _chunk(T):
-    for L in CHUNKS:
-        if T > L and T % L == 0:
+def _chunk(T, rows=1):
+    """Steps per chunk for T steps and ``rows`` programs per chunk (batch x state blocks)."""
+    fits = [L for L in CHUNKS if T > L and T % L == 0 and (CHUNK is None or L == CHUNK)]
+    for L in fits:
+        if rows * (T // L) >= PROGRAMS:
             return L
-    return T
+    return fits[-1] if fits else T
 
 
 def _block_s(S):
@@ -74,7 +82,8 @@ def _entering(a, x, coef, reverse, acc, interpret):
     parallel, then the maps combined in time order (reverse: from the last chunk back).
     """
     B, T, S = x.shape
-    L, Sb = _chunk(T), _block_s(S)
+    Sb = _block_s(S)
+    L = _chunk(T, B * (S // Sb))
     n = T // L
     if n == 1:
         return jnp.zeros((B, 1, S), acc)
@@ -101,7 +110,8 @@ def _entering(a, x, coef, reverse, acc, interpret):
 def _forward(a, b, interpret):
     B, T, S = b.shape
     acc = jnp.promote_types(b.dtype, jnp.float32)
-    L, Sb = _chunk(T), _block_s(S)
+    Sb = _block_s(S)
+    L = _chunk(T, B * (S // Sb))
     coef = lambda a_ref, t: a_ref[0, t, :].astype(acc)
     s_in = _entering(a, b, coef, False, acc, interpret)
 
@@ -122,21 +132,26 @@ def _forward(a, b, interpret):
 
 
 def _combine(P, Q, reverse):
-    """Entering state of each chunk from the chunks' affine maps, [B, n, S] -> [B, n, S]."""
-    def body(s, pq):
-        p, q = pq
-        return p * s + q, s
+    """Entering state of each chunk from the chunks' affine maps, [B, n, S] -> [B, n, S]: an
+    exclusive associative scan over the chunks (log2(n) passes over arrays L times smaller than
+    the sequence), in time order, or from the last chunk back with reverse."""
+    def compose(first, then):
+        (p1, q1), (p2, q2) = first, then
+        return p2 * p1, p2 * q1 + q2
 
-    swap = lambda x: jnp.swapaxes(x, 0, 1)
-    _, s_in = jax.lax.scan(body, jnp.zeros_like(Q[:, 0]), (swap(P), swap(Q)), reverse=reverse)
-    return swap(s_in)
+    if reverse:  # the scan runs from the last chunk; then "first" is the later chunk
+        _, out = jax.lax.associative_scan(compose, (P, Q), reverse=True, axis=1)
+        return jnp.concatenate([out[:, 1:], jnp.zeros_like(out[:, :1])], axis=1)
+    _, out = jax.lax.associative_scan(compose, (P, Q), axis=1)
+    return jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
 
 
 def _backward(a, s, g, interpret):
     """(da, db) for the cotangent g of the states s of the forward recurrence."""
     B, T, S = g.shape
     acc = s.dtype
-    L, Sb = _chunk(T), _block_s(S)
+    Sb = _block_s(S)
+    L = _chunk(T, B * (S // Sb))
 
     def a_next(a_ref, t):
         # the coefficient that carries e_{t+1} back to step t; none after the last step

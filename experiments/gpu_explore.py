@@ -1,0 +1,117 @@
+"""Where recur's sequential scan spends its time on a GPU: the input projection inside the loop
+or before it, and lax.scan's unroll, against cuDNN (PyTorch) side by side in one run.
+
+    python -m experiments.gpu_explore --out runs/explore      # on a GPU machine, ~3 minutes
+
+Rows: recur's deferred scan with the input projection in the loop ("in-loop", the CPU choice)
+and hoisted before it, at unroll 1, 2, 4 and 8, for the cells in --cells; PyTorch nn.LSTM / nn.GRU
+(cuDNN); the plain lax.scan LSTM. Batch 64, T = 512, input size = hidden size, as bench_gpu.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+import jax.numpy as jnp
+
+from experiments import bench_gpu as bg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hidden", default="256,1024")
+    p.add_argument("--cells", default="lstm")
+    p.add_argument("--unrolls", default="1,2,4,8")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--precisions", default="fp32,half")
+    p.add_argument("--tasks", default="train,infer")
+    p.add_argument("--linear-lengths", default="", help="also time minGRU's chunked kernel at these T "
+                   "(batch 8, H = 256) for each chunk length in --chunks, against lax.associative_scan")
+    p.add_argument("--chunks", default="auto,32,64,128,512")
+    p.add_argument("--parts", default="cells,linear")
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    have_torch = importlib.util.find_spec("torch") is not None
+    scan_mod = importlib.import_module("recur.scan")  # the module (recur.scan is also the function)
+    default = scan_mod.projects_in_loop
+
+    def with_switch(inside, make):
+        def made():
+            scan_mod.projects_in_loop = lambda cell, projected: (
+                inside and not projected and cell.fused_backward and cell.project_in_loop)
+            try:
+                f = make()
+                f()  # traced and compiled while the switch holds
+            finally:
+                scan_mod.projects_in_loop = default
+            return f
+        return made
+    rows = []
+    for H in [int(h) for h in a.hidden.split(",")] if "cells" in a.parts else []:
+        for task in a.tasks.split(","):
+            train = task == "train"
+            for prec in a.precisions.split(","):
+                jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
+                fns = {}
+                if have_torch:
+                    for kind in ("LSTM", "GRU"):
+                        tdt = "fp32" if prec == "fp32" else "fp16"
+                        fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: bg.torch_fn(k, H, a.batch, a.length, d, train))
+                fns["lax.scan lstm"] = lambda: bg.lax_scan_lstm_fn(H, a.batch, a.length, jdt, train)
+                for cell in a.cells.split(","):
+                    if bg.recur.get_cell(cell, H, dtype=jdt).fused_backward:  # else nothing projects in the loop
+                        fns[f"recur {cell} in-loop u1"] = with_switch(
+                            True, lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train))
+                    for u in [int(u) for u in a.unrolls.split(",")]:
+                        fns[f"recur {cell} hoisted u{u}"] = with_switch(
+                            False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u))
+                print(f"H={H} {prec} {task}", flush=True)
+                for name, (compile_s, t) in bg._time(fns, a.repeats).items():
+                    rows.append(dict(part="explore", system=name, H=H, precision=prec, task=task, T=a.length, B=a.batch,
+                                     ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), note=bg.NOTES.get(name, "")))
+                    print(f"  {name:32s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)", flush=True)
+                bg.RESULTS.clear()
+                if a.out:
+                    bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
+    if "linear" in a.parts and a.linear_lengths:
+        linear(a, rows)
+    return rows
+
+
+def linear(a, rows):
+    from recur.kernels import linear as lin
+
+    B, S = 8, 256
+    cell = bg.recur.get_cell("mingru", S)
+    params = cell.init(bg.jax.random.key(0), S)
+    for T in [int(t) for t in a.linear_lengths.split(",")]:
+        xs = bg.jax.random.normal(bg.jax.random.key(1), (B, T, S), jnp.float32)
+        fns = {}
+        for mode, chunk in [("parallel", None)] + [("kernel", None if c == "auto" else int(c)) for c in a.chunks.split(",")]:
+            def make(mode=mode, chunk=chunk):
+                lin.CHUNK = chunk
+                try:
+                    g = bg.jax.jit(bg.jax.grad(lambda p, x: jnp.mean(jnp.square(bg.recur.scan(cell, p, x, mode=mode)[0])),
+                                               argnums=(0, 1)))
+                    g(params, xs)
+                finally:
+                    lin.CHUNK = None
+                return lambda: bg._block(g(params, xs))
+            name = "minGRU parallel" if mode == "parallel" else f"minGRU kernel L={chunk or 'auto'}"
+            fns[name] = make
+        for name, (compile_s, t) in bg._time(fns, a.repeats).items():
+            err = bg.rel_err(bg.RESULTS[name], bg.RESULTS["minGRU parallel"]) if name != "minGRU parallel" else ""
+            rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2),
+                             err_vs_seq=f"{err:.1e}" if err != "" else ""))
+            print(f"  T={T:6d} {name:24s} {t * 1e3:9.3f} ms" + (f"  rel. err {err:.1e}" if err != "" else ""), flush=True)
+        bg.RESULTS.clear()
+        if a.out:
+            bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
+
+
+if __name__ == "__main__":
+    main()
