@@ -12,9 +12,9 @@ inputs, batch 64, T = 512, input size = hidden size, H = 256 and 1024, fp32 (PyT
 on) and half precision (recur and lax.scan in bfloat16 with float32 state; cuDNN in fp16 and
 bf16), and the forward pass alone ("infer"). Systems: PyTorch nn.LSTM / nn.GRU (cuDNN),
 jax.experimental.rnn.lstm (cuDNN, fp32), Flax nn.RNN(OptimizedLSTMCell), recur's sequential scan
-(``mode="sequential"``) and recur's kernel (``mode="kernel"``, which falls back to the sequential
-scan with a printed notice where the kernel does not lower) for every cell in --cells, and
-``mode="auto"`` for the plain LSTM (cuDNN through recur.scan in fp32, the kernel in bf16).
+(``mode="sequential"``; unrolled 8 steps on a GPU) and recur's loop kernel (``mode="kernel"``,
+which falls back to the sequential scan with a printed notice where the kernel does not lower)
+for every cell in --cells, and ``mode="auto"`` for the plain LSTM; --modes picks others.
 Part 2, linear cells: minGRU's scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
@@ -50,7 +50,7 @@ def _block(x):
     return jax.tree.map(lambda a: a.block_until_ready(), x)
 
 
-def recur_fn(cell_name, H, B, T, dtype, mode, train, unroll=1):
+def recur_fn(cell_name, H, B, T, dtype, mode, train, unroll=None):
     cell = recur.get_cell(cell_name, H, dtype=dtype)
     params = cell.init(jax.random.key(0), H)
     xs = jax.random.normal(jax.random.key(1), (B, T, H), dtype)
@@ -201,8 +201,7 @@ def part1(args, have_torch, gpu, rows, save):
                 if "flax" in args.baselines:
                     fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
                 for cell in args.cells:
-                    # auto differs from kernel for the plain LSTM only: cuDNN in fp32 (recur/kernels/cudnn.py)
-                    for mode in ("sequential", "kernel") + (("auto",) if cell == "lstm" else ()):
+                    for mode in args.modes or ("sequential", "kernel") + (("auto",) if cell == "lstm" else ()):
                         fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
                 print(f"H={H} {prec} {task}")
                 RESULTS.clear()
@@ -258,6 +257,8 @@ def main(argv=None):
     p.add_argument("--linear-batch", type=int, default=8)
     p.add_argument("--linear-hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--modes", default="", help="recur.scan modes timed for every cell (default: sequential "
+                                               "and kernel, and auto for the LSTM)")
     p.add_argument("--baselines", default="torch,jax-cudnn,lax,flax",
                    help="the comparison systems of part 1: torch (cuDNN), jax-cudnn, lax, flax")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
@@ -270,6 +271,7 @@ def main(argv=None):
         args.linear_lengths, args.linear_batch, args.linear_hidden, args.repeats = "16,64", 2, 16, 2
     args.cells = args.cells.split(",")
     args.baselines = args.baselines.split(",")
+    args.modes = tuple(m for m in args.modes.split(",") if m)
     args.hidden = [int(h) for h in args.hidden.split(",")]
     args.linear_lengths = [int(t) for t in args.linear_lengths.split(",")]
     have_torch = importlib.util.find_spec("torch") is not None

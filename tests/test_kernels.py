@@ -174,14 +174,33 @@ def test_auto_on_cpu_is_the_sequential_scan_silently(monkeypatch):
     assert dispatch.choose(make("mingru")[0], "auto", B, T, 4, "none")[0] == "sequential"
 
 
-def test_auto_in_interpret_mode_picks_the_kernels(interpret):
-    """On a GPU (interpret mode stands in for one) the plain float32 LSTM goes to cuDNN, other
-    cells and that LSTM with resets or projected inputs to recur's kernels."""
-    choose = lambda name, **kw: dispatch.choose(make(name)[0], "auto", B, T, 4, "none", **kw)[0]
-    assert choose("lstm") == "cudnn"
-    assert choose("lstm", resets=True) == choose("lstm", projected=True) == "loop"
-    assert choose("lstm:peepholes") == choose("gru") == "loop"
-    assert choose("mingru") == "linear"
+def test_auto_in_interpret_mode_picks_what_was_measured_fastest(interpret):
+    """On a GPU (interpret mode stands in for one) auto runs the sequential scan for every cell not
+    linear in its state (unrolled, it beat cuDNN and the loop kernel on an H200), and the chunked
+    kernel for linear cells; mode="kernel" / "cudnn" still ask for the kernels."""
+    choose = lambda name, mode="auto", **kw: dispatch.choose(make(name)[0], mode, B, T, 4, "none", **kw)[0]
+    for name in ("lstm", "lstm:peepholes", "gru", "mgu", "elman"):
+        assert choose(name) == "sequential", name
+        assert choose(name, "kernel") == "loop", name
+    assert choose("lstm", resets=True) == choose("lstm", projected=True) == "sequential"
+    assert choose("lstm", "cudnn") == "cudnn"
+    assert choose("mingru") == choose("mingru", "kernel") == "linear"
+
+
+def test_unroll_defaults_to_8_on_a_gpu_and_is_checked(monkeypatch):
+    import importlib
+
+    scan_mod = importlib.import_module("recur.scan")
+    assert scan_mod.default_unroll() == 1  # these tests run on a CPU
+    monkeypatch.setattr(scan_mod.jax, "default_backend", lambda: "gpu")
+    assert scan_mod.default_unroll() == 8
+    monkeypatch.undo()
+    cell, params, xs = make("gru")
+    want = recur.scan(cell, params, xs)[0]
+    np.testing.assert_allclose(recur.scan(cell, params, xs, unroll=8)[0], want, rtol=1e-6, atol=1e-6)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="unroll must be None or a positive int"):
+            recur.scan(cell, params, xs, unroll=bad)
 
 
 def _scan_loss_and_grad(cell, mode, **kwargs):

@@ -7,15 +7,19 @@ Implementations (see docs/kernels.md for the table per cell):
   time loops as kernels; the weight gradients stay one large matmul after the loop).
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
-  float32 LSTM on a GPU (``mode="cudnn"``, and what ``mode="auto"`` picks for that cell there:
-  the fastest LSTM measured on a GPU so far).
+  float32 LSTM on a GPU (``mode="cudnn"`` only).
 - the plain scans: ``sequential`` (lax.scan), ``parallel`` (lax.associative_scan).
 
 ``mode="kernel"`` asks for the kernel; where it cannot run (no GPU, a combination the kernels
 do not support, or a kernel that the GPU back end cannot lower for this cell and shape) the
 scan falls back to ``sequential`` (``parallel`` for linear cells on a GPU) with a one-line
-:class:`KernelFallback` warning, never an error. ``mode="auto"`` picks the kernel on a GPU where
-it lowers and otherwise the plain scan that is fastest there, silently: on CPU the sequential
+:class:`KernelFallback` warning, never an error. ``mode="auto"`` picks what was measured fastest,
+silently. On a GPU (H200, B=64, T=512, H=256 and 1024; docs/benchmarks.md) that is the sequential
+scan for every cell that is not linear in its state: recur/backprop.py's deferred scan with the
+input projection hoisted and 8 steps per loop iteration (``unroll=None``) ran 1.6-2.9x faster
+than cuDNN's LSTM in float32 and 2-5x faster than the loop kernel, whose programs each stream the
+whole W_h every step. Linear cells get the chunked kernel there (1.15-1.2x the associative scan)
+where it lowers, else the associative scan. On CPU the sequential
 scan (measured faster than the associative one on CPU, docs/benchmarks.md), except for a float32
 minGRU / minLSTM, whose parallel mode runs recur/kernels/cpu.py's compiled chunked scan there
 (both ``kernel`` and ``auto`` take it, without a notice).
@@ -73,16 +77,19 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False):
     gpu = _on_gpu()
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
-    if mode in ("cudnn", "auto") and (gpu or interpret) and T > 0:
+    if mode == "auto" and (gpu or interpret) and not cell.linear:
+        # measured on an H200 (docs/benchmarks.md): the deferred scan, input projection hoisted
+        # and 8 steps unrolled, beats both cuDNN's LSTM and the loop kernel for every cell
+        return "sequential", False, None
+    if mode == "cudnn" and (gpu or interpret) and T > 0:
         from recur.kernels import cudnn
 
         why = cudnn.problem(cell, resets=resets, projected=projected, remat=remat)
         if why is None and not (interpret or cudnn.available()):
             why = "this jax has no cuDNN RNN bindings"
-        if why is None:  # the plain float32 LSTM: cuDNN's persistent kernel (the fastest measured)
+        if why is None:  # the plain float32 LSTM
             return "cudnn", interpret, None
-        if mode == "cudnn":
-            return "sequential", False, why
+        return "sequential", False, why
     elif mode == "cudnn":
         return "sequential", False, (f"mode='cudnn' needs a GPU (backend is {jax.default_backend()})"
                                      if T > 0 else None)
