@@ -23,6 +23,10 @@ Each recur row's err_vs_seq is its result's largest relative error (loss, or eac
 against recur's sequential scan of the same cell (minGRU: against the associative scan), so a
 kernel that runs fast but wrong shows. ``--baselines`` picks the comparison systems.
 
+Part 3, the bare recurrence (no cell): lax.associative_scan against the chunked kernel at the
+same lengths, forward + backward, with the bandwidth over the fewest bytes it must move (8 arrays
+of B*T*S float32) and, beside them, a copy of that many bytes: the bandwidth the GPU reaches.
+
 Every figure is the median of --repeats timed calls after a warm-up call; systems are
 interleaved call by call so that machine noise hits them alike. Compile times (the first call)
 are reported on their own. Writes OUT.md and OUT.csv.
@@ -247,6 +251,47 @@ def part2(args, rows, save):
         save()
 
 
+def part3(args, gpu, rows, save):
+    """The bare recurrence s_t = a_t * s_{t-1} + b_t (no cell around it), forward + backward of
+    sum(s * w): lax.associative_scan against recur's chunked kernel, and a copy of the same bytes
+    (the bandwidth this GPU reaches, measured beside them). The fewest bytes the recurrence must
+    move: forward reads a, b and writes s; backward reads a, s and the cotangent w and writes
+    da, db: 8 arrays of B*T*S float32."""
+    from recur.kernels.linear import linear_recurrence
+    from recur.scan import _associative
+
+    B, S = args.linear_batch, args.linear_hidden
+    peak = next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
+    interpret = not gpu
+    for T in args.linear_lengths:
+        k = jax.random.split(jax.random.key(T), 3)
+        a = jax.random.uniform(k[0], (B, T, S), jnp.float32, 0.5, 1.0)
+        b = jax.random.normal(k[1], (B, T, S), jnp.float32)
+        w = jax.random.normal(k[2], (B, T, S), jnp.float32)
+        copy_src = jnp.concatenate([a.ravel(), b.ravel(), w.ravel(), a.ravel()])  # 4 arrays read, 4 written
+        systems = {"scan: lax.associative_scan": _associative,
+                   "scan: recur chunked kernel": lambda a, b: linear_recurrence(a, b, interpret)}
+        fns = {}
+        for name, rec in systems.items():
+            def make(rec=rec):
+                g = jax.jit(jax.grad(lambda a, b: jnp.sum(rec(a, b) * w), argnums=(0, 1)))
+                return lambda: _block(g(a, b))
+            fns[name] = make
+        fns["copy (4 arrays in, 4 out)"] = lambda: (lambda f: lambda: _block(f(copy_src)))(jax.jit(lambda x: x * 1.0001))
+        RESULTS.clear()
+        for name, (compile_s, t) in _time(fns, args.repeats).items():
+            ref = RESULTS.get("scan: lax.associative_scan")
+            err = rel_err(RESULTS[name], ref) if name == "scan: recur chunked kernel" and ref is not None else ""
+            bw = B * T * S * 4 * 8 / 1e9 / t
+            rows.append(dict(part="scan", system=name, H=S, precision="fp32", task="train", T=T, B=B,
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
+                             err_vs_seq=f"{err:.1e}" if err != "" else "",
+                             peak_frac=round(bw / peak, 3) if peak else ""))
+            print(f"  T={T:6d} {name:28s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s" + (f"  rel. err {err:.1e}" if err != "" else ""))
+        RESULTS.clear()
+        save()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", default="lstm,lstm:peepholes,lstm:ln,lstm:cifg,gru,gru:cho,mgu,elman")
@@ -262,7 +307,8 @@ def main(argv=None):
     p.add_argument("--baselines", default="torch,jax-cudnn,lax,flax",
                    help="the comparison systems of part 1: torch (cuDNN), jax-cudnn, lax, flax")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
-    p.add_argument("--parts", default="cells,linear", help="cells (part 1), linear (part 2), or both")
+    p.add_argument("--parts", default="cells,linear,scan",
+                   help="cells (part 1), linear (part 2: minGRU's training step), scan (part 3: the bare recurrence)")
     p.add_argument("--out", default="", help="write OUT.md and OUT.csv (rewritten after every shape, so a run "
                                               "cut short keeps what it measured)")
     args = p.parse_args(argv)
@@ -285,6 +331,8 @@ def main(argv=None):
         part1(args, have_torch, gpu, rows, save)
     if "linear" in parts:
         part2(args, rows, save)
+    if "scan" in parts:
+        part3(args, gpu, rows, save)
     return rows
 
 

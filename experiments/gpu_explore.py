@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--linear-lengths", default="", help="also time minGRU's chunked kernel at these T "
                    "(batch 8, H = 256) for each chunk length in --chunks, against lax.associative_scan")
     p.add_argument("--chunks", default="auto,32,64,128,512")
+    p.add_argument("--steps", default="1", help="steps each kernel program loads at once (linear.STEP_BLOCK)")
+    p.add_argument("--bare", action="store_true", help="time the bare recurrence, not minGRU's training step")
     p.add_argument("--parts", default="cells,linear")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -82,32 +84,51 @@ def main(argv=None):
 
 
 def linear(a, rows):
+    """minGRU's training step (or with --bare, the bare recurrence's forward + backward) with
+    the associative scan and with the chunked kernel at each chunk length x steps per load."""
     from recur.kernels import linear as lin
+    from recur.scan import _associative
 
     B, S = 8, 256
     cell = bg.recur.get_cell("mingru", S)
     params = cell.init(bg.jax.random.key(0), S)
+    gpu = bg.jax.default_backend() == "gpu"
+    variants = [("parallel", None, 1)] + [("kernel", None if c == "auto" else int(c), int(k))
+                                          for c in a.chunks.split(",") for k in a.steps.split(",")]
     for T in [int(t) for t in a.linear_lengths.split(",")]:
-        xs = bg.jax.random.normal(bg.jax.random.key(1), (B, T, S), jnp.float32)
+        k = bg.jax.random.split(bg.jax.random.key(T), 3)
+        xs = bg.jax.random.normal(k[0], (B, T, S), jnp.float32)
+        coef = bg.jax.random.uniform(k[1], (B, T, S), jnp.float32, 0.5, 1.0)
+        w = bg.jax.random.normal(k[2], (B, T, S), jnp.float32)
         fns = {}
-        for mode, chunk in [("parallel", None)] + [("kernel", None if c == "auto" else int(c)) for c in a.chunks.split(",")]:
-            def make(mode=mode, chunk=chunk):
-                lin.CHUNK = chunk
+        for mode, chunk, steps in variants:
+            def make(mode=mode, chunk=chunk, steps=steps):
+                lin.CHUNK, lin.STEP_BLOCK = chunk, steps
                 try:
-                    g = bg.jax.jit(bg.jax.grad(lambda p, x: jnp.mean(jnp.square(bg.recur.scan(cell, p, x, mode=mode)[0])),
-                                               argnums=(0, 1)))
-                    g(params, xs)
+                    if a.bare:
+                        rec = _associative if mode == "parallel" else (lambda x, y: lin.linear_recurrence(x, y, not gpu))
+                        g = bg.jax.jit(bg.jax.grad(lambda x, y: jnp.sum(rec(x, y) * w), argnums=(0, 1)))
+                        args = (coef, xs)
+                    else:
+                        g = bg.jax.jit(bg.jax.grad(lambda p, x: jnp.mean(jnp.square(bg.recur.scan(cell, p, x, mode=mode)[0])),
+                                                   argnums=(0, 1)))
+                        args = (params, xs)
+                    g(*args)
                 finally:
-                    lin.CHUNK = None
-                return lambda: bg._block(g(params, xs))
-            name = "minGRU parallel" if mode == "parallel" else f"minGRU kernel L={chunk or 'auto'}"
+                    lin.CHUNK, lin.STEP_BLOCK = None, 1
+                return lambda: bg._block(g(*args))
+            what = "scan" if a.bare else "minGRU"
+            name = f"{what} parallel" if mode == "parallel" else f"{what} kernel L={chunk or 'auto'} K={steps}"
             fns[name] = make
+        ref = f"{'scan' if a.bare else 'minGRU'} parallel"
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():
-            err = bg.rel_err(bg.RESULTS[name], bg.RESULTS["minGRU parallel"]) if name != "minGRU parallel" else ""
+            err = bg.rel_err(bg.RESULTS[name], bg.RESULTS[ref]) if name != ref else ""
+            gbs = B * T * S * 4 * 8 / 1e9 / t if a.bare else ""  # the bare scan's fewest bytes: 8 arrays
             rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
-                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2),
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(gbs, 1) if gbs else "",
                              err_vs_seq=f"{err:.1e}" if err != "" else ""))
-            print(f"  T={T:6d} {name:24s} {t * 1e3:9.3f} ms" + (f"  rel. err {err:.1e}" if err != "" else ""), flush=True)
+            print(f"  T={T:6d} {name:28s} {t * 1e3:9.3f} ms" + (f"  {gbs:7.1f} GB/s" if gbs else "")
+                  + (f"  rel. err {err:.1e}" if err != "" else ""), flush=True)
         bg.RESULTS.clear()
         if a.out:
             bg.write(rows, a.out, bg.jax.devices()[0].device_kind)

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7's GPU table in one call on a lent GPU machine (10 minutes a call; see the device notes):
-#   run: bash experiments/gpu_session.sh      with .whl carried (ml_collections, tensorboardX wheels)
-# Each part has its own time limit and writes its table under $OUT as it goes, so a part that
-# runs long loses only its own unmeasured rows. Locally: OUT=runs/gpu bash experiments/gpu_session.sh
+# Issue 7's GPU measurements, each plan sized for one 10-minute call on a lent GPU machine:
+#   bash experiments/gpu_session.sh table     # recur's auto against cuDNN; the linear scans (~4 min)
+#   bash experiments/gpu_session.sh kernels   # recur's sequential scan against its loop kernel (~4.5 min)
+#   bash experiments/gpu_session.sh explore   # projection in / out of the loop, unroll; the linear
+#                                             # kernel's chunk length and steps per load (~5 min)
+#   bash experiments/gpu_session.sh remaining # not yet measured: the bare linear scan's bandwidth, the
+#                                             # other cells at H=1024, each loop's launches (~5 min)
+# with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
+# has its own time limit and writes its table under $OUT as it goes, so a part that runs long
+# loses only its own unmeasured rows. On a CPU (tiny checks): OUT=runs/gpu PY=.venv/bin/python ...
 set -u
+plan=${1:-table}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log") 2>&1
@@ -16,15 +23,32 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv 2>/dev/null
 $PY -c "import jax, recur; print(jax.devices(), jax.__version__)" || exit 1
 B="$PY -m experiments.bench_gpu"
+E="$PY -m experiments.gpu_explore"
 t0=$(date +%s)
-# 1. H=256: every fused cell against cuDNN, fp32 and half, training step and inference
-timeout ${T1:-330} $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg --baselines torch,jax-cudnn,lax \
-  --repeats 7 --parts cells --out "$OUT/h256"
-echo "part 1: $(( $(date +%s) - t0 )) s"
-# 2. the chunked linear scan (minGRU) against lax.associative_scan, with achieved bandwidth
-timeout ${T2:-100} $B --parts linear --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
-echo "parts 1-2: $(( $(date +%s) - t0 )) s"
-# 3. H=1024 (recur's LSTM goes to cuDNN under auto; the fused kernels refuse a step this wide)
-timeout ${T3:-100} $B --hidden 1024 --cells lstm,gru --baselines torch,jax-cudnn --repeats 5 --parts cells \
-  --out "$OUT/h1024"
-echo "all: $(( $(date +%s) - t0 )) s"
+part() { local limit=$1; shift; timeout "$limit" "$@"; echo "($(( $(date +%s) - t0 )) s)"; }
+case $plan in
+  table)
+    part 120 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
+      --baselines torch,jax-cudnn,lax --repeats 7 --parts cells --out "$OUT/h256"
+    part 45 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 90 $B --hidden 1024 --cells lstm,gru --modes auto --baselines torch,jax-cudnn,lax --repeats 5 \
+      --parts cells --out "$OUT/h1024" ;;
+  kernels)
+    part 330 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg --baselines torch,jax-cudnn,lax \
+      --modes sequential,kernel --repeats 7 --parts cells --out "$OUT/h256"
+    part 100 $B --hidden 1024 --cells lstm,gru --baselines torch,jax-cudnn --modes sequential,kernel \
+      --repeats 5 --parts cells --out "$OUT/h1024" ;;
+  explore)
+    part 180 $E --parts cells --hidden 256 --cells lstm,gru,mgu --unrolls 1,4,8 --out "$OUT/cells256"
+    part 90 $E --parts linear --linear-lengths 4096,65536 --chunks auto,32,128 --steps 1,8,16 --bare --out "$OUT/scan"
+    part 60 $E --parts linear --linear-lengths 4096,65536 --chunks auto --steps 1,8,16 --out "$OUT/linear"
+    part 120 $E --parts cells --hidden 1024 --cells lstm --unrolls 1,8,16 --out "$OUT/cells1024" ;;
+  remaining)
+    part 60 $B --parts scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/scan"
+    part 150 $B --hidden 1024 --cells mgu,elman,lstm:cifg,gru:cho,lstm:ln,lstm:peepholes --modes auto \
+      --baselines torch --repeats 5 --parts cells --out "$OUT/h1024"
+    for dt in float32 bfloat16; do
+      part 40 $PY -m experiments.hlo_loops --cell lstm --hidden 1024 --dtype $dt --unroll 1,8
+    done ;;
+  *) echo "plan must be table, kernels, explore or remaining, got $plan" >&2; exit 2 ;;
+esac

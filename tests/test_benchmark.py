@@ -41,6 +41,11 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     errs = {r["system"]: r["err_vs_seq"] for r in rows if r["part"] == "cells"}
     assert float(errs["recur gru kernel"]) < 1e-6 and errs["recur gru sequential"] == "" == errs["lax.scan lstm"]
     assert {r["T"] for r in rows if r["system"] == "minGRU kernel"} == {16, 64}
+    # the bare recurrence: the kernel (interpret mode here) against the associative scan, and a copy
+    scan = [r for r in rows if r["part"] == "scan"]
+    assert {(r["system"], r["T"]) for r in scan} == {(n, T) for T in (16, 64) for n in (
+        "scan: lax.associative_scan", "scan: recur chunked kernel", "copy (4 arrays in, 4 out)")}
+    assert all(float(r["err_vs_seq"]) < 1e-5 for r in scan if r["system"] == "scan: recur chunked kernel")
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
@@ -64,3 +69,17 @@ def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):
         assert all(r["projected"] == int(bool(extra)) for r in rows)
         with open(tmp_path / "par.csv") as f:
             assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_hlo_loops_counts_each_loops_launches(monkeypatch):
+    """experiments/hlo_loops.py finds the forward and backward time loops of a training step, with
+    their trip counts (T / unroll) and the fusions each iteration launches (more when unrolled)."""
+    from experiments import hlo_loops
+
+    monkeypatch.setenv("RECUR_CPU_KERNELS", "0")  # XLA's loops, not the compiled C++ ones
+    got = hlo_loops.main(["--cell", "gru", "--hidden", "8", "--batch", "2", "--length", "12", "--unroll", "1,4"])
+    assert sorted(lp["trips"] for lp in got[1]) == [12, 12]
+    assert sorted(lp["trips"] for lp in got[4]) == [3, 3]
+    fusions = lambda lp: sum(n for k, n in lp["kinds"].items() if k.startswith("fusion"))
+    assert all(fusions(lp) > 0 for lp in got[1])
+    assert sum(map(fusions, got[4])) > sum(map(fusions, got[1]))

@@ -112,9 +112,14 @@ def test_kernel_loop_blocks_rows_and_matches_lax_scan():
             kernel_loop(body, k, rows, c0, xs, block_b=3)
 
 
+@pytest.mark.parametrize("steps", [1, 8])
 @pytest.mark.parametrize("T_", [7, 64, 320])
-def test_linear_recurrence_chunks(T_):
-    """One chunk (T=7), two (64 = 2 x 32) and five (320 = 5 x 64); values and gradients."""
+def test_linear_recurrence_chunks(T_, steps, monkeypatch):
+    """One chunk (T=7), two (64 = 2 x 32) and ten (320 = 10 x 32); values and gradients; each
+    program loading one step at a time or blocks of 8 (linear.STEP_BLOCK; T=7 stays at 1)."""
+    from recur.kernels import linear
+
+    monkeypatch.setattr(linear, "STEP_BLOCK", steps)
     with jax.enable_x64(True):
         ka, kb, kw = jax.random.split(jax.random.key(T_), 3)
         a = jax.random.uniform(ka, (2, T_, 40), jnp.float64, 0.5, 1.0)

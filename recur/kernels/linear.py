@@ -10,6 +10,10 @@ runs its chunk sequentially, keeping the state in registers:
    [B, n, S], L times smaller than the sequence);
 3. every chunk, in parallel, reruns its steps from its true entering state, writing s_t.
 
+Each program walks its chunk one step after another; ``STEP_BLOCK`` > 1 makes it load (and
+store) that many steps at once as one [STEP_BLOCK, Sb] block, split into rows in registers, so
+fewer loads wait in turn (not yet measured on a GPU; 1 is the measured form).
+
 Inputs are read twice and the states written once: the memory traffic of a copy, not of
 log2(T) copies. The backward pass is the same recurrence run in reverse on the cotangents g:
 e_t = g_t + a_{t+1} ⊙ e_{t+1}, then db_t = e_t and da_t = e_t ⊙ s_{t-1}; the backward kernel
@@ -32,6 +36,9 @@ CHUNKS = (512, 256, 128, 64, 32)  # steps per chunk: the longest that divides T 
 PROGRAMS = 2048
 #: a fixed chunk length (a power of 2 in CHUNKS) instead of the rule above, for measurements
 CHUNK = None
+#: steps each program loads (and stores) at once, as one [STEP_BLOCK, Sb] block split in
+#: registers; 1 loads a row per step (the form measured on a GPU so far, docs/benchmarks.md)
+STEP_BLOCK = 1
 
 
 def _chunk(T, rows=1):
@@ -70,13 +77,44 @@ def _chunk_spec(Sb):
     return pl.BlockSpec((1, 1, Sb), lambda b, j, c: (b, c, j))
 
 
-def _step_t(c, i, L, reverse):
-    """The time index of step i of chunk c (chunks of L steps), read backwards with reverse."""
-    return c * L + (L - 1 - i if reverse else i)
+def _steps(L):
+    """Steps a program loads at once: STEP_BLOCK where it divides the chunk, else 1."""
+    return STEP_BLOCK if STEP_BLOCK > 1 and L % STEP_BLOCK == 0 else 1
 
 
-def _entering(a, x, coef, reverse, acc, interpret):
-    """Each chunk's entering value [B, n, S] of v_t = coef(a_ref, t) * v_{t-/+1} + x_t, v = 0 outside.
+def _load_rows(ref, t0, K, acc):
+    """Rows t0 .. t0+K-1 of a [1, T, Sb] block as K arrays [Sb]: one load of [K, Sb], split in
+    registers by transpose and halving (what Triton lowers; recur.cells.base.split)."""
+    if K == 1:
+        return [ref[0, t0, :].astype(acc)]
+    from recur.cells.base import _halves
+
+    parts = [jnp.transpose(ref[0, pl.ds(t0, K), :].astype(acc))]  # [Sb, K]
+    while parts[0].shape[-1] > 1:
+        parts = [half for part in parts for half in _halves(part)]
+    return [jnp.reshape(part, part.shape[:-1]) for part in parts]
+
+
+def _store_rows(ref, t0, rows):
+    """Write K arrays [Sb] as rows t0 .. t0+K-1 of a [1, T, Sb] block, in one store."""
+    if len(rows) == 1:
+        ref[0, t0, :] = rows[0].astype(ref.dtype)
+        return
+    from recur.kernels.loop import _join
+
+    block = _join([jnp.reshape(r, r.shape + (1,)) for r in rows])  # [Sb, K]
+    ref[0, pl.ds(t0, len(rows)), :] = jnp.transpose(block).astype(ref.dtype)
+
+
+def _after(a_ref, t, T, acc):
+    """a_t, the coefficient that carries step t's value back to step t - 1; 0 for t = T."""
+    at = a_ref[0, jnp.minimum(t, T - 1), :].astype(acc)
+    return jnp.where(t < T, at, jnp.zeros_like(at))
+
+
+def _entering(a, x, reverse, acc, interpret):
+    """Each chunk's entering value [B, n, S] of v_t = a_t * v_{t-1} + x_t (forward) or
+    v_t = a_{t+1} * v_{t+1} + x_t (reverse; a_T = 0), v = 0 outside the sequence.
 
     Passes 1 and 2 of the module docstring: every chunk folded into an affine map (P, Q), in
     parallel, then the maps combined in time order (reverse: from the last chunk back).
@@ -84,20 +122,32 @@ def _entering(a, x, coef, reverse, acc, interpret):
     B, T, S = x.shape
     Sb = _block_s(S)
     L = _chunk(T, B * (S // Sb))
-    n = T // L
+    K, n = _steps(L), T // L
     if n == 1:
         return jnp.zeros((B, 1, S), acc)
 
     def summary(a_ref, x_ref, p_ref, q_ref):
         c = pl.program_id(2)
+        one, zero = jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)
+        if not reverse:
+            def body(j, pq):
+                p, q = pq
+                t0 = c * L + j * K
+                for a_t, x_t in zip(_load_rows(a_ref, t0, K, acc), _load_rows(x_ref, t0, K, acc)):
+                    p, q = p * a_t, a_t * q + x_t
+                return p, q
 
-        def body(i, pq):
-            p, q = pq
-            t = _step_t(c, i, L, reverse)
-            k = coef(a_ref, t)
-            return p * k, k * q + x_ref[0, t, :].astype(acc)
+            p, q = jax.lax.fori_loop(0, L // K, body, (one, zero))
+        else:
+            def body(j, pqa):
+                p, q, after = pqa  # after: a_{t+1} for the step t about to run
+                t0 = c * L + L - (j + 1) * K
+                a_rows, x_rows = _load_rows(a_ref, t0, K, acc), _load_rows(x_ref, t0, K, acc)
+                for i in reversed(range(K)):
+                    p, q, after = p * after, after * q + x_rows[i], a_rows[i]
+                return p, q, after
 
-        p, q = jax.lax.fori_loop(0, L, body, (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)))
+            p, q, _ = jax.lax.fori_loop(0, L // K, body, (one, zero, _after(a_ref, c * L + L, T, acc)))
         p_ref[0, 0, :] = p
         q_ref[0, 0, :] = q
 
@@ -112,19 +162,22 @@ def _forward(a, b, interpret):
     acc = jnp.promote_types(b.dtype, jnp.float32)
     Sb = _block_s(S)
     L = _chunk(T, B * (S // Sb))
-    coef = lambda a_ref, t: a_ref[0, t, :].astype(acc)
-    s_in = _entering(a, b, coef, False, acc, interpret)
+    K = _steps(L)
+    s_in = _entering(a, b, False, acc, interpret)
 
     def final(a_ref, b_ref, s_in_ref, out_ref):
         c = pl.program_id(2)
 
-        def body(i, s):
-            t = _step_t(c, i, L, False)
-            s = coef(a_ref, t) * s + b_ref[0, t, :].astype(acc)
-            out_ref[0, t, :] = s.astype(out_ref.dtype)
+        def body(j, s):
+            t0 = c * L + j * K
+            outs = []
+            for a_t, b_t in zip(_load_rows(a_ref, t0, K, acc), _load_rows(b_ref, t0, K, acc)):
+                s = a_t * s + b_t
+                outs.append(s)
+            _store_rows(out_ref, t0, outs)
             return s
 
-        jax.lax.fori_loop(0, L, body, s_in_ref[0, 0, :])
+        jax.lax.fori_loop(0, L // K, body, s_in_ref[0, 0, :])
 
     spec = _seq_spec(T, Sb)
     return _call(final, jax.ShapeDtypeStruct((B, T, S), acc), (B, S // Sb, T // L),
@@ -152,27 +205,28 @@ def _backward(a, s, g, interpret):
     acc = s.dtype
     Sb = _block_s(S)
     L = _chunk(T, B * (S // Sb))
-
-    def a_next(a_ref, t):
-        # the coefficient that carries e_{t+1} back to step t; none after the last step
-        at = a_ref[0, jnp.minimum(t + 1, T - 1), :].astype(acc)
-        return jnp.where(t + 1 < T, at, jnp.zeros_like(at))
-
-    e_in = _entering(a, g, a_next, True, acc, interpret)
+    K = _steps(L)
+    e_in = _entering(a, g, True, acc, interpret)
 
     def final(a_ref, g_ref, s_ref, e_in_ref, da_ref, db_ref):
         c = pl.program_id(2)
 
-        def body(i, e):
-            t = _step_t(c, i, L, True)
-            e = a_next(a_ref, t) * e + g_ref[0, t, :].astype(acc)
-            prev = s_ref[0, jnp.maximum(t - 1, 0), :]
-            prev = jnp.where(t > 0, prev, jnp.zeros_like(prev))
-            db_ref[0, t, :] = e.astype(db_ref.dtype)
-            da_ref[0, t, :] = (e * prev).astype(da_ref.dtype)
-            return e
+        def body(j, ea):
+            e, after = ea  # after: a_{t+1}, which carries e_{t+1} back to step t
+            t0 = c * L + L - (j + 1) * K
+            a_rows, g_rows = _load_rows(a_ref, t0, K, acc), _load_rows(g_ref, t0, K, acc)
+            s_rows = _load_rows(s_ref, t0, K, acc) if K > 1 else []
+            before = s_ref[0, jnp.maximum(t0 - 1, 0), :].astype(acc)  # s_{t0 - 1}; 0 before the start
+            prev = [jnp.where(t0 > 0, before, jnp.zeros_like(before))] + s_rows[:-1]
+            das, dbs = [None] * K, [None] * K
+            for i in reversed(range(K)):
+                e = after * e + g_rows[i]
+                dbs[i], das[i], after = e, e * prev[i], a_rows[i]
+            _store_rows(db_ref, t0, dbs)
+            _store_rows(da_ref, t0, das)
+            return e, after
 
-        jax.lax.fori_loop(0, L, body, e_in_ref[0, 0, :])
+        jax.lax.fori_loop(0, L // K, body, (e_in_ref[0, 0, :], _after(a_ref, c * L + L, T, acc)))
 
     spec = _seq_spec(T, Sb)
     return _call(final, [jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(g.shape, acc)],
