@@ -5,7 +5,7 @@
 #   bash experiments/gpu_session.sh explore   # projection in / out of the loop, unroll; the linear
 #                                             # kernel's chunk length and steps per load (~5 min)
 #   bash experiments/gpu_session.sh remaining # not yet measured: the bare linear scan's bandwidth, the
-#                                             # other cells at H=1024, each loop's launches (~5 min)
+#                                             # other cells at H=1024, each loop's launches, XLA command buffers (~7 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
 # has its own time limit and writes its table under $OUT as it goes, so a part that runs long
 # loses only its own unmeasured rows. On a CPU (tiny checks): OUT=runs/gpu PY=.venv/bin/python ...
@@ -25,7 +25,11 @@ $PY -c "import jax, recur; print(jax.devices(), jax.__version__)" || exit 1
 B="$PY -m experiments.bench_gpu"
 E="$PY -m experiments.gpu_explore"
 t0=$(date +%s)
-part() { local limit=$1; shift; timeout "$limit" "$@"; echo "($(( $(date +%s) - t0 )) s)"; }
+# each part's tables go into $OUT/results.tar as soon as it ends (a call returns at most 8 files)
+part() {
+  local limit=$1; shift; timeout "$limit" "$@"; echo "($(( $(date +%s) - t0 )) s)"
+  (cd "$OUT" && ls ./*.csv ./*.md 2>/dev/null | xargs -r tar rf results.tar && rm -f ./*.csv ./*.md)
+}
 case $plan in
   table)
     part 120 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
@@ -49,6 +53,12 @@ case $plan in
       --baselines torch --repeats 5 --parts cells --out "$OUT/h1024"
     for dt in float32 bfloat16; do
       part 40 $PY -m experiments.hlo_loops --cell lstm --hidden 1024 --dtype $dt --unroll 1,8
+    done
+    # XLA's command buffers (CUDA graphs) for the loops too: fewer launches per step? PyTorch's
+    # rows (which XLA_FLAGS does not touch) tie the two runs together
+    for flags in "" "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"; do
+      part 60 env XLA_FLAGS="$flags" $B --hidden 1024 --cells lstm --modes auto --baselines torch --repeats 5 \
+        --parts cells --out "$OUT/lstm1024_flags${#flags}"
     done ;;
   *) echo "plan must be table, kernels, explore or remaining, got $plan" >&2; exit 2 ;;
 esac
