@@ -34,7 +34,7 @@ case $plan in
   table)
     part 120 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
       --baselines torch,jax-cudnn,lax --repeats 7 --parts cells --out "$OUT/h256"
-    part 45 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 45 $B --parts linear,scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/linear"
     part 90 $B --hidden 1024 --cells lstm,gru --modes auto --baselines torch,jax-cudnn,lax --repeats 5 \
       --parts cells --out "$OUT/h1024" ;;
   kernels)
@@ -48,7 +48,7 @@ case $plan in
     part 60 $E --parts linear --linear-lengths 4096,65536 --chunks auto --steps 1,8,16 --out "$OUT/linear"
     part 120 $E --parts cells --hidden 1024 --cells lstm --unrolls 1,8,16 --out "$OUT/cells1024" ;;
   remaining)
-    part 60 $B --parts scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/scan"
+    part 60 $B --parts scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/scan"
     part 150 $B --hidden 1024 --cells mgu,elman,lstm:cifg,gru:cho,lstm:ln,lstm:peepholes --modes auto \
       --baselines torch --repeats 5 --parts cells --out "$OUT/h1024"
     for dt in float32 bfloat16; do
