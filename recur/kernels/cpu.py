@@ -47,6 +47,7 @@ _SOURCE = pathlib.Path(__file__).with_name("cpu") / "rnn.cc"
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
           "-pthread", "-w"]
 _TARGETS = {"recur_lstm_forward": "RecurLstmForward", "recur_lstm_backward": "RecurLstmBackward",
+            "recur_lstm_infer": "RecurLstmInfer",
             "recur_gru_forward": "RecurGruForward", "recur_gru_backward": "RecurGruBackward",
             "recur_linear_forward": "RecurLinearForward", "recur_linear_backward": "RecurLinearBackward",
             "recur_gated_forward": "RecurGatedForward", "recur_gated_backward": "RecurGatedBackward"}
@@ -194,8 +195,11 @@ def _call(name, outs, *args, **attrs):
 def lstm(W_h, h0, c0, us, mask):
     """The plain LSTM over batch-major projected inputs us [B, T, 4H] (gates i, f, g, o; W_h
     [4H, H]) with mask [B, T] (1. real, 0. padding); returns (hs [B, T, H], c_T [B, H]).
-    float32, T >= 1."""
-    return _forward(W_h, h0, c0, us, mask)[0]
+    float32, T >= 1. Not differentiated (inference), it runs the forward loop without writing
+    the residuals the backward pass reads."""
+    B, T, G = us.shape
+    return _call("recur_lstm_infer", (jax.ShapeDtypeStruct((B, T, G // 4), jnp.float32),
+                                      jax.ShapeDtypeStruct((B, G // 4), jnp.float32)), us, W_h, h0, c0, mask)
 
 
 def _previous(first, seq):

@@ -172,6 +172,46 @@ void lstm_pointwise(int64_t H, float* __restrict t, const float* __restrict c_pr
 // kernels store the unchanged carry as that step's h (and c), which recur.scan then zeroes in
 // the outputs; in the backward loop its cotangents pass straight through.
 
+// The forward loop over us [B, T, G] from h0, c0 [B, H], writing hs [B, T, H]. kResiduals: also
+// cs, tcs [B, T, H] (c_t, tanh(c_t)) and ts [B, T, G] (gate tanh) for the backward pass;
+// otherwise (inference) each thread keeps its rows' pre-activations and cell states in buffers
+// of its own and writes only c_T [B, H].
+template <bool kResiduals>
+void lstm_loop(int64_t B, int64_t T, int64_t G, const float* u, const Packed& w, const float* h0,
+               const float* c0, const float* mask, float* hs_p, float* cs_p, float* tcs_p, float* ts_p,
+               float* c_last) {
+  const int64_t H = G / 4;
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    std::vector<float> pre_buf(kResiduals ? 0 : R * G), c_buf(kResiduals ? 0 : 2 * R * H), tc_buf(H);
+    if (!kResiduals) std::memcpy(c_buf.data(), c0 + r0 * H, sizeof(float) * R * H);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t at = r0 * T + s;  // row (r0, s); row (r0 + b, s) is at + b * T
+      const bool first = s == 0;
+      const int64_t ld = first ? H : T * H;
+      const float* h_prev = first ? h0 + r0 * H : hs_p + (at - 1) * H;
+      // this step's pre-activations (overwritten by their tanh) and cell states, with row strides
+      float* pre = kResiduals ? ts_p + at * G : pre_buf.data();
+      const int64_t ld_pre = kResiduals ? T * G : G;
+      const float* c_prev = kResiduals ? (first ? c0 + r0 * H : cs_p + (at - 1) * H) : c_buf.data() + (s % 2) * R * H;
+      const int64_t ld_prev = kResiduals ? ld : H;
+      float* c_new = kResiduals ? cs_p + at * H : c_buf.data() + ((s + 1) % 2) * R * H;
+      const int64_t ld_new = kResiduals ? T * H : H;
+      for (int64_t b = 0; b < R; ++b) std::memcpy(pre + b * ld_pre, u + (at + b * T) * G, sizeof(float) * G);
+      gemm(R, h_prev, ld, w, pre, ld_pre, true);
+      for (int64_t b = 0; b < R; ++b) {
+        const int64_t k = at + b * T;
+        float* tc = kResiduals ? tcs_p + k * H : tc_buf.data();
+        lstm_pointwise(H, pre + b * ld_pre, c_prev + b * ld_prev, c_new + b * ld_new, tc, hs_p + k * H);
+        if (mask[k] == 0.0f) {  // padding: the carry passes through
+          std::memcpy(hs_p + k * H, h_prev + b * ld, sizeof(float) * H);
+          std::memcpy(c_new + b * ld_new, c_prev + b * ld_prev, sizeof(float) * H);
+        }
+      }
+    }
+    if (!kResiduals) std::memcpy(c_last + r0 * H, c_buf.data() + (T % 2) * R * H, sizeof(float) * R * H);
+  });
+}
+
 // forward: us [B, T, G], W_h [G, H], h0, c0 [B, H] ->
 //   hs, cs, tcs [B, T, H] (h_t, c_t, tanh(c_t)), ts [B, T, G] (gate tanh)
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
@@ -180,33 +220,24 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, 
                            ffi::ResultBuffer<ffi::F32> ts) {
   auto d = us.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: us must be [B, T, 4H]");
-  const int64_t B = d[0], T = d[1], G = d[2], H = G / 4;
-  float* hs_p = hs->typed_data();
-  float* cs_p = cs->typed_data();
-  float* tcs_p = tcs->typed_data();
-  float* ts_p = ts->typed_data();
-  const float* u = us.typed_data();
-  const Packed w = pack(w_h.typed_data(), H, G, 1, H);  // B[k][n] = W_h[n][k]: pre += h W_h^T
-  over_row_blocks(B, [&](int64_t r0, int64_t R) {
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t at = r0 * T + s;  // row (r0, s); row (r0 + b, s) is at + b * T
-      const bool first = s == 0;
-      const int64_t ld = first ? H : T * H;
-      const float* h_prev = first ? h0.typed_data() + r0 * H : hs_p + (at - 1) * H;
-      const float* c_prev = first ? c0.typed_data() + r0 * H : cs_p + (at - 1) * H;
-      float* pre = ts_p + at * G;  // pre-activations, overwritten by their tanh
-      for (int64_t b = 0; b < R; ++b) std::memcpy(pre + b * T * G, u + (at + b * T) * G, sizeof(float) * G);
-      gemm(R, h_prev, ld, w, pre, T * G, true);
-      for (int64_t b = 0; b < R; ++b) {
-        const int64_t k = at + b * T;
-        lstm_pointwise(H, ts_p + k * G, c_prev + b * ld, cs_p + k * H, tcs_p + k * H, hs_p + k * H);
-        if (mask.typed_data()[k] == 0.0f) {  // padding: the carry passes through
-          std::memcpy(hs_p + k * H, h_prev + b * ld, sizeof(float) * H);
-          std::memcpy(cs_p + k * H, c_prev + b * ld, sizeof(float) * H);
-        }
-      }
-    }
-  });
+  const int64_t H = d[2] / 4;
+  const Packed w = pack(w_h.typed_data(), H, d[2], 1, H);  // B[k][n] = W_h[n][k]: pre += h W_h^T
+  lstm_loop<true>(d[0], d[1], d[2], us.typed_data(), w, h0.typed_data(), c0.typed_data(), mask.typed_data(),
+                  hs->typed_data(), cs->typed_data(), tcs->typed_data(), ts->typed_data(), nullptr);
+  return ffi::Error::Success();
+}
+
+// inference: us [B, T, G], W_h [G, H], h0, c0 [B, H] -> hs [B, T, H], c_T [B, H]: the forward
+// loop without the residuals the backward pass reads
+ffi::Error LstmInferImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> hs,
+                         ffi::ResultBuffer<ffi::F32> c_last) {
+  auto d = us.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur LSTM kernel: us must be [B, T, 4H]");
+  const int64_t H = d[2] / 4;
+  const Packed w = pack(w_h.typed_data(), H, d[2], 1, H);
+  lstm_loop<false>(d[0], d[1], d[2], us.typed_data(), w, h0.typed_data(), c0.typed_data(), mask.typed_data(),
+                   hs->typed_data(), nullptr, nullptr, nullptr, c_last->typed_data());
   return ffi::Error::Success();
 }
 
@@ -716,6 +747,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// us, W_h, h0, c0, mask -> hs, c_T
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurLstmInfer, LstmInferImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
