@@ -200,9 +200,18 @@ def test_unroll_defaults_to_8_on_a_gpu_and_is_checked(monkeypatch):
     monkeypatch.setattr(scan_mod.jax, "default_backend", lambda: "gpu")
     assert scan_mod.default_unroll() == 8
     monkeypatch.undo()
+    # what a GPU runs by default: 8 steps per iteration, T not a multiple of 8, with lengths,
+    # resets and reverse reading; values and gradients as at unroll 1
+    for name in ("gru", "lstm:peepholes", "mgu"):
+        cell = recur.get_cell(name, 6)
+        params = cell.init(jax.random.key(0), 5)
+        xs = jax.random.normal(jax.random.key(1), (3, 13, 5))
+        kw = dict(lengths=jnp.array([13, 9, 0]), resets=jnp.zeros((3, 13), bool).at[0, 4].set(True), reverse=True)
+        loss = lambda p, x, u: jnp.sum(jnp.sin(recur.scan(cell, p, x, unroll=u, **kw)[0]))
+        want = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, 1)
+        got = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, 8)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
     cell, params, xs = make("gru")
-    want = recur.scan(cell, params, xs)[0]
-    np.testing.assert_allclose(recur.scan(cell, params, xs, unroll=8)[0], want, rtol=1e-6, atol=1e-6)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="unroll must be None or a positive int"):
             recur.scan(cell, params, xs, unroll=bad)
