@@ -47,7 +47,7 @@ _SOURCE = pathlib.Path(__file__).with_name("cpu") / "rnn.cc"
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
           "-pthread", "-w"]
 _TARGETS = {"recur_lstm_forward": "RecurLstmForward", "recur_lstm_backward": "RecurLstmBackward",
-            "recur_lstm_infer": "RecurLstmInfer",
+            "recur_lstm_infer": "RecurLstmInfer", "recur_gru_infer": "RecurGruInfer",
             "recur_gru_forward": "RecurGruForward", "recur_gru_backward": "RecurGruBackward",
             "recur_linear_forward": "RecurLinearForward", "recur_linear_backward": "RecurLinearBackward",
             "recur_gated_forward": "RecurGatedForward", "recur_gated_backward": "RecurGatedBackward"}
@@ -241,8 +241,10 @@ lstm.defvjp(_forward, _backward)
 def gru(W_h, b_h, h0, us, mask):
     """The reset-after GRU over batch-major projected inputs us [B, T, 3H] (W_x x + b_x; gates
     r, z, n; W_h [3H, H], b_h [3H]) with mask [B, T] (1. real, 0. padding); returns hs
-    [B, T, H]. float32, T >= 1."""
-    return _gru_forward(W_h, b_h, h0, us, mask)[0]
+    [B, T, H]. float32, T >= 1. Not differentiated (inference), it runs the forward loop without
+    writing the residuals the backward pass reads."""
+    return _call("recur_gru_infer", jax.ShapeDtypeStruct((*us.shape[:2], us.shape[2] // 3), jnp.float32),
+                 us, W_h, b_h, h0, mask)
 
 
 def _gru_forward(W_h, b_h, h0, us, mask):

@@ -300,6 +300,44 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> ts, ffi::Buffer<ffi::F32> tcs,
 // rec = h W_h^T + b_h; t = tanh((u + rec)_rz / 2); r, z = (1 + t) / 2;
 // n = tanh(u_n + r rec_n); h = (1 - z) n + z h_prev (recur's GRU step_saving).
 
+// The GRU's forward loop, writing hs [B, T, H]; kResiduals: also ts [B, T, 2H], ns and recns
+// [B, T, H] for the backward pass (otherwise, for inference, the gate tanh goes to a buffer of
+// the thread's own and n, rec_n are not stored).
+template <bool kResiduals>
+void gru_loop(int64_t B, int64_t T, int64_t G, const float* u_all, const Packed& w, const float* bias,
+              const float* h0, const float* mask, float* hs_p, float* ts_p, float* ns_p, float* rn_p) {
+  const int64_t H = G / 3;
+  over_row_blocks(B, [&](int64_t r0, int64_t R) {
+    std::vector<float> rec(R * G), t_buf(kResiduals ? 0 : 2 * H);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t at = r0 * T + s;
+      const int64_t ld = s == 0 ? H : T * H;
+      const float* h_prev = s == 0 ? h0 + r0 * H : hs_p + (at - 1) * H;
+      gemm(R, h_prev, ld, w, rec.data(), G, false);
+      for (int64_t b = 0; b < R; ++b) {
+        const int64_t row = at + b * T;
+        const float* u = u_all + row * G;
+        const float* rb = rec.data() + b * G;
+        const float* hp = h_prev + b * ld;
+        float* t = kResiduals ? ts_p + row * 2 * H : t_buf.data();
+        float* h = hs_p + row * H;
+        for (int64_t j = 0; j < 2 * H; ++j) t[j] = fast_tanh(0.5f * (u[j] + rb[j] + bias[j]));
+        for (int64_t j = 0; j < H; ++j) {
+          const float r = 0.5f * t[j] + 0.5f, z = 0.5f * t[H + j] + 0.5f;
+          const float recn = rb[2 * H + j] + bias[2 * H + j];
+          const float nn = fast_tanh(u[2 * H + j] + r * recn);
+          if (kResiduals) {
+            rn_p[row * H + j] = recn;
+            ns_p[row * H + j] = nn;
+          }
+          h[j] = (1.0f - z) * nn + z * hp[j];
+        }
+        if (mask[row] == 0.0f) std::memcpy(h, hp, sizeof(float) * H);  // padding
+      }
+    }
+  });
+}
+
 // forward: us [B, T, 3H], W_h [3H, H], b_h [3H], h0 [B, H] ->
 //   hs [B, T, H], ts [B, T, 2H] (r, z tanh), ns [B, T, H], recns [B, T, H] (rec_n)
 ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_h,
@@ -307,43 +345,22 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, f
                           ffi::ResultBuffer<ffi::F32> ns, ffi::ResultBuffer<ffi::F32> recns) {
   auto d = us.dimensions();
   if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [B, T, 3H]");
-  const int64_t B = d[0], T = d[1], G = d[2], H = G / 3;
-  const Packed w = pack(w_h.typed_data(), H, G, 1, H);  // rec = h W_h^T
-  const float* bias = b_h.typed_data();
-  const float* u_all = us.typed_data();
-  float* hs_p = hs->typed_data();
-  float* ts_p = ts->typed_data();
-  float* ns_p = ns->typed_data();
-  float* rn_p = recns->typed_data();
-  over_row_blocks(B, [&](int64_t r0, int64_t R) {
-    std::vector<float> rec(R * G);
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t at = r0 * T + s;
-      const int64_t ld = s == 0 ? H : T * H;
-      const float* h_prev = s == 0 ? h0.typed_data() + r0 * H : hs_p + (at - 1) * H;
-      gemm(R, h_prev, ld, w, rec.data(), G, false);
-      for (int64_t b = 0; b < R; ++b) {
-        const int64_t row = at + b * T;
-        const float* u = u_all + row * G;
-        const float* rb = rec.data() + b * G;
-        const float* hp = h_prev + b * ld;
-        float* t = ts_p + row * 2 * H;
-        float* n = ns_p + row * H;
-        float* rn = rn_p + row * H;
-        float* h = hs_p + row * H;
-        for (int64_t j = 0; j < 2 * H; ++j) t[j] = fast_tanh(0.5f * (u[j] + rb[j] + bias[j]));
-        for (int64_t j = 0; j < H; ++j) {
-          const float r = 0.5f * t[j] + 0.5f, z = 0.5f * t[H + j] + 0.5f;
-          const float recn = rb[2 * H + j] + bias[2 * H + j];
-          const float nn = fast_tanh(u[2 * H + j] + r * recn);
-          rn[j] = recn;
-          n[j] = nn;
-          h[j] = (1.0f - z) * nn + z * hp[j];
-        }
-        if (mask.typed_data()[row] == 0.0f) std::memcpy(h, hp, sizeof(float) * H);  // padding
-      }
-    }
-  });
+  const int64_t H = d[2] / 3;
+  const Packed w = pack(w_h.typed_data(), H, d[2], 1, H);  // rec = h W_h^T
+  gru_loop<true>(d[0], d[1], d[2], us.typed_data(), w, b_h.typed_data(), h0.typed_data(), mask.typed_data(),
+                 hs->typed_data(), ts->typed_data(), ns->typed_data(), recns->typed_data());
+  return ffi::Error::Success();
+}
+
+// inference: us [B, T, 3H], W_h [3H, H], b_h [3H], h0 [B, H] -> hs [B, T, H], without residuals
+ffi::Error GruInferImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_h,
+                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> hs) {
+  auto d = us.dimensions();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("recur GRU kernel: us must be [B, T, 3H]");
+  const int64_t H = d[2] / 3;
+  const Packed w = pack(w_h.typed_data(), H, d[2], 1, H);
+  gru_loop<false>(d[0], d[1], d[2], us.typed_data(), w, b_h.typed_data(), h0.typed_data(), mask.typed_data(),
+                  hs->typed_data(), nullptr, nullptr, nullptr);
   return ffi::Error::Success();
 }
 
@@ -790,6 +807,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // ts, ns, recns, hs_prev, dhs, W_h, dh_T, mask -> du, drec, dh0
+// us, W_h, b_h, h0, mask -> hs
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruInfer, GruInferImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
