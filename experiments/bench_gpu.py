@@ -50,6 +50,22 @@ from recur.kernels.dispatch import KernelFallback
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
 
 
+def peak_gbs():
+    """This GPU's peak memory bandwidth (PEAK_GBS, by device kind), or None."""
+    return next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
+
+
+def scan_gb(B, T, S):
+    """The fewest GB the bare recurrence's forward + backward moves: 8 arrays of B*T*S float32
+    (forward reads a, b and writes s; backward reads a, s and the cotangent, writes da, db)."""
+    return B * T * S * 4 * 8 / 1e9
+
+
+def fmt_err(err):
+    """err_vs_seq's table entry: the error, or "" where there is no reference to compare with."""
+    return f"{err:.1e}" if err != "" else ""
+
+
 def _block(x):
     return jax.tree.map(lambda a: a.block_until_ready(), x)
 
@@ -215,7 +231,7 @@ def part1(args, have_torch, gpu, rows, save):
                     err = rel_err(RESULTS[name], ref) if name.startswith("recur") and ref is not None and not name.endswith(" sequential") else ""
                     rows.append(dict(part="cells", system=name, note=NOTES.get(name, ""), H=H, precision=prec, task=task, T=args.length,
                                      B=args.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2),
-                                     err_vs_seq=f"{err:.1e}" if err != "" else ""))
+                                     err_vs_seq=fmt_err(err)))
                     print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)"
                           + (f"  rel. err vs sequential {err:.1e}" if err != "" else ""))
                 RESULTS.clear()
@@ -226,7 +242,7 @@ def part2(args, rows, save):
     B, S = args.linear_batch, args.linear_hidden
     cell = recur.get_cell("mingru", S)
     params = cell.init(jax.random.key(0), S)
-    peak = next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
+    peak = peak_gbs()
     for T in args.linear_lengths:
         xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
         fns = {}
@@ -245,7 +261,7 @@ def part2(args, rows, save):
             bw = gb / t
             rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
-                             err_vs_seq=f"{err:.1e}" if err != "" else "",
+                             err_vs_seq=fmt_err(err),
                              peak_frac=round(bw / peak, 3) if peak else ""))
             print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
         save()
@@ -254,14 +270,12 @@ def part2(args, rows, save):
 def part3(args, gpu, rows, save):
     """The bare recurrence s_t = a_t * s_{t-1} + b_t (no cell around it), forward + backward of
     sum(s * w): lax.associative_scan against recur's chunked kernel, and a copy of the same bytes
-    (the bandwidth this GPU reaches, measured beside them). The fewest bytes the recurrence must
-    move: forward reads a, b and writes s; backward reads a, s and the cotangent w and writes
-    da, db: 8 arrays of B*T*S float32."""
+    (the bandwidth this GPU reaches, measured beside them), with GB/s over :func:`scan_gb`."""
     from recur.kernels.linear import linear_recurrence
     from recur.scan import _associative
 
     B, S = args.linear_batch, args.linear_hidden
-    peak = next((v for k, v in PEAK_GBS.items() if k in jax.devices()[0].device_kind), None)
+    peak = peak_gbs()
     interpret = not gpu
     for T in args.linear_lengths:
         k = jax.random.split(jax.random.key(T), 3)
@@ -282,10 +296,10 @@ def part3(args, gpu, rows, save):
         for name, (compile_s, t) in _time(fns, args.repeats).items():
             ref = RESULTS.get("scan: lax.associative_scan")
             err = rel_err(RESULTS[name], ref) if name == "scan: recur chunked kernel" and ref is not None else ""
-            bw = B * T * S * 4 * 8 / 1e9 / t
+            bw = scan_gb(B, T, S) / t
             rows.append(dict(part="scan", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
-                             err_vs_seq=f"{err:.1e}" if err != "" else "",
+                             err_vs_seq=fmt_err(err),
                              peak_frac=round(bw / peak, 3) if peak else ""))
             print(f"  T={T:6d} {name:28s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s" + (f"  rel. err {err:.1e}" if err != "" else ""))
         RESULTS.clear()

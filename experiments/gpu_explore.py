@@ -42,8 +42,8 @@ def main(argv=None):
 
     def with_switch(inside, make):
         def made():
-            scan_mod.projects_in_loop = lambda cell, projected: (
-                inside and not projected and cell.fused_backward and cell.project_in_loop)
+            # the choice the scan makes on a CPU (in the loop) or on a GPU (hoisted)
+            scan_mod.projects_in_loop = lambda cell, projected: default(cell, projected, "cpu" if inside else "gpu")
             try:
                 f = make()
                 f()  # traced and compiled while the switch holds
@@ -123,10 +123,10 @@ def linear(a, rows):
         ref = f"{'scan' if a.bare else 'minGRU'} parallel"
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():
             err = bg.rel_err(bg.RESULTS[name], bg.RESULTS[ref]) if name != ref else ""
-            gbs = B * T * S * 4 * 8 / 1e9 / t if a.bare else ""  # the bare scan's fewest bytes: 8 arrays
+            gbs = bg.scan_gb(B, T, S) / t if a.bare else ""
             rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(gbs, 1) if gbs else "",
-                             err_vs_seq=f"{err:.1e}" if err != "" else ""))
+                             err_vs_seq=bg.fmt_err(err)))
             print(f"  T={T:6d} {name:28s} {t * 1e3:9.3f} ms" + (f"  {gbs:7.1f} GB/s" if gbs else "")
                   + (f"  rel. err {err:.1e}" if err != "" else ""), flush=True)
         bg.RESULTS.clear()

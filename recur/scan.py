@@ -277,13 +277,14 @@ def default_unroll() -> int:
     return 8 if jax.default_backend() == "gpu" else 1
 
 
-def projects_in_loop(cell, projected) -> bool:
+def projects_in_loop(cell, projected, backend=None) -> bool:
     """Whether the deferred scan multiplies each step's inputs by W_x inside its loop. On a CPU
     that saves writing the projected inputs [T, B, G] and reading them back (LSTM inference 43 ->
     34 ms at B=32, T=128, H=256); on a GPU one large matmul before the loop beats T small ones in
-    it (H200, B=64, T=512, H=256: see docs/benchmarks.md)."""
+    it (H200, B=64, T=512, H=256: see docs/benchmarks.md). backend: jax's default backend, or the
+    one to decide for."""
     return (not projected and cell.fused_backward and cell.project_in_loop
-            and jax.default_backend() == "cpu")
+            and (backend or jax.default_backend()) == "cpu")
 
 
 def _sequential(cell, params, us, carry0, mask, resets, reset_carry, unroll, remat, T):

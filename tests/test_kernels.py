@@ -387,7 +387,7 @@ def test_padding_checks_the_gate_blocks():
 def test_a_step_too_wide_for_one_program_is_refused(fake_h100):
     """An LSTM at H = 512 has [16, 2048] gate arrays per program: compiled for an H100 it spills
     ~100 KiB of registers per thread, so the loop kernel refuses it with the reason (dispatch's
-    probe turns that into a fallback notice; the plain float32 LSTM goes to cuDNN). So does a
+    probe turns that into a fallback notice). So does a
     matrix of more than 16 tiles per step (Triton's compile time)."""
     with pytest.raises(ValueError, match=r"a step's arrays hold 32,768 values per program \(16 rows\), more than "
                                          r"the 16,384"):

@@ -185,10 +185,7 @@ def split(x: Array, n: int, axis: int = -1) -> list[Array]:
     axis = axis % x.ndim
     if axis != x.ndim - 1:
         return [jnp.moveaxis(p, -1, axis) for p in split(jnp.moveaxis(x, axis, -1), n)]
-    parts = [x]
-    while len(parts) < m:
-        parts = [half for p in parts for half in _halves(p)]
-    return parts[:n]
+    return halved(x, m)[:n]
 
 
 def head(x: Array, n: int, k: int, axis: int = -1) -> Array:
@@ -227,6 +224,15 @@ def next_pow2(n: int) -> int:
 def padded_count(n: int) -> int:
     """n gate blocks, or the next power of 2 in the padded gate layout."""
     return next_pow2(n) if _PADDED else n
+
+
+def halved(x, m: int) -> list[Array]:
+    """x split along its last axis into m (a power of 2) equal parts by repeated halving (reshape,
+    transpose, unstack: what Pallas' Triton back end lowers), in order."""
+    parts = [x]
+    while len(parts) < m:
+        parts = [half for p in parts for half in _halves(p)]
+    return parts
 
 
 def _halves(x):

@@ -77,9 +77,12 @@ def _chunk_spec(Sb):
     return pl.BlockSpec((1, 1, Sb), lambda b, j, c: (b, c, j))
 
 
-def _steps(L):
-    """Steps a program loads at once: STEP_BLOCK where it divides the chunk, else 1."""
-    return STEP_BLOCK if STEP_BLOCK > 1 and L % STEP_BLOCK == 0 else 1
+def _tiling(B, T, S):
+    """(Sb, L, K) for [B, T, S] sequences: state units per program, steps per chunk, and steps a
+    program loads at once (STEP_BLOCK where it divides the chunk, else 1)."""
+    Sb = _block_s(S)
+    L = _chunk(T, B * (S // Sb))
+    return Sb, L, (STEP_BLOCK if STEP_BLOCK > 1 and L % STEP_BLOCK == 0 else 1)
 
 
 def _load_rows(ref, t0, K, acc):
@@ -87,12 +90,10 @@ def _load_rows(ref, t0, K, acc):
     registers by transpose and halving (what Triton lowers; recur.cells.base.split)."""
     if K == 1:
         return [ref[0, t0, :].astype(acc)]
-    from recur.cells.base import _halves
+    from recur.cells.base import halved
 
-    parts = [jnp.transpose(ref[0, pl.ds(t0, K), :].astype(acc))]  # [Sb, K]
-    while parts[0].shape[-1] > 1:
-        parts = [half for part in parts for half in _halves(part)]
-    return [jnp.reshape(part, part.shape[:-1]) for part in parts]
+    block = jnp.transpose(ref[0, pl.ds(t0, K), :].astype(acc))  # [Sb, K]
+    return [jnp.reshape(part, part.shape[:-1]) for part in halved(block, K)]
 
 
 def _store_rows(ref, t0, rows):
@@ -120,9 +121,8 @@ def _entering(a, x, reverse, acc, interpret):
     parallel, then the maps combined in time order (reverse: from the last chunk back).
     """
     B, T, S = x.shape
-    Sb = _block_s(S)
-    L = _chunk(T, B * (S // Sb))
-    K, n = _steps(L), T // L
+    Sb, L, K = _tiling(B, T, S)
+    n = T // L
     if n == 1:
         return jnp.zeros((B, 1, S), acc)
 
@@ -160,9 +160,7 @@ def _entering(a, x, reverse, acc, interpret):
 def _forward(a, b, interpret):
     B, T, S = b.shape
     acc = jnp.promote_types(b.dtype, jnp.float32)
-    Sb = _block_s(S)
-    L = _chunk(T, B * (S // Sb))
-    K = _steps(L)
+    Sb, L, K = _tiling(B, T, S)
     s_in = _entering(a, b, False, acc, interpret)
 
     def final(a_ref, b_ref, s_in_ref, out_ref):
@@ -203,9 +201,7 @@ def _backward(a, s, g, interpret):
     """(da, db) for the cotangent g of the states s of the forward recurrence."""
     B, T, S = g.shape
     acc = s.dtype
-    Sb = _block_s(S)
-    L = _chunk(T, B * (S // Sb))
-    K = _steps(L)
+    Sb, L, K = _tiling(B, T, S)
     e_in = _entering(a, g, True, acc, interpret)
 
     def final(a_ref, g_ref, s_ref, e_in_ref, da_ref, db_ref):

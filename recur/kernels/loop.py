@@ -96,10 +96,8 @@ class WeightTiles:
         return WeightTiles(self.ref, self.row0 + start, n, name=self.name, strict=self.strict)
 
     def whole(self):
-        if self.strict and self.rows_n * self.shape[1] > TRITON_MAX_NUMEL:
-            raise ValueError(f"recur.kernels.loop: the step loads {self.name} {self.shape} whole, "
-                             f"{self.rows_n * self.shape[1]:,} elements, more than the {TRITON_MAX_NUMEL:,} "
-                             f"Triton allows in one array")
+        if self.strict:
+            _check_numel("the step loads", self.name, self.shape)
         return self.ref[self.row0:self.row0 + self.rows_n, :]
 
     def _tile(self):
@@ -159,6 +157,13 @@ class WeightTiles:
         return product(x)
 
 
+def _check_numel(holds, name, shape):
+    """Refuse an array over TRITON_MAX_NUMEL, the most Triton allows in one array."""
+    if math.prod(shape) > TRITON_MAX_NUMEL:
+        raise ValueError(f"recur.kernels.loop: {holds} {name} {tuple(shape)} whole, {math.prod(shape):,} elements, "
+                         f"more than the {TRITON_MAX_NUMEL:,} Triton allows in one array")
+
+
 def _tile_rows(rows, K, dtype):
     """Rows per tile of a [rows, K] matrix: about TILE_BYTES' worth, at least 16 (Triton's
     smallest dot), a power of 2 dividing the rows (on a GPU every size is a power of 2 anyway)."""
@@ -202,7 +207,7 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
     c_leaves, c_def = jax.tree.flatten(carry0)
     x_leaves, x_def = jax.tree.flatten(xs)
     k_leaves, k_def = jax.tree.flatten(consts)
-    k_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(consts)[0]]
+    k_names = [jax.tree_util.keystr(p) or "a constant" for p, _ in jax.tree_util.tree_flatten_with_path(consts)[0]]
     if not x_leaves:
         raise ValueError("kernel_loop: xs must have at least one array leaf (it sets T)")
     T, B = x_leaves[0].shape[:2]
@@ -257,12 +262,9 @@ def kernel_loop(body, consts, rows, carry0, xs, *, reverse=False, block_b=None, 
             f"than the {MAX_STEP_VALUES:,} one program keeps in registers (compiled for an H100, an LSTM at "
             f"H = 512 spills ~100 KiB per thread)")
     if not interpret:
-        for path, x in jax.tree_util.tree_flatten_with_path(consts)[0]:
-            what = jax.tree_util.keystr(path) or "a constant"
-            if x.size > TRITON_MAX_NUMEL and not _tiled_shape(x):
-                raise ValueError(
-                    f"recur.kernels.loop: the kernel holds {what} {tuple(x.shape)} whole, {x.size:,} elements, "
-                    f"more than the {TRITON_MAX_NUMEL:,} Triton allows in one array")
+        for name, x in zip(k_names, k_leaves):
+            if not _tiled_shape(x):
+                _check_numel("the kernel holds", name, x.shape)
     if num_warps is None:
         num_warps = warps_for(widest)
     kwargs = {} if interpret else {"compiler_params": _triton_params(num_warps)}

@@ -806,7 +806,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruForward, GruForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// ts, ns, recns, hs_prev, dhs, W_h, dh_T, mask -> du, drec, dh0
 // us, W_h, b_h, h0, mask -> hs
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruInfer, GruInferImpl,
                               ffi::Ffi::Bind()
@@ -817,6 +816,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruInfer, GruInferImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// ts, ns, recns, hs_prev, dhs, W_h, dh_T, mask -> du, drec, dh0
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
