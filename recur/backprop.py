@@ -209,6 +209,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
         if fused:
             dus, own_drecs = ys
             drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
+            if not project:  # a float32 d pre, for inputs given in half precision (projected=True)
+                dus = jax.tree.map(lambda d, u: d.astype(u.dtype), dus, us)
             dparams = jax.tree.map(jnp.zeros_like, params)
         else:
             dus, drecs, dnews = ys

@@ -74,13 +74,14 @@ class Elman(base.Cell):
     # --- the fused backward step (recur.backprop; see base.Cell) ----------------------------
     @property
     def fused_backward(self) -> bool:
-        """For the activations whose derivative :meth:`step_backward` knows, at full precision."""
-        return self.activation in FUSED_ACTIVATIONS and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+        """For the activations whose derivative :meth:`step_backward` knows (in any precision, as
+        the LSTM's)."""
+        return self.activation in FUSED_ACTIVATIONS
 
     def step_saving(self, params, h_BxH, u_BxH, rec):
         """:meth:`step`, also returning h_t: each activation's derivative is a function of it."""
-        h = base.activation(self.activation, "elman")(u_BxH + rec)
-        return h, h, h
+        h = base.activation(self.activation, "elman")(u_BxH + rec).astype(self.state_dtype)
+        return h, h.astype(self.dtype), h
 
     def step_backward(self, params, h_BxH, h_new, d_new, dh_BxH):
         """(0, d pre, None: d rec = d pre), pre = u + W_h h; the activation's derivative from its

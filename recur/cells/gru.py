@@ -94,8 +94,9 @@ class GRU(base.Cell):
 
     @property
     def fused_backward(self) -> bool:
-        """The reset-after GRU's step reads only u and rec (Cho's form multiplies by W_h in it)."""
-        return self.reset_after and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+        """The reset-after GRU's step reads only u and rec (Cho's form multiplies by W_h in it); in
+        any precision, as the LSTM's."""
+        return self.reset_after
 
     def step_saving(self, params, h_BxH, u_Bx3H, rec_Bx3H):
         """:meth:`step`, also returning (tanh of the r, z pre-activations / 2, n_t, (W_h h + b_h)_n)."""
@@ -105,7 +106,7 @@ class GRU(base.Cell):
         rec_n = rec_Bx3H[:, 2 * H:]
         n = jnp.tanh(u_Bx3H[:, 2 * H:] + r * rec_n)
         h = (1.0 - z) * n + z * h_BxH
-        return h, h, (t, n, rec_n)
+        return h, h.astype(self.dtype), (t, n, rec_n)
 
     def step_backward(self, params, h_BxH, saved, d_new, dh_BxH):
         """(d h_{t-1} not through W_h, d u [B, 3H], d rec [B, 3H]) of one step; d rec differs from

@@ -235,9 +235,10 @@ class LSTM(base.Cell):
 
     @property
     def fused_backward(self) -> bool:
-        """The plain LSTM has a hand-written backward step, without lower-precision compute (dtype
-        is its float32-or-wider state dtype)."""
-        return self.plain and jnp.dtype(self.dtype) == jnp.dtype(self.state_dtype)
+        """The plain LSTM has a hand-written backward step, in any precision: with a half-precision
+        dtype only the matmul operands are half (base.dense accumulates in float32), so the gates,
+        the state and the step's derivative are float32 either way."""
+        return self.plain
 
     def step_saving(self, params, carry, u_BxG, rec):
         """:meth:`step`, also returning what :meth:`step_backward` reads: the gate tanh t [B, 4H]
@@ -247,7 +248,7 @@ class LSTM(base.Cell):
         c_new = f * carry["c"] + i * g
         tc = jnp.tanh(c_new)
         h_new = o * tc
-        return {"h": h_new, "c": c_new}, h_new, (t, tc)
+        return {"h": h_new, "c": c_new}, h_new.astype(self.dtype), (t, tc)
 
     def step_backward(self, params, carry, saved, dnew, dh_BxH):
         """(d carry (the part not through W_h), d pre [B, 4H], None: d rec = d pre) of one step,
