@@ -33,7 +33,9 @@ def main(argv=None):
     p.add_argument("--chunks", default="auto,32,64,128,512")
     p.add_argument("--steps", default="1", help="steps each kernel program loads at once (linear.STEP_BLOCK)")
     p.add_argument("--bare", action="store_true", help="time the bare recurrence, not minGRU's training step")
-    p.add_argument("--parts", default="cells,linear")
+    p.add_argument("--persist-configs", default="128/4/1,128/4/3,256/8/1,256/8/3,512/8/1",
+                   help="the persistent LSTM kernel's K_BLOCK/NUM_WARPS/NUM_STAGES settings to time")
+    p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     have_torch = importlib.util.find_spec("torch") is not None
@@ -52,35 +54,78 @@ def main(argv=None):
             return f
         return made
     rows = []
-    for H in [int(h) for h in a.hidden.split(",")] if "cells" in a.parts else []:
-        for task in a.tasks.split(","):
-            train = task == "train"
-            for prec in a.precisions.split(","):
-                jdt = jnp.float32 if prec == "fp32" else jnp.bfloat16
-                fns = {}
-                if have_torch:
-                    for kind in ("LSTM", "GRU"):
-                        tdt = "fp32" if prec == "fp32" else "fp16"
-                        fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: bg.torch_fn(k, H, a.batch, a.length, d, train))
-                fns["lax.scan lstm"] = lambda: bg.lax_scan_lstm_fn(H, a.batch, a.length, jdt, train)
-                for cell in a.cells.split(","):
-                    if bg.recur.get_cell(cell, H, dtype=jdt).fused_backward:  # else nothing projects in the loop
-                        fns[f"recur {cell} in-loop u1"] = with_switch(
-                            True, lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train))
-                    for u in [int(u) for u in a.unrolls.split(",")]:
-                        fns[f"recur {cell} hoisted u{u}"] = with_switch(
-                            False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u))
-                print(f"H={H} {prec} {task}", flush=True)
-                for name, (compile_s, t) in bg._time(fns, a.repeats).items():
-                    rows.append(dict(part="explore", system=name, H=H, precision=prec, task=task, T=a.length, B=a.batch,
-                                     ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), note=bg.NOTES.get(name, "")))
-                    print(f"  {name:32s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)", flush=True)
-                bg.RESULTS.clear()
-                if a.out:
-                    bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
+    for H, task, train, prec, jdt in _shapes(a) if "cells" in a.parts else []:
+        fns = {}
+        if have_torch:
+            for kind in ("LSTM", "GRU"):
+                tdt = "fp32" if prec == "fp32" else "fp16"
+                fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: bg.torch_fn(k, H, a.batch, a.length, d, train))
+        fns["lax.scan lstm"] = lambda: bg.lax_scan_lstm_fn(H, a.batch, a.length, jdt, train)
+        for cell in a.cells.split(","):
+            if bg.recur.get_cell(cell, H, dtype=jdt).fused_backward:  # else nothing projects in the loop
+                fns[f"recur {cell} in-loop u1"] = with_switch(
+                    True, lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train))
+            for u in [int(u) for u in a.unrolls.split(",")]:
+                fns[f"recur {cell} hoisted u{u}"] = with_switch(
+                    False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u))
+        print(f"H={H} {prec} {task}", flush=True)
+        for name, (compile_s, t) in bg._time(fns, a.repeats).items():
+            rows.append(dict(part="explore", system=name, H=H, precision=prec, task=task, T=a.length, B=a.batch,
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), note=bg.NOTES.get(name, "")))
+            print(f"  {name:32s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)", flush=True)
+        bg.RESULTS.clear()
+        if a.out:
+            bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
     if "linear" in a.parts and a.linear_lengths:
         linear(a, rows)
+    if "persistent" in a.parts:
+        persistent(a, rows, have_torch)
     return rows
+
+
+def persistent(a, rows, have_torch):
+    """The plain LSTM through the persistent kernel (mode="kernel") at each K_BLOCK / warps /
+    stages setting, against recur's sequential scan (and its values: err_vs_seq) and cuDNN."""
+    from recur.kernels import persistent as ps
+
+    configs = [tuple(int(v) for v in c.split("/")) for c in a.persist_configs.split(",")]
+    for H, task, train, prec, jdt in _shapes(a):
+        fns = {}
+        if have_torch:
+            tdt = "fp32" if prec == "fp32" else "fp16"
+            fns[f"torch LSTM {tdt}"] = lambda d=tdt: bg.torch_fn("LSTM", H, a.batch, a.length, d, train)
+        ref = "recur lstm sequential"
+        fns[ref] = lambda: bg.recur_fn("lstm", H, a.batch, a.length, jdt, "sequential", train)
+        for kb, warps, stages in configs:
+            def make(kb=kb, warps=warps, stages=stages):
+                before = ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES
+                ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES = kb, warps, stages
+                try:
+                    f = bg.recur_fn("lstm", H, a.batch, a.length, jdt, "kernel", train)
+                    f()  # traced and compiled with these settings
+                finally:
+                    ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES = before
+                return f
+            fns[f"recur lstm persistent K={kb} w={warps} s={stages}"] = make
+        print(f"H={H} {prec} {task} (layout {ps.layout(a.batch, H, ps.sm_count())})", flush=True)
+        for name, (compile_s, t) in bg._time(fns, a.repeats).items():
+            err = bg.rel_err(bg.RESULTS[name], bg.RESULTS[ref]) if "persistent" in name else ""
+            rows.append(dict(part="persistent", system=name, H=H, precision=prec, task=task, T=a.length,
+                             B=a.batch, ms=round(t * 1e3, 3), compile_s=round(compile_s, 2),
+                             note=bg.NOTES.get(name, ""), err_vs_seq=bg.fmt_err(err)))
+            print(f"  {name:40s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)"
+                  + (f"  rel. err vs sequential {err:.1e}" if err != "" else ""), flush=True)
+        bg.RESULTS.clear()
+        if a.out:
+            bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
+
+
+def _shapes(a):
+    """(H, task, train, precision, jax dtype) for every --hidden x --tasks x --precisions."""
+    for H in [int(h) for h in a.hidden.split(",")]:
+        for task in a.tasks.split(","):
+            for prec in a.precisions.split(","):
+                yield H, task, task == "train", prec, (jnp.float32 if prec == "fp32" else jnp.bfloat16)
 
 
 def linear(a, rows):

@@ -113,7 +113,7 @@ def scan_loop(unroll: int = 1):
     return loop
 
 
-def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
+def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forward_fn=None):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
@@ -129,6 +129,12 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
     closed-over values made explicit: ``loop(body, consts, rows, carry0, xs, reverse)`` where
     body(consts, rows, carry, x) -> (carry, y), consts are read whole and rows ([B, ...]
     leaves) row by row.
+
+    ``forward_fn`` (cells with ``fused_backward``, no resets, ``project=False``) replaces the
+    forward time loop: forward_fn(params, carry0, us_T, mask_T, keep) -> (final carry, hs), or with
+    keep (final carry, (hs, the carry entering each step, step_saving's saved values)), stacked
+    over time. recur/kernels/persistent.py supplies one for the plain LSTM; the reverse loop and
+    the weight gradients stay as here.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -136,12 +142,20 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False):
     if project and not fused:
         raise ValueError(f"deferred_scan: project=True needs a cell with a fused backward step in the "
                          f"lax.scan loops; {cell.name} (loop={loop}) has none")
+    if forward_fn is not None and (project or not fused):
+        raise ValueError(f"deferred_scan: forward_fn needs a cell with a fused backward step and "
+                         f"project=False ({cell.name}, project={project})")
     loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
         return cell.step(params, carry, u, rec) if rec is not None else cell.step(params, carry, u)
 
     def forward(params, carry0, us, mask, resets, reset_carry, keep):
+        if forward_fn is not None:
+            if resets is not None:
+                raise ValueError("deferred_scan: forward_fn takes no resets")
+            return forward_fn(params, carry0, us, mask, keep)
+
         def body(params, reset_carry, carry, x):
             u, m, r = x
             if project:

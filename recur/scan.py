@@ -213,7 +213,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.kernels import dispatch
 
         impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat,
-                                                  resets=resets is not None, projected=projected)
+                                                  resets=resets is not None, projected=projected,
+                                                  backward=backward)
         if reason:
             dispatch.notice(reason)
     if impl == "cudnn":
@@ -230,6 +231,13 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         hs, carry = deferred_scan(cell_k, unroll, loop_fn(B, interpret))(
             params_k, carry0, us_T, None if mask is None else mask.T, None if resets is None else resets.T,
             reset_carry)
+        hs = jnp.swapaxes(hs, 0, 1)
+    elif impl == "persistent":
+        from recur.backprop import deferred_scan
+        from recur.kernels.persistent import forward_fn
+
+        hs, carry = deferred_scan(cell, unroll, forward_fn=forward_fn(cell, interpret))(
+            params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":
         from recur.kernels.linear import linear_recurrence

@@ -5,6 +5,10 @@ Implementations (see docs/kernels.md for the table per cell):
 - ``loop``: recur/kernels/loop.py, the whole time loop of any cell's ``step`` in one Pallas
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
+- ``persistent``: recur/kernels/persistent.py, the plain LSTM's forward loop with W_h split across
+  a grid of programs that meet at a barrier each step (``mode="kernel"`` only: B and H multiples
+  of 16, no resets; the backward pass is the deferred scan's reverse loop). Not measured on a
+  GPU yet, so ``auto`` does not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).
@@ -66,9 +70,9 @@ def block_rows(B: int, gpu: bool) -> int:
     return b
 
 
-def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False):
-    """(implementation, interpret, reason): implementation in loop / linear / cudnn / sequential /
-    parallel.
+def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred"):
+    """(implementation, interpret, reason): implementation in persistent / loop / linear / cudnn /
+    sequential / parallel.
 
     reason is None when nothing was given up; else the notice's text. resets / projected: the
     scan has resets / takes projected inputs (cuDNN's LSTM can do neither).
@@ -103,6 +107,11 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False):
     carry = jax.eval_shape(lambda: cell.initial_carry(B))
     if _complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating):
         return plain, False, f"the kernels take real numbers; {cell.name} has a complex state"
+    if wanted == "loop" and T > 0:
+        from recur.kernels import persistent
+
+        if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
+            wanted = "persistent"  # the plain LSTM: W_h split across the GPU's programs
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():

@@ -1,0 +1,194 @@
+"""The persistent LSTM kernel (recur/kernels/persistent.py): W_h split over a grid of programs that
+meet at a barrier each step.
+
+On CPU it runs in Pallas' interpret mode, where one program walks every (row, unit) block in turn
+within each step: the same kernel code, block slicing and barrier counting. A second group lowers
+it for an H100 through the Triton back end (no GPU needed).
+"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+import recur
+from recur.kernels import dispatch, persistent
+
+B, T, I, H = 32, 7, 8, 32  # 2 row blocks x 2 unit blocks of 16
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
+
+
+def _setup(dtype):
+    cell = recur.get_cell("lstm", H, dtype=dtype)
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
+                          cell.init(jax.random.key(0), I))
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, H)),
+              "c": jax.random.normal(jax.random.key(3), (B, H))}
+    return cell, params, xs, carry0
+
+
+def _run(cell, mode, **kw):
+    w = jax.random.normal(jax.random.key(4), (B, T, H))
+
+    def loss(p, x, c0):
+        hs, carry = recur.scan(cell, p, x, initial_carry=c0, mode=mode, **kw)
+        return (jnp.sum(hs.astype(jnp.float32) * w) + jnp.sum(carry["h"] ** 2) + jnp.sum(jnp.sin(carry["c"])),
+                (hs, carry))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def test_layout_splits_w_h_over_at_most_the_given_programs():
+    assert persistent.layout(64, 1024, 132) == (32, 16, 128)  # 2 x 64 = 128 programs
+    assert persistent.layout(64, 256, 132) == (16, 16, 128)  # 4 x 16
+    assert persistent.layout(16, 4096, 132) == (16, 32, 128)  # units grow once rows run out
+    assert persistent.layout(32, 48, 132) == (16, 16, 16)
+    assert "multiple of 16" in persistent.layout(24, 64, 132)
+    assert "more than 2 programs" in persistent.layout(16, 48, 2)  # 3 unit blocks; 48 / 32 is no block
+    for B_, H_ in [(64, 1024), (64, 256), (128, 512), (16, 4096)]:
+        BB, U, KB = persistent.layout(B_, H_, 132)
+        assert (B_ // BB) * (H_ // U) <= 132 and H_ % KB == 0 and B_ % BB == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+def test_persistent_equals_sequential(interpret, dtype, tol):
+    """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
+    lengths (one of them 0) and reading backwards, against the sequential scan."""
+    cell, params, xs, carry0 = _setup(dtype)
+    assert dispatch.choose(cell, "kernel", B, T, I, "none")[0] == "persistent"
+    for kw in ({}, {"lengths": jnp.arange(B) % (T + 1), "reverse": True}):
+        (lw, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
+        (lg, (hg, cg)), gg = _run(cell, "kernel", **kw)(params, xs, carry0)
+        assert hg.dtype == hw.dtype == jnp.dtype(dtype)
+        for a, b in zip(jax.tree.leaves((hw, cw, gw)), jax.tree.leaves((hg, cg, gg))):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            scale = float(np.max(np.abs(a)))
+            assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, (kw.keys(), a.shape)
+
+
+def test_persistent_forward_alone_is_the_inference_path(interpret):
+    cell, params, xs, carry0 = _setup(jnp.float32)
+    lengths = jnp.array([T, 3, 0] + [5] * (B - 3))
+    want = recur.scan(cell, params, xs, initial_carry=carry0, lengths=lengths)
+    jaxpr = str(jax.make_jaxpr(lambda p: recur.scan(cell, p, xs, initial_carry=carry0, lengths=lengths,
+                                                    mode="kernel"))(params))
+    assert "recur_lstm_persistent" in jaxpr
+    got = recur.scan(cell, params, xs, initial_carry=carry0, lengths=lengths, mode="kernel")
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    # a row of length 0 keeps its initial carry, a padded step leaves the carry alone
+    np.testing.assert_allclose(np.asarray(got[1]["c"][2]), np.asarray(carry0["c"][2]))
+
+
+def test_saved_values_are_what_the_fused_backward_step_reads(interpret):
+    """keep=True: c_t, the gate tanh and tanh(c_t) equal step_saving's, step by step."""
+    cell, params, xs, carry0 = _setup(jnp.float32)
+    us = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    hq, hT, cT, (cs, tg, tc) = persistent.lstm_forward(us, params["W_h"], carry0["h"], carry0["c"],
+                                                       dtype=jnp.float32, keep=True, interpret=True)
+    carry = carry0
+    for t in range(T):
+        new, h, (tg_want, tc_want) = cell.step_saving(params, carry, us[t], cell.recurrent(params, carry))
+        for want, got in ((carry["h"], hq[t]), (new["c"], cs[t]), (tg_want, tg[t]), (tc_want, tc[t]), (h, hq[t + 1])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+        carry = new
+    np.testing.assert_allclose(np.asarray(hT), np.asarray(carry["h"]), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(cT), np.asarray(carry["c"]), atol=2e-6)
+
+
+def test_which_scans_take_the_persistent_kernel(interpret):
+    choose = lambda name, B_=B, **kw: dispatch.choose(recur.get_cell(name, H), "kernel", B_, T, I, "none", **kw)[0]
+    assert choose("lstm") == "persistent"
+    assert choose("lstm", B_=24) == "loop"  # rows not a multiple of 16
+    assert choose("lstm", resets=True) == "loop"
+    assert choose("lstm", backward="autodiff") == "loop"
+    assert choose("lstm:peepholes") == "loop" and choose("gru") == "loop"
+    # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
+    assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
+    assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
+
+
+def test_forward_fn_needs_a_fused_step_and_no_in_loop_projection():
+    from recur.backprop import deferred_scan
+
+    fn = persistent.forward_fn(recur.get_cell("lstm", H))
+    with pytest.raises(ValueError, match="forward_fn needs a cell with a fused backward step"):
+        deferred_scan(recur.get_cell("lstm:peepholes", H), forward_fn=fn)
+    with pytest.raises(ValueError, match="project=False"):
+        deferred_scan(recur.get_cell("lstm", H), project=True, forward_fn=fn)
+
+
+def test_barrier_gives_up_after_max_spins_and_then_never_waits(monkeypatch):
+    """A barrier that waits for a program that never comes stops after MAX_SPINS polls, and the
+    next one does not wait (so a grid that is not resident ends in NaN, not a hang)."""
+    monkeypatch.setattr(persistent, "MAX_SPINS", 5)
+
+    def kernel(_, counter_ref, out_ref):  # the counter in and, aliased to it, out
+        first = persistent._grid_barrier(counter_ref, 2, 1, jnp.bool_(False), gpu=False)
+        second = persistent._grid_barrier(counter_ref, 2, 2, first, gpu=False)
+        ok = persistent._grid_barrier(counter_ref, 1, 2, jnp.bool_(False), gpu=False)  # 3 >= 1 * 2
+        out_ref[0] = first.astype(jnp.int32)
+        out_ref[1] = second.astype(jnp.int32)
+        out_ref[2] = ok.astype(jnp.int32)
+
+    counter, out = pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32)],
+        input_output_aliases={0: 0}, interpret=True)(jnp.zeros((1,), jnp.int32))
+    assert out.tolist() == [1, 1, 0] and int(counter[0]) == 3
+
+
+def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
+    """If the barrier expects one program more than there are, every output is NaN (not stale)."""
+    cell, params, xs, carry0 = _setup(jnp.float32)
+    barrier = persistent._grid_barrier
+    monkeypatch.setattr(persistent, "MAX_SPINS", 3)
+    monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))
+    hs, carry = recur.scan(cell, params, xs, initial_carry=carry0, mode="kernel")
+    assert bool(jnp.all(jnp.isnan(hs))) and bool(jnp.all(jnp.isnan(carry["h"])))
+
+
+@pytest.fixture
+def fake_h100(monkeypatch):
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_persistent_kernel_lowers_for_an_h100(fake_h100, dtype):
+    """The training step's forward kernel at the benchmark's shape (B=64, H=1024: 128 programs)
+    lowers through the Triton back end, with its barrier: bar.sync and an atomic counter."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    modules = []
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        out = lower(*a, **k)
+        modules.append(out.module.operation.get_asm(enable_debug_info=False))
+        return out
+
+    B_, H_ = 64, 1024
+    args = [jax.ShapeDtypeStruct((4, B_, 4 * H_), jnp.float32), jax.ShapeDtypeStruct((4 * H_, H_), jnp.float32),
+            jax.ShapeDtypeStruct((B_, H_), jnp.float32), jax.ShapeDtypeStruct((B_, H_), jnp.float32)]
+    fn = lambda us, w, h, c: persistent.lstm_forward(us, w, h, c, dtype=dtype, keep=True, programs=132)
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = lower
+    assert hlo.count("__gpu$xla.gpu.triton") == 1 and len(modules) == 1
+    text = modules[0]
+    assert "tt.atomic_rmw" in text and text.count("gpu.barrier") >= 4 and "tt.dot" in text
+    assert "isVolatile = true" in text  # h_{t-1} is read past the L1 copy
