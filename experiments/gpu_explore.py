@@ -33,8 +33,9 @@ def main(argv=None):
     p.add_argument("--chunks", default="auto,32,64,128,512")
     p.add_argument("--steps", default="1", help="steps each kernel program loads at once (linear.STEP_BLOCK)")
     p.add_argument("--bare", action="store_true", help="time the bare recurrence, not minGRU's training step")
-    p.add_argument("--persist-configs", default="128/4/1,128/4/3,256/8/1,256/8/3,512/8/1",
-                   help="the persistent LSTM kernel's K_BLOCK/NUM_WARPS/NUM_STAGES settings to time")
+    p.add_argument("--persist-configs", default="128/4/1,128/4/3,256/8/1,256/8/3,512/8/1,128/4/3/x",
+                   help="the persistent LSTM kernels' K_BLOCK/NUM_WARPS/NUM_STAGES settings to time; a "
+                        "fourth field x runs the reverse loop as the deferred scan's lax.scan (BACKWARD=False)")
     p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -84,11 +85,15 @@ def main(argv=None):
 
 
 def persistent(a, rows, have_torch):
-    """The plain LSTM through the persistent kernel (mode="kernel") at each K_BLOCK / warps /
-    stages setting, against recur's sequential scan (and its values: err_vs_seq) and cuDNN."""
+    """The plain LSTM through the persistent kernels (mode="kernel") at each K_BLOCK / warps /
+    stages setting, with the backward kernel or the lax.scan reverse loop, against recur's
+    sequential scan (and its values: err_vs_seq) and cuDNN."""
     from recur.kernels import persistent as ps
 
-    configs = [tuple(int(v) for v in c.split("/")) for c in a.persist_configs.split(",")]
+    configs = []
+    for c in a.persist_configs.split(","):
+        f = c.split("/")
+        configs.append((int(f[0]), int(f[1]), int(f[2]), f[3:] != ["x"]))
     for H, task, train, prec, jdt in _shapes(a):
         fns = {}
         if have_torch:
@@ -96,17 +101,19 @@ def persistent(a, rows, have_torch):
             fns[f"torch LSTM {tdt}"] = lambda d=tdt: bg.torch_fn("LSTM", H, a.batch, a.length, d, train)
         ref = "recur lstm sequential"
         fns[ref] = lambda: bg.recur_fn("lstm", H, a.batch, a.length, jdt, "sequential", train)
-        for kb, warps, stages in configs:
-            def make(kb=kb, warps=warps, stages=stages):
-                before = ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES
-                ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES = kb, warps, stages
+        for kb, warps, stages, backward in configs:
+            if not (train or backward):
+                continue  # inference has no backward pass
+            def make(kb=kb, warps=warps, stages=stages, backward=backward):
+                before = ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES, ps.BACKWARD
+                ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES, ps.BACKWARD = kb, warps, stages, backward
                 try:
                     f = bg.recur_fn("lstm", H, a.batch, a.length, jdt, "kernel", train)
                     f()  # traced and compiled with these settings
                 finally:
-                    ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES = before
+                    ps.K_BLOCK, ps.NUM_WARPS, ps.NUM_STAGES, ps.BACKWARD = before
                 return f
-            fns[f"recur lstm persistent K={kb} w={warps} s={stages}"] = make
+            fns[f"recur lstm persistent K={kb} w={warps} s={stages}" + ("" if backward else " xla-bwd")] = make
         print(f"H={H} {prec} {task} (layout {ps.layout(a.batch, H, ps.sm_count())})", flush=True)
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():
             err = bg.rel_err(bg.RESULTS[name], bg.RESULTS[ref]) if "persistent" in name else ""

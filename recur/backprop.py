@@ -113,7 +113,8 @@ def scan_loop(unroll: int = 1):
     return loop
 
 
-def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forward_fn=None):
+def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forward_fn=None,
+                  backward_fn=None):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
@@ -133,8 +134,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     ``forward_fn`` (cells with ``fused_backward``, no resets, ``project=False``) replaces the
     forward time loop: forward_fn(params, carry0, us_T, mask_T, keep) -> (final carry, hs), or with
     keep (final carry, (hs, the carry entering each step, step_saving's saved values)), stacked
-    over time. recur/kernels/persistent.py supplies one for the plain LSTM; the reverse loop and
-    the weight gradients stay as here.
+    over time. ``backward_fn`` (the same cells, with forward_fn) replaces the reverse time loop:
+    backward_fn(params, carries, saved, dhs_T, mask_T, dcarry_T) -> (d carry0, d u stacked over
+    time), from forward_fn's stored carries and saved values. recur/kernels/persistent.py
+    supplies both for the plain LSTM; the weight gradients stay as here, large matmuls after the
+    loop.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -142,9 +146,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     if project and not fused:
         raise ValueError(f"deferred_scan: project=True needs a cell with a fused backward step in the "
                          f"lax.scan loops; {cell.name} (loop={loop}) has none")
-    if forward_fn is not None and (project or not fused):
-        raise ValueError(f"deferred_scan: forward_fn needs a cell with a fused backward step and "
-                         f"project=False ({cell.name}, project={project})")
+    if (forward_fn is not None or backward_fn is not None) and (project or not fused):
+        raise ValueError(f"deferred_scan: forward_fn / backward_fn need a cell with a fused backward step "
+                         f"and project=False ({cell.name}, project={project})")
+    if backward_fn is not None and forward_fn is None:
+        raise ValueError("deferred_scan: backward_fn reads what forward_fn stores; give both")
     loop = scan_loop(unroll) if loop is None else loop
 
     def step_fn(params, carry, u, rec):
@@ -212,10 +218,14 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
                 return (dc, dreset), (du, own_drec)
             return (dc, dreset), (du, drec, dnew)
 
-        (dcarry0, dreset), ys = loop(  # a fused step reads no u
-            body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
-            reverse=True
-        )
+        if backward_fn is not None:  # no resets: forward_fn took none
+            dcarry0, dus = backward_fn(params, carries, recs, dhs, mask, dcarry_T)
+            dreset, ys = None, (dus, None)
+        else:
+            (dcarry0, dreset), ys = loop(  # a fused step reads no u
+                body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
+                reverse=True
+            )
 
         # parameter gradients for all steps at once: the T*B rows as one batch
         n = T * B

@@ -234,9 +234,10 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "persistent":
         from recur.backprop import deferred_scan
-        from recur.kernels.persistent import forward_fn
+        from recur.kernels import persistent
 
-        hs, carry = deferred_scan(cell, unroll, forward_fn=forward_fn(cell, interpret))(
+        bwd = persistent.backward_fn(cell, interpret) if persistent.BACKWARD else None
+        hs, carry = deferred_scan(cell, unroll, forward_fn=persistent.forward_fn(cell, interpret), backward_fn=bwd)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":

@@ -57,12 +57,18 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
         assert (B_ // BB) * (H_ // U) <= 132 and H_ % KB == 0 and B_ % BB == 0
 
 
+@pytest.mark.parametrize("backward", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
-def test_persistent_equals_sequential(interpret, dtype, tol):
+def test_persistent_equals_sequential(interpret, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
-    lengths (one of them 0) and reading backwards, against the sequential scan."""
+    lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
+    as the persistent backward kernel or as the deferred scan's lax.scan loop (BACKWARD)."""
+    monkeypatch.setattr(persistent, "BACKWARD", backward)
     cell, params, xs, carry0 = _setup(dtype)
     assert dispatch.choose(cell, "kernel", B, T, I, "none")[0] == "persistent"
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(cell, p, xs, mode="kernel")[0].astype(
+        jnp.float32))))(params))
+    assert "recur_lstm_persistent" in jaxpr and ("recur_lstm_persistent_backward" in jaxpr) == backward
     for kw in ({}, {"lengths": jnp.arange(B) % (T + 1), "reverse": True}):
         (lw, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
         (lg, (hg, cg)), gg = _run(cell, "kernel", **kw)(params, xs, carry0)
@@ -115,14 +121,41 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
 
 
-def test_forward_fn_needs_a_fused_step_and_no_in_loop_projection():
+def test_backward_kernel_matches_the_fused_step_backward_loop():
+    """lstm_backward's d pre and d carry0 against recur.cells.lstm's step_backward run step by
+    step in reverse (with a padded step and the carry's pass-through), float32."""
+    cell, params, xs, carry0 = _setup(jnp.float32)
+    us = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    mask = (jnp.arange(T)[:, None] < (jnp.arange(B) % (T + 1))[None, :])
+    hq, _, _, (cs, tg, tc) = persistent.lstm_forward(us, params["W_h"], carry0["h"], carry0["c"], mask,
+                                                     dtype=jnp.float32, keep=True, interpret=True)
+    c_prev = jnp.concatenate([carry0["c"][None], cs[:-1]])
+    dhs = jax.random.normal(jax.random.key(8), (T, B, H))
+    dT = {"h": jax.random.normal(jax.random.key(9), (B, H)), "c": jax.random.normal(jax.random.key(10), (B, H))}
+    dpre, dh0, dc0 = persistent.lstm_backward(dhs, tg, tc, c_prev, params["W_h"], dT["h"], dT["c"], mask,
+                                              dtype=jnp.float32, interpret=True)
+    d = dT
+    for t in reversed(range(T)):
+        m = mask[t][:, None]
+        dnew = {k: jnp.where(m, v, 0.0) for k, v in d.items()}
+        dc, dp, _ = cell.step_backward(params, {"h": hq[t], "c": c_prev[t]}, (tg[t], tc[t]), dnew, dhs[t])
+        np.testing.assert_allclose(np.asarray(dpre[t]), np.asarray(dp), atol=1e-5, rtol=1e-5)
+        d = {"h": dp @ params["W_h"] + jnp.where(m, 0.0, d["h"]), "c": dc["c"] + jnp.where(m, 0.0, d["c"])}
+    np.testing.assert_allclose(np.asarray(dh0), np.asarray(d["h"]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dc0), np.asarray(d["c"]), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_and_backward_fn_need_a_fused_step_and_no_in_loop_projection():
     from recur.backprop import deferred_scan
 
     fn = persistent.forward_fn(recur.get_cell("lstm", H))
-    with pytest.raises(ValueError, match="forward_fn needs a cell with a fused backward step"):
+    bwd = persistent.backward_fn(recur.get_cell("lstm", H))
+    with pytest.raises(ValueError, match="need a cell with a fused backward step"):
         deferred_scan(recur.get_cell("lstm:peepholes", H), forward_fn=fn)
     with pytest.raises(ValueError, match="project=False"):
         deferred_scan(recur.get_cell("lstm", H), project=True, forward_fn=fn)
+    with pytest.raises(ValueError, match="give both"):
+        deferred_scan(recur.get_cell("lstm", H), backward_fn=bwd)
 
 
 def test_barrier_gives_up_after_max_spins_and_then_never_waits(monkeypatch):
@@ -152,6 +185,13 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))
     hs, carry = recur.scan(cell, params, xs, initial_carry=carry0, mode="kernel")
     assert bool(jnp.all(jnp.isnan(hs))) and bool(jnp.all(jnp.isnan(carry["h"])))
+    # the backward kernel's: all but the last step's d pre (computed before any barrier, from its
+    # own rows and units only) and d carry0
+    z = jnp.zeros((T, B, H))
+    dpre, dh0, dc0 = persistent.lstm_backward(z, jnp.zeros((T, B, 4 * H)), z, z, params["W_h"], carry0["h"],
+                                              carry0["c"], dtype=jnp.float32, interpret=True)
+    assert bool(jnp.all(jnp.isfinite(dpre[-1]))) and bool(jnp.all(jnp.isnan(dpre[:-1])))
+    assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
 @pytest.fixture
@@ -164,9 +204,10 @@ def fake_h100(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_persistent_kernel_lowers_for_an_h100(fake_h100, dtype):
-    """The training step's forward kernel at the benchmark's shape (B=64, H=1024: 128 programs)
-    lowers through the Triton back end, with its barrier: bar.sync and an atomic counter."""
+def test_persistent_kernels_lower_for_an_h100(fake_h100, dtype):
+    """The training step's forward and backward kernels at the benchmark's shape (B=64, H=1024:
+    128 programs) lower through the Triton back end, with their barrier: bar.sync and an atomic
+    counter."""
     from jax._src.pallas.triton import pallas_call_registration as reg
 
     modules = []
@@ -178,17 +219,30 @@ def test_persistent_kernel_lowers_for_an_h100(fake_h100, dtype):
         return out
 
     B_, H_ = 64, 1024
-    args = [jax.ShapeDtypeStruct((4, B_, 4 * H_), jnp.float32), jax.ShapeDtypeStruct((4 * H_, H_), jnp.float32),
-            jax.ShapeDtypeStruct((B_, H_), jnp.float32), jax.ShapeDtypeStruct((B_, H_), jnp.float32)]
-    fn = lambda us, w, h, c: persistent.lstm_forward(us, w, h, c, dtype=dtype, keep=True, programs=132)
+    cell = recur.get_cell("lstm", H_, dtype=dtype)
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), H_))
+    xs = jax.ShapeDtypeStruct((B_, 4, H_), dtype)
+
+    def loss(p, x):
+        hs, _ = recur.scan(cell, p, x, mode="kernel")
+        return jnp.sum(hs.astype(jnp.float32))
+
     reg.lowering.lower_jaxpr_to_triton_module = capture
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            with dispatch._probing():  # choose the kernel without compiling it for a GPU here
+                monkey = pytest.MonkeyPatch()
+                monkey.setattr(dispatch, "_on_gpu", lambda: True)
+                monkey.setattr(persistent, "sm_count", lambda: 132)
+                try:
+                    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(
+                        lowering_platforms=("cuda",)).as_text()
+                finally:
+                    monkey.undo()
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = lower
-    assert hlo.count("__gpu$xla.gpu.triton") == 1 and len(modules) == 1
-    text = modules[0]
-    assert "tt.atomic_rmw" in text and text.count("gpu.barrier") >= 4 and "tt.dot" in text
-    assert "isVolatile = true" in text  # h_{t-1} is read past the L1 copy
+    assert hlo.count("__gpu$xla.gpu.triton") == 2 and len(modules) == 2
+    for text in modules:  # forward, backward
+        assert "tt.atomic_rmw" in text and text.count("gpu.barrier") >= 2 and "tt.dot" in text
+        assert "isVolatile = true" in text  # what other programs wrote is read past the L1 copy

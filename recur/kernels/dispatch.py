@@ -5,10 +5,10 @@ Implementations (see docs/kernels.md for the table per cell):
 - ``loop``: recur/kernels/loop.py, the whole time loop of any cell's ``step`` in one Pallas
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
-- ``persistent``: recur/kernels/persistent.py, the plain LSTM's forward loop with W_h split across
-  a grid of programs that meet at a barrier each step (``mode="kernel"`` only: B and H multiples
-  of 16, no resets; the backward pass is the deferred scan's reverse loop). Not measured on a
-  GPU yet, so ``auto`` does not pick it.
+- ``persistent``: recur/kernels/persistent.py, the plain LSTM's forward and reverse time loops,
+  W_h split across a grid of programs that meet at a barrier each step (``mode="kernel"`` only:
+  B and H multiples of 16, no resets; the weight gradients stay the deferred scan's large
+  matmuls). Not measured on a GPU yet, so ``auto`` does not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).

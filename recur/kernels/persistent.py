@@ -1,4 +1,4 @@
-"""The plain LSTM's forward time loop as one persistent Pallas kernel, with W_h split across the GPU.
+"""The plain LSTM's time loops as persistent Pallas kernels, with W_h split across the GPU.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -20,9 +20,11 @@ design in Pallas:
   ``debug_barrier`` again. The spin is bounded (MAX_SPINS polls): a program that gives up (the
   grid was not resident, say) writes NaN from then on instead of hanging.
 
-With ``keep=True`` it also writes what recur.backprop's fused backward step reads (c_t, the gate
-tanh, tanh(c_t)), so the training step is this forward kernel plus the deferred scan's reverse
-loop and its large weight-gradient matmuls (``forward_fn``).
+With ``keep=True`` the forward kernel also writes what the LSTM's fused backward step reads (c_t,
+the gate tanh, tanh(c_t)); :func:`lstm_backward` runs the reverse loop on the same grid (d pre
+for its rows and units, then its units of d h_{t-1} = d pre_t W_h after the barrier). The
+training step is the two kernels plus the deferred scan's large weight-gradient matmuls
+(recur/backprop.py's ``forward_fn`` / ``backward_fn``).
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -97,6 +99,62 @@ def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
     return why if isinstance(why, str) else None
 
 
+class _Grid:
+    """The (row block x unit block) grid of a persistent kernel, its block slicing and its launch.
+
+    On a GPU each program runs one block; in interpret mode one program runs them all in turn
+    (``blocks``), and the barrier counts that one program.
+    """
+
+    def __init__(self, B, H, dtype, programs, interpret):
+        lay = layout(B, H, sm_count() if programs is None else programs)
+        if isinstance(lay, str):
+            raise ValueError(f"recur.kernels.persistent: {lay}")
+        self.BB, self.U, self.KB = lay
+        self.nb, self.nu, self.H, self.interpret = B // self.BB, H // self.U, H, interpret
+        # the matmul operands' type, and the gates' and the state's (float64 stays float64)
+        self.cdt = jnp.dtype(dtype)
+        self.acc = jnp.promote_types(self.cdt, jnp.float32)
+
+    def parts(self):
+        """(BB, U, KB, nu, rows, units, compute dtype, accumulation dtype)."""
+        return self.BB, self.U, self.KB, self.nu, self.rows, self.units, self.cdt, self.acc
+
+    def blocks(self):
+        if self.interpret:
+            return [(ib, iu) for ib in range(self.nb) for iu in range(self.nu)]
+        return [(pl.program_id(0), pl.program_id(1))]
+
+    def rows(self, ib):
+        return pl.ds(ib * self.BB, self.BB)
+
+    def units(self, iu, g=0):
+        """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
+        return pl.ds(g * self.H + iu * self.U, self.U)
+
+    def launch(self, kernel, inputs, out_shape, name):
+        """Run kernel(in_refs, out_refs, barrier) over the grid; returns the outputs. barrier(arrivals,
+        gave_up) is :func:`_grid_barrier` on a zeroed counter of this launch."""
+        n_in, n_programs = len(inputs), 1 if self.interpret else self.nb * self.nu
+
+        def body(*refs):  # inputs, the counter in, outputs, the counter out (the same buffer)
+            outs = refs[n_in + 1:n_in + 1 + len(out_shape)]
+            barrier = functools.partial(_grid_barrier, refs[-1], n_programs, gpu=not self.interpret)
+            kernel(refs[:n_in], outs, barrier)
+
+        kwargs = {}
+        if not self.interpret:
+            from jax.experimental.pallas import triton as pl_triton
+
+            kwargs["compiler_params"] = pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        outs = pl.pallas_call(
+            body, out_shape=list(out_shape) + [jax.ShapeDtypeStruct((1,), jnp.int32)],
+            grid=(1,) if self.interpret else (self.nb, self.nu), input_output_aliases={n_in: len(out_shape)},
+            interpret=self.interpret, name=name, **kwargs,
+        )(*inputs, jnp.zeros((1,), jnp.int32))
+        return outs[:-1]
+
+
 def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
     """The plain LSTM over time-major projected inputs us_T [T, B, 4H] (gate blocks i, f, g, o,
     bias included) from carry (h0, c0) [B, H]; the matmul in ``dtype`` with float32 accumulation,
@@ -109,43 +167,23 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
     """
     T, B, G = us_T.shape
     H = G // 4
-    programs = sm_count() if programs is None else programs
-    lay = layout(B, H, programs)
-    if isinstance(lay, str):
-        raise ValueError(f"recur.kernels.persistent: {lay}")
-    BB, U, KB = lay
-    nb, nu = B // BB, H // U
-    cdt = jnp.dtype(dtype)
-    f32 = jnp.promote_types(cdt, jnp.float32)  # the gates' and the state's type (float64 stays)
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
     # W_h [4H, H] -> W_h^T with each program's 4U columns together, ordered (gate, unit)
     w = jnp.transpose(W_h.astype(cdt)).reshape(H, 4, nu, U).transpose(0, 2, 1, 3).reshape(H, 4 * H)
     has_mask = mask_T is not None
-    inputs = [us_T, w, h0.astype(f32), c0.astype(f32)]
-    if has_mask:
-        inputs.append(mask_T.astype(jnp.int32))
-    inputs.append(jnp.zeros((1,), jnp.int32))  # the barrier's counter, aliased to an output
-    counter_in = len(inputs) - 1
+    inputs = [us_T, w, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt), jax.ShapeDtypeStruct((B, H), f32),
-                 jax.ShapeDtypeStruct((B, H), f32), jax.ShapeDtypeStruct((1,), jnp.int32)]
+                 jax.ShapeDtypeStruct((B, H), f32)]
     if keep:
         out_shape += [jax.ShapeDtypeStruct((T, B, H), f32), jax.ShapeDtypeStruct((T, B, G), f32),
                       jax.ShapeDtypeStruct((T, B, H), f32)]
-    n_programs = 1 if interpret else nb * nu
 
-    def kernel(*refs):
-        us_ref, w_ref, h0_ref, c0_ref = refs[:4]
-        mask_ref = refs[4] if has_mask else None
-        at = 5 if has_mask else 4
-        hq_ref, hT_ref, cT_ref, counter_ref = refs[at + 1:at + 5]
-        saved_refs = refs[at + 5:]
-        if interpret:
-            blocks = [(ib, iu) for ib in range(nb) for iu in range(nu)]
-        else:
-            blocks = [(pl.program_id(0), pl.program_id(1))]
-        rows = lambda ib: pl.ds(ib * BB, BB)
-        units = lambda iu, g=0: pl.ds(g * H + iu * U, U)
-        barrier = functools.partial(_grid_barrier, counter_ref, n_programs, gpu=not interpret)
-
+    def kernel(ins, outs, barrier):
+        us_ref, w_ref, h0_ref, c0_ref = ins[:4]
+        mask_ref = ins[4] if has_mask else None
+        hq_ref, hT_ref, cT_ref = outs[:3]
+        blocks = grid.blocks()
         states = []
         for ib, iu in blocks:
             h = h0_ref[rows(ib), units(iu)]
@@ -176,7 +214,7 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
                 hq_ref[t + 1, rows(ib), units(iu)] = h_new.astype(cdt)
                 if keep:
-                    cs_ref, tg_ref, tc_ref = saved_refs
+                    cs_ref, tg_ref, tc_ref = outs[3:]
                     cs_ref[t, rows(ib), units(iu)] = c_new
                     for g in range(4):
                         tg_ref[t, rows(ib), units(iu, g)] = tg[g]
@@ -189,17 +227,92 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
             hT_ref[rows(ib), units(iu)] = h
             cT_ref[rows(ib), units(iu)] = c
 
-    kwargs = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
-
-        kwargs["compiler_params"] = pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(1,) if interpret else (nb, nu),
-        input_output_aliases={counter_in: 3}, interpret=interpret, name="recur_lstm_persistent", **kwargs,
-    )(*inputs)
+    outs = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent")
     hq, hT, cT = outs[:3]
-    return hq, hT, cT, (tuple(outs[4:]) if keep else None)
+    return hq, hT, cT, (tuple(outs[3:]) if keep else None)
+
+
+def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
+                  programs=None):
+    """The reverse time loop of the plain LSTM's training step, as a persistent kernel: the fused
+    step derivative of recur.cells.lstm.LSTM.step_backward for each program's (rows, units), and
+    d h_{t-1} = d pre_t . W_h with W_h's [4H, U] column slice per program, meeting at a barrier
+    each step as :func:`lstm_forward` does.
+
+    dhs_T [T, B, H]: the outputs' cotangent; tg [T, B, 4H], tc [T, B, H]: :func:`lstm_forward`'s
+    saved gate tanh and tanh(c_t); c_prev [T, B, H]: the c entering each step; dh_T, dc_T [B, H]:
+    the final carry's cotangent. Returns (d pre [T, B, 4H] float32, d h0, d c0 [B, H]). The
+    product by W_h runs in ``dtype`` with float32 accumulation, its d pre rounded to dtype.
+    """
+    T, B, G = tg.shape
+    H = G // 4
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
+    # W_h [4H, H] -> each program's [4H, U] column slice, stacked: [nu * 4H, U]
+    w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
+    has_mask = mask_T is not None
+    shared = cdt != jnp.dtype(f32)  # a separate d pre copy in dtype for the other programs' products
+    inputs = [dhs_T, tg, tc, c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]
+    inputs += [mask_T.astype(jnp.int32)] if has_mask else []
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32), jax.ShapeDtypeStruct((B, H), f32),
+                 jax.ShapeDtypeStruct((B, H), f32)]
+    out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
+
+    def kernel(ins, outs, barrier):
+        dhs_ref, tg_ref, tc_ref, cp_ref, w_ref, dhT_ref, dcT_ref = ins[:7]
+        mask_ref = ins[7] if has_mask else None
+        dpre_ref, dh0_ref, dc0_ref = outs[:3]
+        comm_ref = outs[3] if shared else dpre_ref
+        blocks = grid.blocks()
+        states = [(dhT_ref[rows(ib), units(iu)], dcT_ref[rows(ib), units(iu)]) for ib, iu in blocks]
+
+        def step(i, carry):
+            states, gave_up = carry
+            t = T - 1 - i
+            passing = []
+            for (ib, iu), (dh_c, dc_c) in zip(blocks, states):
+                r, u = rows(ib), units(iu)
+                dnh, dnc = dh_c, dc_c
+                if has_mask:  # a padded step passes the carry's cotangent through
+                    m = mask_ref[t, r][:, None] != 0
+                    dnh, dnc = jnp.where(m, dh_c, 0.0), jnp.where(m, dc_c, 0.0)
+                t_i, t_f, t_g, t_o = (tg_ref[t, r, units(iu, g)] for g in range(4))
+                tcv, cp = tc_ref[t, r, u], cp_ref[t, r, u]
+                i_, f_, o_ = 0.5 * t_i + 0.5, 0.5 * t_f + 0.5, 0.5 * t_o + 0.5
+                # recur.cells.lstm.LSTM.step_backward
+                dh = dnh + dhs_ref[t, r, u].astype(f32)
+                dc = dnc + dh * o_ * (1.0 - tcv * tcv)
+                d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
+                         dc * i_ * (1.0 - t_g * t_g), (0.25 * dh) * tcv * (1.0 - t_o * t_o)]
+                for g in range(4):
+                    d = jnp.where(gave_up, jnp.nan, d_pre[g])
+                    dpre_ref[t, r, units(iu, g)] = d
+                    if shared:
+                        comm_ref[t, r, units(iu, g)] = d.astype(cdt)
+                dc_next, dh_pass = dc * f_, jnp.zeros_like(dh)
+                if has_mask:
+                    dc_next = dc_next + jnp.where(m, 0.0, dc_c)
+                    dh_pass = jnp.where(m, 0.0, dh_c)
+                passing.append((dh_pass, dc_next))
+            gave_up = barrier(i + 1, gave_up)
+            new_states = []
+            for (ib, iu), (dh_pass, dc_next) in zip(blocks, passing):
+                def dot(k, acc, ib=ib, iu=iu):
+                    dk = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
+                    wk = w_ref[pl.ds(iu * G + k * KB, KB), :]
+                    return acc + jax.lax.dot(dk, wk, preferred_element_type=f32)
+
+                dh_rec = jax.lax.fori_loop(0, G // KB, dot, jnp.zeros((BB, U), f32))
+                new_states.append((dh_rec + dh_pass, dc_next))
+            return new_states, gave_up
+
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
+        for (ib, iu), (dh_c, dc_c) in zip(blocks, states):
+            dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dh_c)
+            dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_c)
+
+    dpre, dh0, dc0 = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent_backward")[:3]
+    return dpre, dh0, dc0
 
 
 def _load_fresh(ref, interpret):
@@ -262,3 +375,19 @@ def forward_fn(cell, interpret=False, programs=None):
         return final, (hs, carries, (tg, tc))
 
     return forward
+
+
+BACKWARD = True  # the reverse loop as lstm_backward too (False: the deferred scan's lax.scan loop)
+
+
+def backward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``backward_fn`` for the plain LSTM: :func:`lstm_backward`
+    over what :func:`forward_fn` stored."""
+
+    def backward(params, carries, saved, dhs_T, mask_T, dcarry_T):
+        tg, tc = saved
+        dpre, dh0, dc0 = lstm_backward(dhs_T, tg, tc, carries["c"], params["W_h"], dcarry_T["h"], dcarry_T["c"],
+                                       mask_T, dtype=cell.dtype, interpret=interpret, programs=programs)
+        return {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}, dpre
+
+    return backward
