@@ -194,6 +194,24 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
+def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(interpret, monkeypatch):
+    """Each barrier arriving twice stands for a counter that did not start at zero (the barriers
+    then pass early): the final count is off, and the results are NaN, not a race's."""
+    cell, params, xs, carry0 = _setup(jnp.float32)
+    barrier = persistent._grid_barrier
+
+    def twice(counter, n, arrivals, gave_up, **k):
+        return barrier(counter, n, arrivals, barrier(counter, n, arrivals, gave_up, **k), **k)
+
+    monkeypatch.setattr(persistent, "_grid_barrier", twice)
+    hs, carry = recur.scan(cell, params, xs, initial_carry=carry0, mode="kernel")
+    assert bool(jnp.all(jnp.isnan(hs))) and bool(jnp.all(jnp.isnan(carry["c"])))
+    z = jnp.zeros((T, B, H))
+    _, dh0, dc0 = persistent.lstm_backward(z, jnp.zeros((T, B, 4 * H)), z, z, params["W_h"], carry0["h"],
+                                           carry0["c"], dtype=jnp.float32, interpret=True)
+    assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
+
+
 @pytest.fixture
 def fake_h100(monkeypatch):
     from jax._src.pallas.triton import gpu_info

@@ -132,9 +132,12 @@ class _Grid:
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
 
-    def launch(self, kernel, inputs, out_shape, name):
-        """Run kernel(in_refs, out_refs, barrier) over the grid; returns the outputs. barrier(arrivals,
-        gave_up) is :func:`_grid_barrier` on a zeroed counter of this launch."""
+    def launch(self, kernel, inputs, out_shape, name, arrivals):
+        """Run kernel(in_refs, out_refs, barrier) over the grid; returns (outputs, ok). barrier(arrivals,
+        gave_up) is :func:`_grid_barrier` on a zeroed counter of this launch; ok says that the
+        counter ended at programs x ``arrivals`` (the barriers the kernel passes), i.e. that it
+        started at zero: a counter that XLA did not give a fresh buffer would let the barriers pass
+        early, and the callers turn their outputs to NaN rather than return a race's results."""
         n_in, n_programs = len(inputs), 1 if self.interpret else self.nb * self.nu
 
         def body(*refs):  # inputs, the counter in, outputs, the counter out (the same buffer)
@@ -152,7 +155,7 @@ class _Grid:
             grid=(1,) if self.interpret else (self.nb, self.nu), input_output_aliases={n_in: len(out_shape)},
             interpret=self.interpret, name=name, **kwargs,
         )(*inputs, jnp.zeros((1,), jnp.int32))
-        return outs[:-1]
+        return outs[:-1], outs[-1][0] == n_programs * arrivals
 
 
 def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
@@ -227,8 +230,8 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
             hT_ref[rows(ib), units(iu)] = h
             cT_ref[rows(ib), units(iu)] = c
 
-    outs = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent")
-    hq, hT, cT = outs[:3]
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent", arrivals=T + 1)
+    hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
     return hq, hT, cT, (tuple(outs[3:]) if keep else None)
 
 
@@ -311,7 +314,9 @@ def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype,
             dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dh_c)
             dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_c)
 
-    dpre, dh0, dc0 = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent_backward")[:3]
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent_backward", arrivals=T)
+    # d pre is left as it is (a pass over [T, B, 4H] for a check that the forward's hq already makes)
+    dpre, dh0, dc0 = outs[0], jnp.where(ok, outs[1], jnp.nan), jnp.where(ok, outs[2], jnp.nan)
     return dpre, dh0, dc0
 
 
