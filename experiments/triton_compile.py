@@ -2,6 +2,8 @@
 
     python -m experiments.triton_compile --cells lstm --hidden 128,256 --warps auto,4
     python -m experiments.triton_compile --cells lstm --hidden 128 --whole     # W_h held whole
+    python -m experiments.triton_compile --hidden 1024 --dtype bfloat16 --persistent 128/4/1,256/8/3
+                                                        # the persistent LSTM kernels (B = 64)
 
 jax lowers the training step's two Pallas kernels (forward and backward time loop) to Triton IR
 for CUDA (the GPU query patched to an H100, as tests/test_kernels.py does); the ``triton``
@@ -13,6 +15,7 @@ Batch 16 rows per program, T = 4 (the loop body, not T, sets the kernel's size).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -27,14 +30,15 @@ from recur.kernels import dispatch, loop
 from recur.kernels.pad import padded
 
 
-def kernels_ir(cell, I):
-    """[(Triton IR text, num_warps)] of the forward and backward loop kernels of a training step."""
+@contextlib.contextmanager
+def triton_modules():
+    """Within: jax lowers Pallas kernels for an H100 (the GPU query patched) and the yielded list
+    collects the Triton IR text of each kernel lowered."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
-    from recur.backprop import deferred_scan
 
-    modules, warps = [], []
-    lower, params_of, info = reg.lowering.lower_jaxpr_to_triton_module, loop._triton_params, reg.gpu_info_lib.get_gpu_info
+    modules = []
+    lower, info = reg.lowering.lower_jaxpr_to_triton_module, reg.gpu_info_lib.get_gpu_info
 
     def capture(*a, **k):
         out = lower(*a, **k)
@@ -42,8 +46,22 @@ def kernels_ir(cell, I):
         return out
 
     reg.lowering.lower_jaxpr_to_triton_module = capture
-    loop._triton_params = lambda n: warps.append(n) or params_of(n)
     reg.gpu_info_lib.get_gpu_info = lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Pallas' Triton back end is deprecated
+            yield modules
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = lower
+        reg.gpu_info_lib.get_gpu_info = info
+
+
+def kernels_ir(cell, I):
+    """[(Triton IR text, num_warps)] of the forward and backward loop kernels of a training step."""
+    from recur.backprop import deferred_scan
+
+    warps, params_of = [], loop._triton_params
+    loop._triton_params = lambda n: warps.append(n) or params_of(n)
     try:
         B = dispatch.GPU_BLOCK_B
         params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
@@ -54,18 +72,38 @@ def kernels_ir(cell, I):
             return deferred_scan(cell_k, 1, dispatch.loop_fn(B, interpret=False))(
                 p_k, cell.initial_carry(B), us, None, None, None)[0]
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with triton_modules() as modules:
             jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), argnums=(0, 1))).trace(
                 params, xs).lower(lowering_platforms=("cuda",))
     finally:
-        reg.lowering.lower_jaxpr_to_triton_module = lower
         loop._triton_params = params_of
-        reg.gpu_info_lib.get_gpu_info = info
     return list(zip(modules, warps))
 
 
-def compile_sm90(text, num_warps):
+def persistent_ir(H, dtype, B=64, programs=132):
+    """[Triton IR text] of the persistent LSTM kernels of a training step (forward, backward) at
+    batch B, hidden size H, for a GPU of ``programs`` SMs (recur/kernels/persistent.py)."""
+    import recur.kernels.persistent as ps
+
+    cell = recur.get_cell("lstm", H, dtype=dtype)
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), H))
+    xs = jax.ShapeDtypeStruct((B, 4, H), dtype)
+
+    def loss(p, x):
+        hs, _ = recur.scan(cell, p, x, mode="kernel")
+        return jnp.sum(hs.astype(jnp.float32))
+
+    on_gpu, sms = dispatch._on_gpu, ps.sm_count
+    dispatch._on_gpu, ps.sm_count = (lambda: True), (lambda: programs)
+    try:
+        with triton_modules() as modules, dispatch._probing():  # chosen without compiling for a GPU here
+            jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(lowering_platforms=("cuda",))
+    finally:
+        dispatch._on_gpu, ps.sm_count = on_gpu, sms
+    return modules
+
+
+def compile_sm90(text, num_warps, num_stages=1):
     """(shared bytes, registers, spill store bytes, spill load bytes) of one kernel for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -75,7 +113,7 @@ def compile_sm90(text, num_warps):
         with open(path, "w") as f:
             f.write(text)
         kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps, "num_stages": 1})
+                                options={"num_warps": num_warps, "num_stages": num_stages})
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
@@ -94,7 +132,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warps", default="auto", help="comma-separated: auto (recur's choice) or a count")
     p.add_argument("--whole", action="store_true", help="hold every matrix whole (no tiles), as before tiling")
+    p.add_argument("--persistent", default="", help="instead: the persistent LSTM kernels (B = 64) at these "
+                   "K_BLOCK/warps/stages settings, e.g. 128/4/1,256/8/3")
     args = p.parse_args(argv)
+    if args.persistent:
+        return persistent_table(args)
     if args.whole:
         loop.TILE_BYTES = 1 << 40
     loop.MAX_STEP_VALUES = 1 << 40  # measure wide steps too (the kernel refuses them on a GPU)
@@ -108,6 +150,25 @@ def main(argv=None):
                     n = auto if w == "auto" else int(w)
                     shared, regs, st, ld = compile_sm90(text, n)
                     print(f"{name} | {H} | {n} | {which} | {shared / 1024:.0f} | {regs} | {st} / {ld}", flush=True)
+
+
+def persistent_table(args):
+    import recur.kernels.persistent as ps
+
+    print("H | dtype | K_BLOCK | warps | stages | kernel | shared KiB | registers | spill stores / loads")
+    for H in (int(h) for h in args.hidden.split(",")):
+        for setting in args.persistent.split(","):
+            kb, warps, stages = (int(v) for v in setting.split("/"))
+            before = ps.K_BLOCK
+            ps.K_BLOCK = kb
+            try:
+                irs = persistent_ir(H, getattr(jnp, args.dtype))
+            finally:
+                ps.K_BLOCK = before
+            for which, text in zip(("forward", "backward"), irs):
+                shared, regs, st, ld = compile_sm90(text, warps, stages)
+                print(f"{H} | {args.dtype} | {kb} | {warps} | {stages} | {which} | {shared / 1024:.0f} | {regs} | "
+                      f"{st} / {ld}", flush=True)
 
 
 if __name__ == "__main__":

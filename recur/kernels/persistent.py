@@ -45,8 +45,9 @@ MIN_ROWS = 16  # Triton's dot needs M >= 16
 K_BLOCK = 128  # columns of h (rows of W_h^T) per dot
 MAX_SPINS = 1 << 22  # polls of the barrier's counter before a program gives up (about a second)
 DEFAULT_SMS = 132  # an H100 SXM / H200; the device's own count is used when it reports one
-# Triton's settings, compiled for sm_90 here without spills at H = 1024 (bf16: 48 KiB of shared
-# memory, fp32: 96 KiB); not yet tuned on a GPU (experiments/gpu_explore.py --parts persistent)
+# Triton's settings: compiled for sm_90 without spills at H = 1024, forward and backward (bf16:
+# 48 / 24 KiB of shared memory, fp32: 96 / 48; docs/kernels.md); not yet tuned on a GPU
+# (experiments/gpu_explore.py --parts persistent)
 NUM_WARPS = 4
 NUM_STAGES = 3
 
