@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--chunks", default="auto,32,64,128,512")
     p.add_argument("--steps", default="1", help="steps each kernel program loads at once (linear.STEP_BLOCK)")
     p.add_argument("--bare", action="store_true", help="time the bare recurrence, not minGRU's training step")
-    p.add_argument("--persist-configs", default="128/4/1,128/4/3,256/8/1,256/8/3,512/8/1,128/4/3/x",
+    p.add_argument("--persist-configs", default="128/8/3,128/4/1,128/8/1,256/8/1,256/8/3,512/8/1,128/8/3/x",
                    help="the persistent LSTM kernels' K_BLOCK/NUM_WARPS/NUM_STAGES settings to time; a "
                         "fourth field x runs the reverse loop as the deferred scan's lax.scan (BACKWARD=False)")
     p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")

@@ -70,6 +70,6 @@ case $plan in
     part 90 $B --hidden 256 --cells lstm --modes sequential,kernel --baselines torch --repeats 5 \
       --parts cells --out "$OUT/h256"
     part 180 $E --parts persistent --hidden 1024 --repeats 5 \
-      --persist-configs 128/4/1,128/4/3,256/8/1,256/8/3,512/8/1,128/4/3/x --out "$OUT/sweep" ;;
+      --persist-configs 128/8/3,128/4/1,128/8/1,256/8/1,256/8/3,512/8/1,128/8/3/x --out "$OUT/sweep" ;;
   *) echo "plan must be table, kernels, explore, remaining or persistent, got $plan" >&2; exit 2 ;;
 esac

@@ -48,7 +48,7 @@ DEFAULT_SMS = 132  # an H100 SXM / H200; the device's own count is used when it 
 # Triton's settings: compiled for sm_90 without spills at H = 1024, forward and backward (bf16:
 # 48 / 24 KiB of shared memory, fp32: 96 / 48; docs/kernels.md); not yet tuned on a GPU
 # (experiments/gpu_explore.py --parts persistent)
-NUM_WARPS = 4
+NUM_WARPS = 8
 NUM_STAGES = 3
 
 
@@ -188,24 +188,32 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
         mask_ref = ins[4] if has_mask else None
         hq_ref, hT_ref, cT_ref = outs[:3]
         blocks = grid.blocks()
+
+        def step_inputs(t, ib, iu):
+            """Step t's projected inputs (and mask): loaded before the barrier that precedes the
+            step, so that their latency overlaps the wait (t = T: nothing left; step T-1's again)."""
+            t = jnp.minimum(t, T - 1)
+            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(4))
+            return u, (mask_ref[t, rows(ib)] if has_mask else None)
+
         states = []
         for ib, iu in blocks:
             h = h0_ref[rows(ib), units(iu)]
             hq_ref[0, rows(ib), units(iu)] = h.astype(cdt)
-            states.append((h, c0_ref[rows(ib), units(iu)]))
+            states.append((h, c0_ref[rows(ib), units(iu)], step_inputs(0, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
         def step(t, carry):
             states, gave_up = carry
             new_states = []
-            for (ib, iu), (h, c) in zip(blocks, states):
+            for (ib, iu), (h, c, (u, m)) in zip(blocks, states):
                 def dot(k, acc, ib=ib, iu=iu):
                     hk = _load_fresh(hq_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
                     wk = w_ref[pl.ds(k * KB, KB), pl.ds(iu * 4 * U, 4 * U)]
                     return acc + jax.lax.dot(hk, wk, preferred_element_type=f32)
 
                 acc = jax.lax.fori_loop(0, H // KB, dot, jnp.zeros((BB, 4 * U), f32))
-                pre = [p + us_ref[t, rows(ib), units(iu, g)].astype(f32) for g, p in enumerate(halved(acc, 4))]
+                pre = [p + u[g] for g, p in enumerate(halved(acc, 4))]
                 # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks; sigmoid = (1 + t) / 2
                 tg = [jnp.tanh(p * (1.0 if g == 2 else 0.5)) for g, p in enumerate(pre)]
                 i, f, o = (0.5 * tg[0] + 0.5), (0.5 * tg[1] + 0.5), (0.5 * tg[3] + 0.5)
@@ -213,7 +221,7 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
                 tc = jnp.tanh(c_new)
                 h_new = o * tc
                 if has_mask:
-                    m = mask_ref[t, rows(ib)][:, None] != 0
+                    m = m[:, None] != 0
                     c_new, h_new = jnp.where(m, c_new, c), jnp.where(m, h_new, h)
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
                 hq_ref[t + 1, rows(ib), units(iu)] = h_new.astype(cdt)
@@ -223,11 +231,11 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
                     for g in range(4):
                         tg_ref[t, rows(ib), units(iu, g)] = tg[g]
                     tc_ref[t, rows(ib), units(iu)] = tc
-                new_states.append((h_new, c_new))
+                new_states.append((h_new, c_new, step_inputs(t + 1, ib, iu)))
             return new_states, barrier(t + 2, gave_up)
 
         states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
-        for (ib, iu), (h, c) in zip(blocks, states):
+        for (ib, iu), (h, c, _) in zip(blocks, states):
             hT_ref[rows(ib), units(iu)] = h
             cT_ref[rows(ib), units(iu)] = c
 
@@ -268,23 +276,31 @@ def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype,
         dpre_ref, dh0_ref, dc0_ref = outs[:3]
         comm_ref = outs[3] if shared else dpre_ref
         blocks = grid.blocks()
-        states = [(dhT_ref[rows(ib), units(iu)], dcT_ref[rows(ib), units(iu)]) for ib, iu in blocks]
+
+        def step_inputs(t, ib, iu):
+            """What step t's derivative reads, loaded before the barrier that precedes it (as the
+            forward kernel's inputs; t = -1: nothing left, step 0's again)."""
+            t = jnp.maximum(t, 0)
+            r, u = rows(ib), units(iu)
+            saved = tuple(tg_ref[t, r, units(iu, g)] for g in range(4)) + (tc_ref[t, r, u], cp_ref[t, r, u])
+            return saved, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
+
+        states = [(dhT_ref[rows(ib), units(iu)], dcT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu))
+                  for ib, iu in blocks]
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             passing = []
-            for (ib, iu), (dh_c, dc_c) in zip(blocks, states):
-                r, u = rows(ib), units(iu)
+            for (ib, iu), (dh_c, dc_c, ((t_i, t_f, t_g, t_o, tcv, cp), dh_out, m)) in zip(blocks, states):
+                r = rows(ib)
                 dnh, dnc = dh_c, dc_c
                 if has_mask:  # a padded step passes the carry's cotangent through
-                    m = mask_ref[t, r][:, None] != 0
+                    m = m[:, None] != 0
                     dnh, dnc = jnp.where(m, dh_c, 0.0), jnp.where(m, dc_c, 0.0)
-                t_i, t_f, t_g, t_o = (tg_ref[t, r, units(iu, g)] for g in range(4))
-                tcv, cp = tc_ref[t, r, u], cp_ref[t, r, u]
                 i_, f_, o_ = 0.5 * t_i + 0.5, 0.5 * t_f + 0.5, 0.5 * t_o + 0.5
                 # recur.cells.lstm.LSTM.step_backward
-                dh = dnh + dhs_ref[t, r, u].astype(f32)
+                dh = dnh + dh_out
                 dc = dnc + dh * o_ * (1.0 - tcv * tcv)
                 d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
                          dc * i_ * (1.0 - t_g * t_g), (0.25 * dh) * tcv * (1.0 - t_o * t_o)]
@@ -297,21 +313,21 @@ def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype,
                 if has_mask:
                     dc_next = dc_next + jnp.where(m, 0.0, dc_c)
                     dh_pass = jnp.where(m, 0.0, dh_c)
-                passing.append((dh_pass, dc_next))
+                passing.append((dh_pass, dc_next, step_inputs(t - 1, ib, iu)))
             gave_up = barrier(i + 1, gave_up)
             new_states = []
-            for (ib, iu), (dh_pass, dc_next) in zip(blocks, passing):
+            for (ib, iu), (dh_pass, dc_next, next_inputs) in zip(blocks, passing):
                 def dot(k, acc, ib=ib, iu=iu):
                     dk = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
                     wk = w_ref[pl.ds(iu * G + k * KB, KB), :]
                     return acc + jax.lax.dot(dk, wk, preferred_element_type=f32)
 
                 dh_rec = jax.lax.fori_loop(0, G // KB, dot, jnp.zeros((BB, U), f32))
-                new_states.append((dh_rec + dh_pass, dc_next))
+                new_states.append((dh_rec + dh_pass, dc_next, next_inputs))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
-        for (ib, iu), (dh_c, dc_c) in zip(blocks, states):
+        for (ib, iu), (dh_c, dc_c, _) in zip(blocks, states):
             dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dh_c)
             dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_c)
 
