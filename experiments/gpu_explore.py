@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--persist-configs", default="128/8/3,128/4/1,128/8/1,256/8/1,256/8/3,512/8/1,128/8/3/x",
                    help="the persistent LSTM kernels' K_BLOCK/NUM_WARPS/NUM_STAGES settings to time; a "
                         "fourth field x runs the reverse loop as the deferred scan's lax.scan (BACKWARD=False)")
+    p.add_argument("--ln-fused", action="store_true", help="cells: also time each layer-norm LSTM with its "
+                   "hand-written backward step (recur.cells.lstm.LN_FUSED_BACKWARD)")
     p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -69,6 +71,9 @@ def main(argv=None):
             for u in [int(u) for u in a.unrolls.split(",")]:
                 fns[f"recur {cell} hoisted u{u}"] = with_switch(
                     False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u))
+                if a.ln_fused and bg.recur.get_cell(cell, H).layer_norm_fusable:
+                    fns[f"recur {cell} ln-fused hoisted u{u}"] = ln_fused(with_switch(
+                        False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u)))
         print(f"H={H} {prec} {task}", flush=True)
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():
             rows.append(dict(part="explore", system=name, H=H, precision=prec, task=task, T=a.length, B=a.batch,
@@ -125,6 +130,19 @@ def persistent(a, rows, have_torch):
         bg.RESULTS.clear()
         if a.out:
             bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
+
+
+def ln_fused(make):
+    """make, traced and compiled with the layer-norm LSTM's hand-written backward step."""
+    from recur.cells import lstm
+
+    def made():
+        lstm.LN_FUSED_BACKWARD = True
+        try:
+            return make()
+        finally:
+            lstm.LN_FUSED_BACKWARD = False
+    return made
 
 
 def _shapes(a):

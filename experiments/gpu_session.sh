@@ -5,7 +5,8 @@
 #   bash experiments/gpu_session.sh explore   # projection in / out of the loop, unroll; the linear
 #                                             # kernel's chunk length and steps per load (~5 min)
 #   bash experiments/gpu_session.sh remaining # not yet measured: the bare linear scan's bandwidth, the
-#                                             # other cells at H=1024, each loop's launches, XLA command buffers (~7 min)
+#                                             # other cells at H=1024, the layer-norm LSTM's hand-written
+#                                             # backward, each loop's launches, XLA command buffers (~8 min)
 #   bash experiments/gpu_session.sh persistent # the persistent LSTM kernel (mode="kernel") against the
 #                                             # sequential scan and cuDNN, then its Triton settings (~7 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
@@ -53,6 +54,7 @@ case $plan in
     part 60 $B --parts scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/scan"
     part 150 $B --hidden 1024 --cells mgu,elman,lstm:cifg,gru:cho,lstm:ln,lstm:peepholes --modes auto \
       --baselines torch --repeats 5 --parts cells --out "$OUT/h1024"
+    part 90 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --tasks train --out "$OUT/ln"
     for dt in float32 bfloat16; do
       part 40 $PY -m experiments.hlo_loops --cell lstm --hidden 1024 --dtype $dt --unroll 1,8
     done

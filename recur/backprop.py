@@ -16,12 +16,14 @@ way the cuDNN and oneDNN kernels do instead:
   dW = dRec^T . Carries, one large matmul.
 
 Any cell works: ``recurrent`` (optional, see recur.cells.base) only decides what is stored and
-so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM, the reset-after
-GRU, the Elman RNN) supplies its own step derivative instead: the forward loop stores what that
-needs (``step_saving``'s third output, e.g. the LSTM's gate tanh and tanh(c_t)) instead of rec,
-the reverse loop calls ``step_backward`` and recomputes nothing, no new-carry cotangent is
-written (such a step has no parameters of its own), and where d rec = d u (pre = u + rec: LSTM,
-Elman) only d u is stored. With ``project=True`` the input projection runs inside the forward
+so kept out of the backward loop. A cell with ``fused_backward`` (the plain LSTM with or without
+layer norm, the reset-after GRU, the Elman RNN) supplies its own step derivative instead: the
+forward loop stores what that needs (``step_saving``'s third output, e.g. the LSTM's gate tanh
+and tanh(c_t)) instead of rec, the reverse loop calls ``step_backward`` and recomputes nothing,
+no new-carry cotangent is written, and where d rec = d u (pre = u + rec: LSTM, Elman) only d u is
+stored. A step with parameters of its own (the layer-norm LSTM's scales and biases) returns
+per-row pieces of their cotangents as a fourth output, and ``cell.param_grads`` sums them over
+all T*B rows after the loop. With ``project=True`` the input projection runs inside the forward
 loop too (below). Steps must treat batch rows independently (every recur cell
 does). Integer carry leaves (a step counter) are carried but not differentiated. Masked
 (padded) steps, resets and reset carries are handled as in recur.scan.
@@ -202,7 +204,7 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
             if m is not None:  # a padded step passes the carry through
                 dnew = _keep(m, dcarry)
             if fused:  # rec holds the step's saved activations
-                dc, du, own_drec = cell.step_backward(params, carry, rec, dnew, dh)
+                dc, du, own_drec, *pieces = cell.step_backward(params, carry, rec, dnew, dh)
                 # None: d rec is d u (pre = u + rec), stored once
                 drec = cell.recurrent_cotangent(du) if own_drec is None else own_drec
             else:
@@ -214,13 +216,13 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
             if r is not None:  # the carry before step t was the reset carry
                 dreset = _add(dreset, _keep(r, dc))
                 dc = _drop(r, dc)
-            if fused:  # step has no parameters: no d new carry to keep
-                return (dc, dreset), (du, own_drec)
+            if fused:  # no d new carry to keep: the step's own parameters (if any) take pieces
+                return (dc, dreset), (du, own_drec, pieces[0] if pieces else None)
             return (dc, dreset), (du, drec, dnew)
 
         if backward_fn is not None:  # no resets: forward_fn took none
             dcarry0, dus = backward_fn(params, carries, recs, dhs, mask, dcarry_T)
-            dreset, ys = None, (dus, None)
+            dreset, ys = None, (dus, None, None)
         else:
             (dcarry0, dreset), ys = loop(  # a fused step reads no u
                 body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
@@ -231,11 +233,13 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
         n = T * B
         c_all = _flat(carries, n)
         if fused:
-            dus, own_drecs = ys
+            dus, own_drecs, pieces = ys
             drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
             if not project:  # a float32 d pre, for inputs given in half precision (projected=True)
                 dus = jax.tree.map(lambda d, u: d.astype(u.dtype), dus, us)
-            dparams = jax.tree.map(jnp.zeros_like, params)
+            # a step with parameters of its own (the layer-norm LSTM's) sums its pieces here
+            dparams = (jax.tree.map(jnp.zeros_like, params) if pieces is None
+                       else cell.param_grads(params, recs, pieces))
         else:
             dus, drecs, dnews = ys
             u_all, rec_all = _flat(us, n), _flat(recs, n)

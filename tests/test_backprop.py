@@ -43,13 +43,26 @@ def test_deferred_gradients_equal_autodiff(name):
             assert any(float(jnp.max(jnp.abs(g))) > 0 for g in _float_leaves(got[3])) == ("reset_carry" in kwargs)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "elman", "lstm:ln"])
-def test_deferred_under_jit_with_bfloat16(name):
-    """bfloat16 compute (float32 state): the fused backward steps (lstm, gru, elman) and the
-    generic one (lstm:ln) against autodiff, values and gradients for the weights and the inputs."""
+@pytest.fixture
+def ln_fused(monkeypatch):
+    """The layer-norm LSTM with its hand-written backward step (off by default)."""
+    from recur.cells import lstm
+
+    monkeypatch.setattr(lstm, "LN_FUSED_BACKWARD", True)
+
+
+@pytest.mark.parametrize("name,fused", [("lstm", True), ("gru", True), ("elman", True), ("lstm:ln", False),
+                                        ("lstm:ln", True)])
+def test_deferred_under_jit_with_bfloat16(name, fused, monkeypatch):
+    """bfloat16 compute (float32 state): the fused backward steps (lstm, gru, elman, and lstm:ln
+    with LN_FUSED_BACKWARD) and the generic one (lstm:ln by default) against autodiff, values and
+    gradients for the weights and the inputs."""
+    from recur.cells import lstm
+
+    monkeypatch.setattr(lstm, "LN_FUSED_BACKWARD", fused)
     cell, params, xs = make(name)
     cell = recur.get_cell(name, cell.hidden_size, dtype=jnp.bfloat16)
-    assert cell.fused_backward == (name != "lstm:ln")
+    assert cell.fused_backward == fused
     w = jax.random.normal(jax.random.key(5), (B, T, cell.output_size))
     kw = dict(lengths=jnp.array([T, 4, 0]))
 
@@ -105,11 +118,11 @@ def test_unknown_backward_is_an_error():
         recur.scan(cell, params, xs, backward="manual")
 
 
-FUSED = ["lstm", "gru", "elman", "elman:relu", "elman:sigmoid", "elman:nobias", "elman:activation=identity"]
+FUSED = ["lstm", "lstm:ln", "gru", "elman", "elman:relu", "elman:sigmoid", "elman:nobias", "elman:activation=identity"]
 
 
 @pytest.mark.parametrize("name", FUSED)
-def test_fused_backward_step_matches_autodiff_of_the_step(name):
+def test_fused_backward_step_matches_autodiff_of_the_step(name, ln_fused):
     """A cell's hand-written step backward (used by the deferred scan) against jax.vjp of step."""
     with jax.enable_x64(True):
         cell = recur.get_cell(name, 5, dtype=jnp.float64, param_dtype=jnp.float64)
@@ -126,11 +139,16 @@ def test_fused_backward_step_matches_autodiff_of_the_step(name):
         want_new, want_h = cell.step(params, carry, u, rec)
         for a, b in zip(jax.tree.leaves((new, h)), jax.tree.leaves((want_new, want_h))):
             assert jnp.allclose(a, b, atol=1e-12)
-        _, pull = jax.vjp(lambda c, u, r: cell.step(params, c, u, r), carry, u, rec)
-        dc_want, du_want, drec_want = pull((dnew, dh))
-        dc, du, drec = cell.step_backward(params, carry, saved, dnew, dh)
+        _, pull = jax.vjp(lambda p, c, u, r: cell.step(p, c, u, r), params, carry, u, rec)
+        dp_want, dc_want, du_want, drec_want = pull((dnew, dh))
+        dc, du, drec, *pieces = cell.step_backward(params, carry, saved, dnew, dh)
         drec = cell.recurrent_cotangent(du) if drec is None else drec
-        for got, want in ((dc, dc_want), (du, du_want), (drec, drec_want)):
+        # the step's own parameters (the layer-norm LSTM's): pieces summed by param_grads; none else
+        assert bool(pieces) == (name == "lstm:ln")
+        stack = lambda tree: jax.tree.map(lambda x: x[None], tree)
+        dp = cell.param_grads(params, stack(saved), stack(pieces[0])) if pieces else jax.tree.map(
+            jnp.zeros_like, params)
+        for got, want in ((dc, dc_want), (du, du_want), (drec, drec_want), (dp, dp_want)):
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 assert jnp.allclose(a, b, atol=1e-12), name
 
@@ -153,8 +171,19 @@ def test_projecting_inside_the_loop_needs_a_fused_step():
         deferred_scan(recur.get_cell("lstm:peepholes", 4), project=True)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "elman"])
-def test_fused_path_in_float32_with_lengths_resets_and_reverse_together(name):
+def test_layer_norm_fused_backward_is_a_switch(ln_fused):
+    assert recur.get_cell("lstm:ln", 4).fused_backward and not recur.get_cell("lstm:ln,cifg", 4).fused_backward
+    assert not recur.get_cell("lstm:ln,peepholes", 4).fused_backward
+
+
+def test_layer_norm_fused_gradients_equal_autodiff(ln_fused):
+    """The layer-norm LSTM's hand-written step (its norms' parameter pieces summed after the
+    loop) against autodiff, float64, with every option of test_deferred_gradients_equal_autodiff."""
+    test_deferred_gradients_equal_autodiff("lstm:ln")
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman", "lstm:ln"])
+def test_fused_path_in_float32_with_lengths_resets_and_reverse_together(name, ln_fused):
     cell, params, xs = make(name)
     assert cell.fused_backward
     kw = dict(lengths=jnp.array([T, 4, 0]), reverse=True, reset_carry=random_carry(cell, B, seed=4),

@@ -20,8 +20,8 @@ runs the reverse time loop on activations only and computes the weight gradients
 ``recurrent`` as one large matmul over all steps after the loop (see recur/backprop.py).
 
 A cell whose step uses no parameters of its own (everything is in project and recurrent:
-LSTM, GRU, Elman) may also hand-write that step's backward pass, which the deferred scan then
-uses instead of autodiff of step (``fused_backward = True``):
+LSTM, GRU, Elman) may also hand-write that step's backward pass (so may one that does, below),
+which the deferred scan then uses instead of autodiff of step (``fused_backward = True``):
 
     step_saving(params, carry, u_t, rec)       -> (carry, h_t, saved)   step, plus what the
                                                   backward step reads (stored instead of rec)
@@ -30,6 +30,12 @@ uses instead of autodiff of step (``fused_backward = True``):
                                                   d_rec None when step reads u_t and rec only
                                                   as u_t + rec (then d_rec = d_u, stored once)
     recurrent_cotangent(d_u)                   -> d_rec from d_u, for those additive cells
+
+A step that does read parameters of its own (the layer-norm LSTM's norms) returns a fourth
+output from step_backward, per-row pieces of their cotangents, and sums them after the loop:
+
+    param_grads(params, saved_T, pieces_T)     -> d params (zeros where the step reads none),
+                                                  saved and pieces stacked over [T, B]
 
 Shape letters: B batch, T time, I input features, H hidden units, G = gates * H, O output
 features (H, or the projection size for LSTMP).

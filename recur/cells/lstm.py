@@ -47,6 +47,14 @@ from recur.cells import base
 from recur.cells.registry import register
 
 
+#: The layer-norm LSTM's hand-written backward step (see LSTM.fused_backward). Off: on this CPU
+#: it was no faster than autodiff of the step (B=32, T=128, I=128, H=256, forward + backward,
+#: median of 9 interleaved: float32 174 ms generic against 182-184 fused; bfloat16 165 against
+#: 160-164), and it is not yet measured on a GPU, where the reverse loop's per-step kernels are
+#: what it removes (experiments/gpu_explore.py --ln-fused).
+LN_FUSED_BACKWARD = False
+
+
 @register(
     "lstm",
     variants={
@@ -227,28 +235,55 @@ class LSTM(base.Cell):
         return self.fused_backward
 
     @property
+    def _plain_gates(self) -> bool:
+        """All four gates, tanh on the candidate and the output (no niaf / noaf), no peepholes,
+        gate recurrence or projection."""
+        return (self._fused_gates and self.blocks == ("i", "f", "g", "o") and not self.proj_size
+                and self.output_activation)
+
+    @property
+    def layer_norm_fusable(self) -> bool:
+        """With LN_FUSED_BACKWARD this layer-norm LSTM takes the hand-written backward step."""
+        return self._plain_gates and self.layer_norm
+
+    @property
     def plain(self) -> bool:
-        """The plain LSTM (cuDNN's): all four gates, tanh on the candidate and the output (no niaf
-        / noaf), no peepholes, gate recurrence, layer norm or projection."""
-        return (self._fused_gates and self.blocks == ("i", "f", "g", "o") and not self.layer_norm
-                and not self.proj_size and self.output_activation)
+        """The plain LSTM (cuDNN's): :attr:`_plain_gates` without layer norm."""
+        return self._plain_gates and not self.layer_norm
 
     @property
     def fused_backward(self) -> bool:
         """The plain LSTM has a hand-written backward step, in any precision: with a half-precision
         dtype only the matmul operands are half (base.dense accumulates in float32), so the gates,
-        the state and the step's derivative are float32 either way."""
-        return self.plain
+        the state and the step's derivative are float32 either way. So does the plain LSTM with
+        layer norm when LN_FUSED_BACKWARD is set: its step has parameters of its own (the scales
+        and biases of LN(W_h h) and LN(c_t)), so its backward step also returns their per-row
+        cotangent pieces, which :meth:`param_grads` sums after the loop."""
+        return self.plain or (self.layer_norm_fusable and LN_FUSED_BACKWARD)
 
     def step_saving(self, params, carry, u_BxG, rec):
         """:meth:`step`, also returning what :meth:`step_backward` reads: the gate tanh t [B, 4H]
-        and tanh(c_t) [B, H]."""
+        and tanh(c_t) [B, H]; with layer norm, tanh(LN(c_t)) instead and also the normalised
+        W_h h and c_t with their 1 / std per row."""
+        if self.layer_norm:
+            return self._ln_step_saving(params, carry, u_BxG, rec)
         t = self._gate_tanh(u_BxG + rec["h"])
         i, f, g, o = self._gates_from_tanh(t)
         c_new = f * carry["c"] + i * g
         tc = jnp.tanh(c_new)
         h_new = o * tc
         return {"h": h_new, "c": c_new}, h_new.astype(self.dtype), (t, tc)
+
+    def _ln_step_saving(self, params, carry, u_BxG, rec):
+        # base.layer_norm's arithmetic, keeping x_hat and 1 / std for the backward step
+        r_hat, r_inv = _normalised(rec["h"])
+        t = self._gate_tanh(u_BxG + base.add_bias(base.scale(r_hat, params["ln_h_scale"]), params["ln_h_bias"]))
+        i, f, g, o = self._gates_from_tanh(t)
+        c_new = (f * carry["c"] + i * g).astype(self.state_dtype)
+        c_hat, c_inv = _normalised(c_new)
+        tc = jnp.tanh(base.add_bias(base.scale(c_hat, params["ln_c_scale"]), params["ln_c_bias"]))
+        h_new = (o * tc).astype(self.state_dtype)
+        return {"h": h_new, "c": c_new}, h_new.astype(self.dtype), (t, tc, r_hat, r_inv, c_hat, c_inv)
 
     def step_backward(self, params, carry, saved, dnew, dh_BxH):
         """(d carry (the part not through W_h), d pre [B, 4H], None: d rec = d pre) of one step,
@@ -257,19 +292,57 @@ class LSTM(base.Cell):
         ``saved`` is (t, tanh(c_t)) from :meth:`step_saving`, t = tanh(s * pre) (s = 1/2 on the
         sigmoid blocks), so a sigmoid gate's derivative is (1 - t^2) / 4 and the candidate's
         1 - t^2; nothing is recomputed.
+
+        With layer norm: (d carry, d u, d rec, (d pre, d LN(c_t))), the last two per-row pieces of
+        the norms' parameter cotangents (:meth:`param_grads`); d rec = LN's derivative of d pre.
         """
-        t_BxG, tc = saved
+        t_BxG, tc = saved[:2]
         c_prev = carry["c"]
         t_i, t_f, t_g, t_o = base.split(t_BxG, 4)
         i, f, g, o = self._gates_from_tanh(t_BxG)
         dh = dnew["h"] + dh_BxH
-        dc = dnew["c"] + dh * o * (1.0 - tc * tc)
+        d_tc = dh * o * (1.0 - tc * tc)  # d of act_out's input: c_t, or LN(c_t) with layer norm
+        if self.layer_norm:
+            _, _, r_hat, r_inv, c_hat, c_inv = saved
+            dc = dnew["c"] + _normalised_grad(base.scale(d_tc, params["ln_c_scale"]), c_hat, c_inv)
+        else:
+            dc = dnew["c"] + d_tc
         d_pre = jnp.concatenate([(0.25 * dc) * g * (1.0 - t_i * t_i), (0.25 * dc) * c_prev * (1.0 - t_f * t_f),
                                  dc * i * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)], axis=-1)
         # materialised once: otherwise XLA recomputes d_pre inside the fusion that stores it
         d_pre = jax.lax.optimization_barrier(d_pre)
-        return {"h": jnp.zeros_like(dh), "c": dc * f}, d_pre, None
+        d_carry = {"h": jnp.zeros_like(dh), "c": dc * f}
+        if self.layer_norm:
+            d_rec = _normalised_grad(base.scale(d_pre, params["ln_h_scale"]), r_hat, r_inv)
+            return d_carry, d_pre, {"h": d_rec}, (d_pre, d_tc)
+        return d_carry, d_pre, None
+
+    def param_grads(self, params, saved, pieces):
+        """The layer norms' scale and bias cotangents from every step's :meth:`step_backward`
+        pieces and :meth:`step_saving` values, stacked over the leading axes [T, B] (zeros for the
+        other parameters: the step reads no other)."""
+        _, _, r_hat, _, c_hat, _ = saved
+        d_pre, d_tc = pieces
+        total = lambda x: jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+        grads = jax.tree.map(jnp.zeros_like, params)
+        grads.update(ln_h_scale=total(d_pre * r_hat), ln_h_bias=total(d_pre),
+                     ln_c_scale=total(d_tc * c_hat), ln_c_bias=total(d_tc))
+        return {k: v.astype(params[k].dtype) for k, v in grads.items()}
 
     def recurrent_cotangent(self, d_pre):
         """The cotangent of :meth:`recurrent`'s output, given that of pre = u + rec["h"]."""
         return {"h": d_pre}
+
+
+def _normalised(x, eps=1e-5):
+    """(x_hat, 1 / std) of base.layer_norm over the last axis, in float32 or wider."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + eps)
+    return (x - mean) * inv, inv
+
+
+def _normalised_grad(d_hat, x_hat, inv):
+    """d x from d x_hat through x_hat = (x - mean(x)) / std(x) over the last axis."""
+    mean = lambda v: jnp.mean(v, axis=-1, keepdims=True)
+    return inv * (d_hat - mean(d_hat) - x_hat * mean(d_hat * x_hat))

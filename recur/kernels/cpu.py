@@ -10,7 +10,7 @@ state (the GPU kernel's scheme, recur/kernels/linear.py); with enough rows each 
 and the data is streamed once. The backward pass is the same scan read from the end.
 
 On the CPU back end, ``recur.scan`` with the default ``backward="deferred"`` runs the plain LSTM
-and the reset-after GRU (``cell.fused_backward``; float32; ``lengths`` allowed, no ``resets``) through
+and the reset-after GRU (``cell.plain`` / ``cell.fused_backward``; float32; ``lengths`` allowed, no ``resets``) through
 :func:`lstm` / :func:`gru` (dispatched by :func:`run`): one custom
 call for the forward time loop and one for the backward one, each a small matrix product per
 step (the recurrent weights packed once per call) plus one pass of element-wise work, with
@@ -138,6 +138,8 @@ def applies(cell, params, carry0, mask, resets) -> bool:
     from recur.cells.lstm import LSTM
 
     if not (isinstance(cell, (LSTM, GRU)) and cell.fused_backward and resets is None):
+        return False
+    if isinstance(cell, LSTM) and not cell.plain:  # the layer-norm LSTM's fused step is XLA's
         return False
     if isinstance(cell, LSTM) and not (isinstance(carry0, dict) and set(carry0) == {"h", "c"}):
         return False
