@@ -43,7 +43,7 @@ from recur.cells.base import halved
 UNITS = 16  # hidden units per program: its W_h slice is [H, 4U] (Triton's dot needs N = 4U >= 16)
 MIN_ROWS = 16  # Triton's dot needs M >= 16
 K_BLOCK = 128  # columns of h (rows of W_h^T) per dot
-MAX_SPINS = 1 << 22  # polls of the barrier's counter before a program gives up (about a second)
+MAX_SPINS = 1 << 22  # polls of the barrier's counter before a program gives up (a few seconds)
 DEFAULT_SMS = 132  # an H100 SXM / H200; the device's own count is used when it reports one
 # Triton's settings: compiled for sm_90 without spills at H = 1024, forward and backward (bf16:
 # 48 / 24 KiB of shared memory, fp32: 96 / 48; docs/kernels.md); not yet tuned on a GPU
