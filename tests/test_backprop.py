@@ -51,11 +51,10 @@ def ln_fused(monkeypatch):
     monkeypatch.setattr(lstm, "LN_FUSED_BACKWARD", True)
 
 
-@pytest.mark.parametrize("name,fused", [("lstm", True), ("gru", True), ("elman", True), ("lstm:ln", False),
-                                        ("lstm:ln", True)])
+@pytest.mark.parametrize("name,fused", [("lstm", True), ("gru", True), ("lstm:ln", False), ("lstm:ln", True)])
 def test_deferred_under_jit_with_bfloat16(name, fused, monkeypatch):
-    """bfloat16 compute (float32 state): the fused backward steps (lstm, gru, elman, and lstm:ln
-    with LN_FUSED_BACKWARD) and the generic one (lstm:ln by default) against autodiff, values and
+    """bfloat16 compute (float32 state): the fused backward steps (lstm, gru, and lstm:ln with
+    LN_FUSED_BACKWARD) and the generic one (lstm:ln by default) against autodiff, values and
     gradients for the weights and the inputs."""
     from recur.cells import lstm
 

@@ -55,8 +55,8 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
         assert (B_ // BB) * (H_ // U) <= 132 and H_ % KB == 0 and B_ % BB == 0
 
 
-@pytest.mark.parametrize("backward", [True, False])
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol,backward", [(jnp.float32, 2e-5, True), (jnp.bfloat16, 1e-2, True),
+                                                (jnp.float32, 2e-5, False)])
 def test_persistent_equals_sequential(interpret, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
