@@ -292,10 +292,15 @@ def scale(x: Array, w: Array) -> Array:
 
 def layer_norm(x: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> Array:
     """LayerNorm over the last axis (Ba et al. 2016), in float32 or wider."""
+    return add_bias(scale(normalised(x, eps)[0], gamma), beta)
+
+
+def normalised(x: Array, eps: float = 1e-5) -> tuple[Array, Array]:
+    """(x_hat, 1 / std): layer_norm's normalisation over the last axis, in float32 or wider."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return add_bias(scale((x - mean) * jax.lax.rsqrt(var + eps), gamma), beta)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + eps)
+    return (x - mean) * inv, inv
 
 
 ACTIVATIONS = {

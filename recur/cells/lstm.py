@@ -275,12 +275,12 @@ class LSTM(base.Cell):
         return {"h": h_new, "c": c_new}, h_new.astype(self.dtype), (t, tc)
 
     def _ln_step_saving(self, params, carry, u_BxG, rec):
-        # base.layer_norm's arithmetic, keeping x_hat and 1 / std for the backward step
-        r_hat, r_inv = _normalised(rec["h"])
+        # base.layer_norm's normalisation, keeping x_hat and 1 / std for the backward step
+        r_hat, r_inv = base.normalised(rec["h"])
         t = self._gate_tanh(u_BxG + base.add_bias(base.scale(r_hat, params["ln_h_scale"]), params["ln_h_bias"]))
         i, f, g, o = self._gates_from_tanh(t)
         c_new = (f * carry["c"] + i * g).astype(self.state_dtype)
-        c_hat, c_inv = _normalised(c_new)
+        c_hat, c_inv = base.normalised(c_new)
         tc = jnp.tanh(base.add_bias(base.scale(c_hat, params["ln_c_scale"]), params["ln_c_bias"]))
         h_new = (o * tc).astype(self.state_dtype)
         return {"h": h_new, "c": c_new}, h_new.astype(self.dtype), (t, tc, r_hat, r_inv, c_hat, c_inv)
@@ -332,14 +332,6 @@ class LSTM(base.Cell):
     def recurrent_cotangent(self, d_pre):
         """The cotangent of :meth:`recurrent`'s output, given that of pre = u + rec["h"]."""
         return {"h": d_pre}
-
-
-def _normalised(x, eps=1e-5):
-    """(x_hat, 1 / std) of base.layer_norm over the last axis, in float32 or wider."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + eps)
-    return (x - mean) * inv, inv
 
 
 def _normalised_grad(d_hat, x_hat, inv):
