@@ -2,8 +2,8 @@
 
     python -m experiments.triton_compile --cells lstm --hidden 128,256 --warps auto,4
     python -m experiments.triton_compile --cells lstm --hidden 128 --whole     # W_h held whole
-    python -m experiments.triton_compile --hidden 1024 --dtype bfloat16 --persistent 128/4/1,256/8/3
-                                                        # the persistent LSTM kernels (B = 64)
+    python -m experiments.triton_compile --cells lstm,gru,elman --hidden 1024 --dtype bfloat16 \
+        --persistent 128/4/1,256/8/3                    # the persistent kernels (B = 64)
 
 jax lowers the training step's two Pallas kernels (forward and backward time loop) to Triton IR
 for CUDA (the GPU query patched to an H100, as tests/test_kernels.py does); the ``triton``
@@ -80,12 +80,13 @@ def kernels_ir(cell, I):
     return list(zip(modules, warps))
 
 
-def persistent_ir(H, dtype, B=64, programs=132):
-    """[Triton IR text] of the persistent LSTM kernels of a training step (forward, backward) at
-    batch B, hidden size H, for a GPU of ``programs`` SMs (recur/kernels/persistent.py)."""
+def persistent_ir(H, dtype, B=64, programs=132, cell="lstm"):
+    """[Triton IR text] of the persistent kernels of a training step (forward, backward) of a cell
+    (lstm, gru, elman) at batch B, hidden size H, for a GPU of ``programs`` SMs
+    (recur/kernels/persistent.py)."""
     import recur.kernels.persistent as ps
 
-    cell = recur.get_cell("lstm", H, dtype=dtype)
+    cell = recur.get_cell(cell, H, dtype=dtype)
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), H))
     xs = jax.ShapeDtypeStruct((B, 4, H), dtype)
 
@@ -132,7 +133,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warps", default="auto", help="comma-separated: auto (recur's choice) or a count")
     p.add_argument("--whole", action="store_true", help="hold every matrix whole (no tiles), as before tiling")
-    p.add_argument("--persistent", default="", help="instead: the persistent LSTM kernels (B = 64) at these "
+    p.add_argument("--persistent", default="", help="instead: the persistent kernels of --cells (B = 64) at these "
                    "K_BLOCK/warps/stages settings, e.g. 128/4/1,256/8/3")
     args = p.parse_args(argv)
     if args.persistent:
@@ -155,19 +156,19 @@ def main(argv=None):
 def persistent_table(args):
     import recur.kernels.persistent as ps
 
-    print("H | dtype | K_BLOCK | warps | stages | kernel | shared KiB | registers | spill stores / loads")
-    for H in (int(h) for h in args.hidden.split(",")):
+    print("cell | H | dtype | K_BLOCK | warps | stages | kernel | shared KiB | registers | spill stores / loads")
+    for name, H in ((c, int(h)) for c in args.cells.split(",") for h in args.hidden.split(",")):
         for setting in args.persistent.split(","):
             kb, warps, stages = (int(v) for v in setting.split("/"))
             before = ps.K_BLOCK
             ps.K_BLOCK = kb
             try:
-                irs = persistent_ir(H, getattr(jnp, args.dtype))
+                irs = persistent_ir(H, getattr(jnp, args.dtype), cell=name)
             finally:
                 ps.K_BLOCK = before
             for which, text in zip(("forward", "backward"), irs):
                 shared, regs, st, ld = compile_sm90(text, warps, stages)
-                print(f"{H} | {args.dtype} | {kb} | {warps} | {stages} | {which} | {shared / 1024:.0f} | {regs} | "
+                print(f"{name} | {H} | {args.dtype} | {kb} | {warps} | {stages} | {which} | {shared / 1024:.0f} | {regs} | "
                       f"{st} / {ld}", flush=True)
 
 

@@ -137,10 +137,11 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     forward time loop: forward_fn(params, carry0, us_T, mask_T, keep) -> (final carry, hs), or with
     keep (final carry, (hs, the carry entering each step, step_saving's saved values)), stacked
     over time. ``backward_fn`` (the same cells, with forward_fn) replaces the reverse time loop:
-    backward_fn(params, carries, saved, dhs_T, mask_T, dcarry_T) -> (d carry0, d u stacked over
-    time), from forward_fn's stored carries and saved values. recur/kernels/persistent.py
-    supplies both for the plain LSTM; the weight gradients stay as here, large matmuls after the
-    loop.
+    backward_fn(params, carries, saved, dhs_T, mask_T, dcarry_T) -> (d carry0, d u, d rec or None
+    where it is the cell's ``recurrent_cotangent`` of d u; both stacked over time), from
+    forward_fn's stored carries and saved values. recur/kernels/persistent.py supplies both for
+    the plain LSTM, the reset-after GRU and the Elman RNN; the weight gradients stay as here,
+    large matmuls after the loop.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -221,8 +222,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
             return (dc, dreset), (du, drec, dnew)
 
         if backward_fn is not None:  # no resets: forward_fn took none
-            dcarry0, dus = backward_fn(params, carries, recs, dhs, mask, dcarry_T)
-            dreset, ys = None, (dus, None, None)
+            dcarry0, dus, own_drecs = backward_fn(params, carries, recs, dhs, mask, dcarry_T)
+            dreset, ys = None, (dus, own_drecs, None)
         else:
             (dcarry0, dreset), ys = loop(  # a fused step reads no u
                 body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),

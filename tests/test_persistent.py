@@ -1,5 +1,5 @@
-"""The persistent LSTM kernel (recur/kernels/persistent.py): W_h split over a grid of programs that
-meet at a barrier each step.
+"""The persistent kernels (recur/kernels/persistent.py) of the plain LSTM, the reset-after GRU and the
+Elman RNN: W_h split over a grid of programs that meet at a barrier each step.
 
 On CPU it runs in Pallas' interpret mode, where one program walks every (row, unit) block in turn
 within each step: the same kernel code, block slicing and barrier counting. A second group lowers
@@ -22,14 +22,14 @@ def interpret(monkeypatch):
     monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
 
 
-def _setup(dtype):
-    cell = recur.get_cell("lstm", H, dtype=dtype)
+def _setup(dtype, name="lstm"):
+    cell = recur.get_cell(name, H, dtype=dtype)
     params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
                           cell.init(jax.random.key(0), I))
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
     carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, H)),
               "c": jax.random.normal(jax.random.key(3), (B, H))}
-    return cell, params, xs, carry0
+    return cell, params, xs, (carry0 if name == "lstm" else carry0["h"])
 
 
 def _run(cell, mode, **kw):
@@ -37,8 +37,9 @@ def _run(cell, mode, **kw):
 
     def loss(p, x, c0):
         hs, carry = recur.scan(cell, p, x, initial_carry=c0, mode=mode, **kw)
-        return (jnp.sum(hs.astype(jnp.float32) * w) + jnp.sum(carry["h"] ** 2) + jnp.sum(jnp.sin(carry["c"])),
-                (hs, carry))
+        final = carry if isinstance(carry, dict) else {"h": carry}
+        return (jnp.sum(hs.astype(jnp.float32) * w) + jnp.sum(final["h"] ** 2)
+                + sum(jnp.sum(jnp.sin(v)) for k, v in final.items() if k != "h"), (hs, carry))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -55,19 +56,24 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
         assert (B_ // BB) * (H_ // U) <= 132 and H_ % KB == 0 and B_ % BB == 0
 
 
-@pytest.mark.parametrize("dtype,tol,backward", [(jnp.float32, 2e-5, True), (jnp.bfloat16, 1e-2, True),
-                                                (jnp.float32, 2e-5, False)])
-def test_persistent_equals_sequential(interpret, dtype, tol, backward, monkeypatch):
+@pytest.mark.parametrize("name,dtype,tol,backward", [
+    ("lstm", jnp.float32, 2e-5, True), ("lstm", jnp.bfloat16, 1e-2, True), ("lstm", jnp.float32, 2e-5, False),
+    ("gru", jnp.float32, 2e-5, True), ("gru", jnp.bfloat16, 1.5e-2, True), ("gru", jnp.float32, 2e-5, False),
+    ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True)])
+def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
     as the persistent backward kernel or as the deferred scan's lax.scan loop (BACKWARD)."""
     monkeypatch.setattr(persistent, "BACKWARD", backward)
-    cell, params, xs, carry0 = _setup(dtype)
+    cell, params, xs, carry0 = _setup(dtype, name)
     assert dispatch.choose(cell, "kernel", B, T, I, "none")[0] == "persistent"
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(cell, p, xs, mode="kernel")[0].astype(
         jnp.float32))))(params))
-    assert "recur_lstm_persistent" in jaxpr and ("recur_lstm_persistent_backward" in jaxpr) == backward
-    for kw in ({}, {"lengths": jnp.arange(B) % (T + 1), "reverse": True}):
+    kind = name.split(":")[0]
+    assert f"recur_{kind}_persistent" in jaxpr and (f"recur_{kind}_persistent_backward" in jaxpr) == backward
+    with_lengths = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
+    # the kernels without a mask once (the float32 LSTM); the others with lengths, which cover more
+    for kw in ([{}, with_lengths] if (name, dtype, backward) == ("lstm", jnp.float32, True) else [with_lengths]):
         (lw, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
         (lg, (hg, cg)), gg = _run(cell, "kernel", **kw)(params, xs, carry0)
         assert hg.dtype == hw.dtype == jnp.dtype(dtype)
@@ -107,13 +113,48 @@ def test_saved_values_are_what_the_fused_backward_step_reads(interpret):
     np.testing.assert_allclose(np.asarray(cT), np.asarray(carry["c"]), atol=2e-6)
 
 
+@pytest.mark.parametrize("name", ["gru", "elman:sigmoid"])
+def test_forward_and_backward_fns_are_the_cells_step_saving_and_step_backward(name):
+    """forward_fn / backward_fn (the deferred scan's protocol) against the cell's own step_saving
+    and step_backward run step by step, with padded steps: carries, saved values, outputs, d u,
+    d rec and d carry0 (float32)."""
+    cell, params, xs, h0 = _setup(jnp.float32, name)
+    us = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    mask = (jnp.arange(T)[:, None] < (jnp.arange(B) % (T + 1))[None, :])
+    final, (hs, carries, saved) = persistent.forward_fn(cell, interpret=True)(params, h0, us, mask, True)
+    close = lambda got, want: np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
+    h, at = h0, lambda tree, t: jax.tree.map(lambda x: x[t], tree)
+    for t in range(T):
+        new, _, sv = cell.step_saving(params, h, us[t], cell.recurrent(params, h))
+        close(carries[t], h)
+        jax.tree.map(close, at(saved, t), sv)
+        h = jnp.where(mask[t][:, None], new, h)
+        close(hs[t], h)
+    close(final, h)
+    dhs = jax.random.normal(jax.random.key(8), (T, B, H))
+    dT = jax.random.normal(jax.random.key(9), (B, H))
+    d0, du, drec = persistent.backward_fn(cell, interpret=True)(params, carries, saved, dhs, mask, dT)
+    assert (drec is None) == (name != "gru")
+    d = dT
+    for t in reversed(range(T)):
+        m = mask[t][:, None]
+        dc, du_want, drec_want = cell.step_backward(params, carries[t], at(saved, t), jnp.where(m, d, 0.0), dhs[t])
+        drec_want = du_want if drec_want is None else drec_want
+        close(du[t], du_want)
+        close((du if drec is None else drec)[t], drec_want)
+        d = dc + drec_want @ params["W_h"] + jnp.where(m, 0.0, d)
+    close(d0, d)
+
+
 def test_which_scans_take_the_persistent_kernel(interpret):
     choose = lambda name, B_=B, **kw: dispatch.choose(recur.get_cell(name, H), "kernel", B_, T, I, "none", **kw)[0]
     assert choose("lstm") == "persistent"
     assert choose("lstm", B_=24) == "loop"  # rows not a multiple of 16
     assert choose("lstm", resets=True) == "loop"
     assert choose("lstm", backward="autodiff") == "loop"
-    assert choose("lstm:peepholes") == "loop" and choose("gru") == "loop"
+    assert choose("gru") == choose("elman") == choose("elman:relu,nobias") == "persistent"
+    # steps that mix units before the product or across them, and gates the kernels do not know
+    assert choose("lstm:peepholes") == choose("gru:cho") == choose("lstm:ln") == choose("mgu") == "loop"
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
     assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
@@ -210,28 +251,32 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_persistent_kernels_lower_for_an_h100(dtype):
+CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32)]
+
+
+@pytest.mark.parametrize("name,dtype", CELLS_DTYPES)
+def test_persistent_kernels_lower_for_an_h100(name, dtype):
     """The training step's forward and backward kernels at the benchmark's shape (B=64, H=1024:
     128 programs) lower through the Triton back end, with their barrier: bar.sync and an atomic
     counter."""
     from experiments.triton_compile import persistent_ir
 
-    modules = persistent_ir(1024, dtype)
+    modules = persistent_ir(1024, dtype, cell=name)
     assert len(modules) == 2
     for text in modules:  # forward, backward
         assert "tt.atomic_rmw" in text and text.count("gpu.barrier") >= 2 and "tt.dot" in text
         assert "isVolatile = true" in text  # what other programs wrote is read past the L1 copy
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_persistent_kernels_fit_an_h100_without_spills(dtype):
+@pytest.mark.parametrize("name,dtype", CELLS_DTYPES)
+def test_persistent_kernels_fit_an_h100_without_spills(name, dtype):
     """Compiled for sm_90 by the triton package at the default settings (K_BLOCK, NUM_WARPS,
     NUM_STAGES), B=64, H=1024: both kernels fit an H100's 227 KiB of shared memory and spill no
-    registers (measured: forward 48 / 96 KiB in bf16 / fp32, backward 24 / 48 KiB)."""
+    registers (measured for the LSTM: forward 48 / 96 KiB in bf16 / fp32, backward 24 / 48 KiB;
+    docs/kernels.md has the GRU's and the Elman RNN's)."""
     pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
     from experiments.triton_compile import compile_sm90, persistent_ir
 
-    for text in persistent_ir(1024, dtype):
+    for text in persistent_ir(1024, dtype, cell=name):
         shared, regs, spill_st, spill_ld = compile_sm90(text, persistent.NUM_WARPS, persistent.NUM_STAGES)
         assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)

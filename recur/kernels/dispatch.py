@@ -5,10 +5,11 @@ Implementations (see docs/kernels.md for the table per cell):
 - ``loop``: recur/kernels/loop.py, the whole time loop of any cell's ``step`` in one Pallas
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
-- ``persistent``: recur/kernels/persistent.py, the plain LSTM's forward and reverse time loops,
-  W_h split across a grid of programs that meet at a barrier each step (``mode="kernel"`` only:
-  B and H multiples of 16, no resets; the weight gradients stay the deferred scan's large
-  matmuls). Not measured on a GPU yet, so ``auto`` does not pick it.
+- ``persistent``: recur/kernels/persistent.py, the forward and reverse time loops of the plain
+  LSTM, the reset-after GRU and the Elman RNN, W_h split across a grid of programs that meet at a
+  barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets; the weight
+  gradients stay the deferred scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
+  not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).
@@ -111,7 +112,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
         from recur.kernels import persistent
 
         if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
-            wanted = "persistent"  # the plain LSTM: W_h split across the GPU's programs
+            wanted = "persistent"  # LSTM, GRU, Elman: W_h split across the GPU's programs
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():

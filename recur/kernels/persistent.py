@@ -1,4 +1,5 @@
-"""The plain LSTM's time loops as persistent Pallas kernels, with W_h split across the GPU.
+"""Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the plain LSTM,
+the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -9,22 +10,27 @@ design in Pallas:
 
 - the grid is (B / BB row blocks) x (H / U unit blocks), at most one program per SM so that all
   are resident at once. Program (ib, iu) owns batch rows [ib*BB, (ib+1)*BB) and hidden units
-  [iu*U, (iu+1)*U): the four gate columns of those units are a [H, 4U] slice of W_h^T (64 KiB in
-  bfloat16 at H = 1024, U = 16), read from L2 / L1 each step by that program only;
+  [iu*U, (iu+1)*U): the gate columns of those units are a [H, gates*U] slice of W_h^T (64 KiB
+  in bfloat16 for the LSTM at H = 1024, U = 16), read from L2 / L1 each step by that program only;
 - step t: h_{t-1} (rows of it, all H columns, in the compute dtype) from a [T + 1, B, H] buffer
-  in global memory, one dot per K_BLOCK columns into [BB, 4U] float32 accumulators, the gates
-  in float32 (the same formulas as recur.cells.lstm's fused step), c_t kept in registers, h_t
-  written to the buffer's row t + 1;
+  in global memory, dots of K_BLOCK columns into [BB, gates*U] float32 accumulators (the GRU's
+  3 blocks as 2 + 1: Triton's blocks are powers of 2), then the cell's step on its own units
+  (a :class:`Rule`: the same formulas as the cell's fused step, in float32), the state kept in
+  registers, h_t written to the buffer's row t + 1;
 - then a grid barrier: ``debug_barrier`` (bar.sync, so every thread's stores come before),
   one acq_rel atomic add on a counter, a spin on the counter until every program has arrived,
   ``debug_barrier`` again. The spin is bounded (MAX_SPINS polls): a program that gives up (the
   grid was not resident, say) writes NaN from then on instead of hanging.
 
-With ``keep=True`` the forward kernel also writes what the LSTM's fused backward step reads (c_t,
-the gate tanh, tanh(c_t)); :func:`lstm_backward` runs the reverse loop on the same grid (d pre
-for its rows and units, then its units of d h_{t-1} = d pre_t W_h after the barrier). The
-training step is the two kernels plus the deferred scan's large weight-gradient matmuls
+With ``keep=True`` the forward kernel also writes what the cell's fused backward step reads (its
+step_saving values); :func:`run_backward` runs the reverse loop on the same grid (d u and d rec for
+its rows and units, then its units of d h_{t-1} = d rec_t W_h after the barrier). The training
+step is the two kernels plus the deferred scan's large weight-gradient matmuls
 (recur/backprop.py's ``forward_fn`` / ``backward_fn``).
+
+A cell fits when its step, given W_h h, is element-wise in the hidden units: layer norm (statistics
+over all units), Cho's GRU and the MGU (a gate times h before the product: a second barrier per
+step) do not, and keep the loop kernel.
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -32,21 +38,24 @@ same kernel code, the same block slicing, a grid of one.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from recur.cells import base
 from recur.cells.base import halved
 
-UNITS = 16  # hidden units per program: its W_h slice is [H, 4U] (Triton's dot needs N = 4U >= 16)
+UNITS = 16  # hidden units per program: its W_h slice is [H, gates * U] (Triton's dot needs N >= 16)
 MIN_ROWS = 16  # Triton's dot needs M >= 16
 K_BLOCK = 128  # columns of h (rows of W_h^T) per dot
 MAX_SPINS = 1 << 22  # polls of the barrier's counter before a program gives up (a few seconds)
 DEFAULT_SMS = 132  # an H100 SXM / H200; the device's own count is used when it reports one
-# Triton's settings: compiled for sm_90 without spills at H = 1024, forward and backward (bf16:
-# 48 / 24 KiB of shared memory, fp32: 96 / 48; docs/kernels.md); not yet tuned on a GPU
+# Triton's settings: compiled for sm_90 without spills at H = 1024, forward and backward, for every
+# cell (the LSTM's bf16: 48 / 24 KiB of shared memory, fp32: 96 / 48; docs/kernels.md); not yet tuned on a GPU
 # (experiments/gpu_explore.py --parts persistent)
 NUM_WARPS = 8
 NUM_STAGES = 3
@@ -88,10 +97,9 @@ def layout(B: int, H: int, programs: int):
 
 def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
     """None if :func:`forward_fn` runs this scan, else why not."""
-    from recur.cells.lstm import LSTM
-
-    if not (isinstance(cell, LSTM) and cell.plain):
-        return f"the persistent kernel runs the plain LSTM only, not {cell.name}"
+    rule = rule_for(cell)
+    if isinstance(rule, str):
+        return rule
     if resets:
         return "the persistent kernel takes no resets"
     if remat != "none" or backward != "deferred":
@@ -159,122 +167,274 @@ class _Grid:
         return outs[:-1], outs[-1][0] == n_programs * arrivals
 
 
-def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
-    """The plain LSTM over time-major projected inputs us_T [T, B, 4H] (gate blocks i, f, g, o,
-    bias included) from carry (h0, c0) [B, H]; the matmul in ``dtype`` with float32 accumulation,
-    the gates and the state in float32.
+# --- the cells' steps, unit by unit ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A cell's step as the persistent kernels run it: on lists of [rows, units] float32 blocks,
+    one per gate block, so that each program applies it to its own rows and units only (a step
+    that mixes units, such as layer norm's statistics or Cho's r * h before the product, has none).
+
+    forward(u, rec, state) -> (new state, saved): u, rec: the projected inputs' and W_h h's
+    (+ ``bias``) gate blocks; state / new state: {component: block}; saved: {name: [blocks]}, the
+    values (float32) the backward step reads, written as [T, B, blocks * H] arrays.
+    backward(saved, prev, d) -> (d u, d rec or None (= d u), pass): prev: the state components in
+    ``reads`` entering the step; d: the cotangent of the step's new state ("h" with the output's
+    added); pass: {component: the cotangent of the state entering the step, not through W_h h}
+    (None: zero). The formulas are the cell's own step_saving / step_backward, blockwise; tests
+    compare the two.
+    """
+
+    name: str
+    gates: int  # gate blocks in W_h [gates * H, H]
+    state: tuple  # the carry's components, "h" first ("h" alone: the carry is an array)
+    saved: tuple  # ((name, blocks), ...) in the order of the cell's step_saving value
+    reads: tuple  # the state components entering a step that the backward step reads
+    bias: str | None  # the recurrent bias parameter [gates * H], added to W_h h
+    forward: Callable
+    backward: Callable
+
+    def pack(self, saved: dict):
+        """{name: array} -> the cell's step_saving value (stacked over time)."""
+        values = tuple(saved[name] for name, _ in self.saved)
+        return values if len(values) > 1 else values[0]
+
+    def unpack(self, value) -> dict:
+        values = value if len(self.saved) > 1 else (value,)
+        return {name: v for (name, _), v in zip(self.saved, values)}
+
+    def parts(self, carry) -> dict:
+        return dict(carry) if isinstance(carry, dict) else {"h": carry}
+
+    def carry(self, parts: dict, like):
+        """parts in the structure and dtypes of ``like`` (a carry)."""
+        if isinstance(like, dict):
+            return {k: parts[k].astype(like[k].dtype) for k in like}
+        return parts["h"].astype(like.dtype)
+
+
+def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
+    return 0.5 * t + 0.5
+
+
+def _lstm_forward(u, rec, s):
+    pre = [a + b for a, b in zip(u, rec)]
+    # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks
+    tg = [jnp.tanh(p * (1.0 if g == 2 else 0.5)) for g, p in enumerate(pre)]
+    i, f, o = _sigmoid_of(tg[0]), _sigmoid_of(tg[1]), _sigmoid_of(tg[3])
+    c = f * s["c"] + i * tg[2]
+    tc = jnp.tanh(c)
+    return {"h": o * tc, "c": c}, {"tg": tg, "tc": [tc]}
+
+
+def _lstm_backward(sv, prev, d):
+    """recur.cells.lstm.LSTM.step_backward."""
+    t_i, t_f, t_g, t_o = sv["tg"]
+    (tcv,), cp = sv["tc"], prev["c"]
+    i_, f_, o_ = _sigmoid_of(t_i), _sigmoid_of(t_f), _sigmoid_of(t_o)
+    dh = d["h"]
+    dc = d["c"] + dh * o_ * (1.0 - tcv * tcv)
+    d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
+             dc * i_ * (1.0 - t_g * t_g), (0.25 * dh) * tcv * (1.0 - t_o * t_o)]
+    return d_pre, None, {"h": None, "c": dc * f_}
+
+
+def _gru_forward(u, rec, s):
+    """recur.cells.gru.GRU.step_saving (reset after the product; rec includes b_h)."""
+    t_r, t_z = jnp.tanh(0.5 * (u[0] + rec[0])), jnp.tanh(0.5 * (u[1] + rec[1]))
+    r, z = _sigmoid_of(t_r), _sigmoid_of(t_z)
+    n = jnp.tanh(u[2] + r * rec[2])
+    return {"h": (1.0 - z) * n + z * s["h"]}, {"t": [t_r, t_z], "n": [n], "rec_n": [rec[2]]}
+
+
+def _gru_backward(sv, prev, d):
+    """recur.cells.gru.GRU.step_backward."""
+    (t_r, t_z), (n,), (rec_n,) = sv["t"], sv["n"], sv["rec_n"]
+    r, z = _sigmoid_of(t_r), _sigmoid_of(t_z)
+    dd = d["h"]
+    du_n = dd * (1.0 - z) * (1.0 - n * n)
+    du_r = du_n * rec_n * (0.25 * (1.0 - t_r * t_r))
+    du_z = dd * (prev["h"] - n) * (0.25 * (1.0 - t_z * t_z))
+    return [du_r, du_z, du_n], [du_r, du_z, r * du_n], {"h": dd * z}
+
+
+def _elman_rule(cell):
+    act = base.activation(cell.activation, "elman")
+
+    def forward(u, rec, s):
+        h = act(u[0] + rec[0])
+        return {"h": h}, {"h": [h]}
+
+    def backward(sv, prev, d):  # the cell's own step_backward is element-wise already
+        _, d_pre, _ = cell.step_backward(None, None, sv["h"][0], d["h"], 0.0)
+        return [d_pre], None, {"h": None}
+
+    return Rule("elman", 1, ("h",), (("h", 1),), (), None, forward, backward)
+
+
+LSTM_RULE = Rule("lstm", 4, ("h", "c"), (("tg", 4), ("tc", 1)), ("c",), None, _lstm_forward, _lstm_backward)
+GRU_RULE = Rule("gru", 3, ("h",), (("t", 2), ("n", 1), ("rec_n", 1)), ("h",), "b_h", _gru_forward, _gru_backward)
+
+
+def rule_for(cell):
+    """The cell's :class:`Rule`, or a string saying why the persistent kernels do not run it."""
+    from recur.cells.elman import Elman
+    from recur.cells.gru import GRU
+    from recur.cells.lstm import LSTM
+
+    if isinstance(cell, LSTM) and cell.plain:
+        return LSTM_RULE
+    if isinstance(cell, GRU) and cell.reset_after:
+        return GRU_RULE
+    if isinstance(cell, Elman) and cell.fused_backward:
+        return _elman_rule(cell)
+    return (f"the persistent kernels run the plain LSTM, the reset-after GRU and the Elman RNN "
+            f"(tanh, sigmoid, relu, identity), not {cell.name}")
+
+
+def _groups(n):
+    """Gate blocks [0, n) as runs of power-of-2 length (Triton's blocks): 4 -> (0, 4); 3 -> (0, 2), (2, 1)."""
+    out, g = [], 0
+    for size in (4, 2, 1):
+        if n - g >= size:
+            out.append((g, size))
+            g += size
+    return out
+
+
+def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False, interpret=False,
+                programs=None):
+    """The rule's cell over time-major projected inputs us_T [T, B, gates * H] from carry0
+    {component: [B, H]}; W_h [gates * H, H], b_h [gates * H] or None. The matmul in ``dtype`` with
+    float32 accumulation, the gates and the state in float32.
 
     Returns (hq [T + 1, B, H] in dtype: h0 then each step's h (a padded step keeps the carry),
-    h_T, c_T [B, H], saved): saved is None, or with keep (cs, tg, tc): c_t [T, B, H], the gate tanh
-    [T, B, 4H] and tanh(c_t) [T, B, H] (recur.cells.lstm.LSTM.step_saving's); all but hq in float32
-    (float64 for a float64 dtype).
+    final {component: [B, H]}, saved, states): with keep, saved {name: [T, B, blocks * H]} (the
+    rule's) and states {component: [T, B, H]}, each step's new value of the components in
+    ``rule.reads`` (h only where hq is not exact: a half-precision dtype); else None, None. All
+    but hq in float32 (float64 for a float64 dtype).
     """
-    T, B, G = us_T.shape
-    H = G // 4
+    T, B, GH = us_T.shape
+    n = rule.gates
+    H = GH // n
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
-    # W_h [4H, H] -> W_h^T with each program's 4U columns together, ordered (gate, unit)
-    w = jnp.transpose(W_h.astype(cdt)).reshape(H, 4, nu, U).transpose(0, 2, 1, 3).reshape(H, 4 * H)
-    has_mask = mask_T is not None
-    inputs = [us_T, w, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
-    out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt), jax.ShapeDtypeStruct((B, H), f32),
-                 jax.ShapeDtypeStruct((B, H), f32)]
+    # W_h [nH, H] -> W_h^T with each program's n*U columns together, ordered (gate, unit)
+    w = jnp.transpose(W_h.astype(cdt)).reshape(H, n, nu, U).transpose(0, 2, 1, 3).reshape(H, n * H)
+    has_mask, has_bias = mask_T is not None, rule.bias is not None
+    own = tuple(k for k in rule.reads if not (k == "h" and cdt == jnp.dtype(f32))) if keep else ()
+    inputs = [us_T, w] + [carry0[k].astype(f32) for k in rule.state]
+    inputs += ([b_h.astype(f32)] if has_bias else []) + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * len(rule.state)
     if keep:
-        out_shape += [jax.ShapeDtypeStruct((T, B, H), f32), jax.ShapeDtypeStruct((T, B, G), f32),
-                      jax.ShapeDtypeStruct((T, B, H), f32)]
+        out_shape += [jax.ShapeDtypeStruct((T, B, k * H), f32) for _, k in rule.saved]
+        out_shape += [jax.ShapeDtypeStruct((T, B, H), f32)] * len(own)
+    ns = len(rule.state)
 
     def kernel(ins, outs, barrier):
-        us_ref, w_ref, h0_ref, c0_ref = ins[:4]
-        mask_ref = ins[4] if has_mask else None
-        hq_ref, hT_ref, cT_ref = outs[:3]
+        us_ref, w_ref = ins[:2]
+        c0_refs = ins[2:2 + ns]
+        b_ref = ins[2 + ns] if has_bias else None
+        mask_ref = ins[2 + ns + has_bias] if has_mask else None
+        hq_ref, final_refs = outs[0], outs[1:1 + ns]
+        saved_refs = outs[1 + ns:1 + ns + len(rule.saved)] if keep else ()
+        own_refs = outs[1 + ns + len(rule.saved):] if keep else ()
         blocks = grid.blocks()
 
         def step_inputs(t, ib, iu):
             """Step t's projected inputs (and mask): loaded before the barrier that precedes the
             step, so that their latency overlaps the wait (t = T: nothing left; step T-1's again)."""
             t = jnp.minimum(t, T - 1)
-            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(4))
+            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(n))
             return u, (mask_ref[t, rows(ib)] if has_mask else None)
 
         states = []
         for ib, iu in blocks:
-            h = h0_ref[rows(ib), units(iu)]
-            hq_ref[0, rows(ib), units(iu)] = h.astype(cdt)
-            states.append((h, c0_ref[rows(ib), units(iu)], step_inputs(0, ib, iu)))
+            s = {k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, c0_refs)}
+            hq_ref[0, rows(ib), units(iu)] = s["h"].astype(cdt)
+            bias = tuple(b_ref[units(iu, g)][None, :] for g in range(n)) if has_bias else None
+            states.append((s, bias, step_inputs(0, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
         def step(t, carry):
             states, gave_up = carry
             new_states = []
-            for (ib, iu), (h, c, (u, m)) in zip(blocks, states):
-                def dot(k, acc, ib=ib, iu=iu):
+            for (ib, iu), (s, bias, (u, m)) in zip(blocks, states):
+                def dot(k, accs, ib=ib, iu=iu):
                     hk = _load_fresh(hq_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
-                    wk = w_ref[pl.ds(k * KB, KB), pl.ds(iu * 4 * U, 4 * U)]
-                    return acc + jax.lax.dot(hk, wk, preferred_element_type=f32)
+                    return tuple(acc + jax.lax.dot(hk, w_ref[pl.ds(k * KB, KB), pl.ds((iu * n + g0) * U, size * U)],
+                                                   preferred_element_type=f32)
+                                 for acc, (g0, size) in zip(accs, _groups(n)))
 
-                acc = jax.lax.fori_loop(0, H // KB, dot, jnp.zeros((BB, 4 * U), f32))
-                pre = [p + u[g] for g, p in enumerate(halved(acc, 4))]
-                # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks; sigmoid = (1 + t) / 2
-                tg = [jnp.tanh(p * (1.0 if g == 2 else 0.5)) for g, p in enumerate(pre)]
-                i, f, o = (0.5 * tg[0] + 0.5), (0.5 * tg[1] + 0.5), (0.5 * tg[3] + 0.5)
-                c_new = f * c + i * tg[2]
-                tc = jnp.tanh(c_new)
-                h_new = o * tc
+                accs = jax.lax.fori_loop(0, H // KB, dot, tuple(jnp.zeros((BB, size * U), f32)
+                                                                for _, size in _groups(n)))
+                rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
+                if has_bias:
+                    rec = [r + b for r, b in zip(rec, bias)]
+                new, saved = rule.forward(list(u), rec, s)
                 if has_mask:
-                    m = m[:, None] != 0
-                    c_new, h_new = jnp.where(m, c_new, c), jnp.where(m, h_new, h)
-                h_new = jnp.where(gave_up, jnp.nan, h_new)
-                hq_ref[t + 1, rows(ib), units(iu)] = h_new.astype(cdt)
-                if keep:
-                    cs_ref, tg_ref, tc_ref = outs[3:]
-                    cs_ref[t, rows(ib), units(iu)] = c_new
-                    for g in range(4):
-                        tg_ref[t, rows(ib), units(iu, g)] = tg[g]
-                    tc_ref[t, rows(ib), units(iu)] = tc
-                new_states.append((h_new, c_new, step_inputs(t + 1, ib, iu)))
+                    mm = m[:, None] != 0
+                    new = {k: jnp.where(mm, new[k], s[k]) for k in rule.state}
+                new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
+                hq_ref[t + 1, rows(ib), units(iu)] = new["h"].astype(cdt)
+                for ref, (name, k) in zip(saved_refs, rule.saved):
+                    for j in range(k):
+                        ref[t, rows(ib), units(iu, j)] = saved[name][j]
+                for ref, k in zip(own_refs, own):
+                    ref[t, rows(ib), units(iu)] = new[k]
+                new_states.append((new, bias, step_inputs(t + 1, ib, iu)))
             return new_states, barrier(t + 2, gave_up)
 
         states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
-        for (ib, iu), (h, c, _) in zip(blocks, states):
-            hT_ref[rows(ib), units(iu)] = h
-            cT_ref[rows(ib), units(iu)] = c
+        for (ib, iu), (s, _, _) in zip(blocks, states):
+            for k, ref in zip(rule.state, final_refs):
+                ref[rows(ib), units(iu)] = s[k]
 
-    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent", arrivals=T + 1)
-    hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
-    return hq, hT, cT, (tuple(outs[3:]) if keep else None)
+    outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{rule.name}_persistent", arrivals=T + 1)
+    hq, *finals = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:1 + ns])
+    if not keep:
+        return hq, dict(zip(rule.state, finals)), None, None
+    saved = {name: x for (name, _), x in zip(rule.saved, outs[1 + ns:1 + ns + len(rule.saved)])}
+    return hq, dict(zip(rule.state, finals)), saved, dict(zip(own, outs[1 + ns + len(rule.saved):]))
 
 
-def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
-                  programs=None):
-    """The reverse time loop of the plain LSTM's training step, as a persistent kernel: the fused
-    step derivative of recur.cells.lstm.LSTM.step_backward for each program's (rows, units), and
-    d h_{t-1} = d pre_t . W_h with W_h's [4H, U] column slice per program, meeting at a barrier
-    each step as :func:`lstm_forward` does.
+def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype, interpret=False,
+                 programs=None):
+    """The reverse time loop of the rule's cell in a training step, as a persistent kernel: the
+    rule's step derivative for each program's (rows, units), then d h_{t-1} = d rec_t . W_h with
+    W_h's [gates * H, U] column slice per program, meeting at a barrier each step as
+    :func:`run_forward` does.
 
-    dhs_T [T, B, H]: the outputs' cotangent; tg [T, B, 4H], tc [T, B, H]: :func:`lstm_forward`'s
-    saved gate tanh and tanh(c_t); c_prev [T, B, H]: the c entering each step; dh_T, dc_T [B, H]:
-    the final carry's cotangent. Returns (d pre [T, B, 4H] float32, d h0, d c0 [B, H]). The
-    product by W_h runs in ``dtype`` with float32 accumulation, its d pre rounded to dtype.
+    dhs_T [T, B, H]: the outputs' cotangent; saved {name: [T, B, blocks * H]}: run_forward's;
+    prev {component: [T, B, H]}: the components in ``rule.reads`` entering each step; dcarry_T
+    {component: [B, H]}: the final carry's cotangent. Returns (d u [T, B, gates * H] float32,
+    d rec (the same shape) or None where it is d u, d carry0 {component: [B, H]}). The product by
+    W_h runs in ``dtype`` with float32 accumulation, its d rec rounded to dtype.
     """
-    T, B, G = tg.shape
-    H = G // 4
+    T, B, _ = dhs_T.shape
+    n, H = rule.gates, W_h.shape[1]
+    G = n * H
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
-    # W_h [4H, H] -> each program's [4H, U] column slice, stacked: [nu * 4H, U]
+    # W_h [nH, H] -> each program's [nH, U] column slice, stacked: [nu * nH, U]
     w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
     has_mask = mask_T is not None
-    shared = cdt != jnp.dtype(f32)  # a separate d pre copy in dtype for the other programs' products
-    inputs = [dhs_T, tg, tc, c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]
-    inputs += [mask_T.astype(jnp.int32)] if has_mask else []
-    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32), jax.ShapeDtypeStruct((B, H), f32),
-                 jax.ShapeDtypeStruct((B, H), f32)]
+    own_drec = rule.name == "gru"  # d rec differs from d u (the reset gate scales the n block)
+    shared = cdt != jnp.dtype(f32)  # a separate d rec copy in dtype for the other programs' products
+    ns, nsv, nr = len(rule.state), len(rule.saved), len(rule.reads)
+    inputs = [dhs_T] + [saved[name] for name, _ in rule.saved] + [prev[k] for k in rule.reads] + [w]
+    inputs += [dcarry_T[k].astype(f32) for k in rule.state] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * (1 + own_drec) + [jax.ShapeDtypeStruct((B, H), f32)] * ns
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
 
     def kernel(ins, outs, barrier):
-        dhs_ref, tg_ref, tc_ref, cp_ref, w_ref, dhT_ref, dcT_ref = ins[:7]
-        mask_ref = ins[7] if has_mask else None
-        dpre_ref, dh0_ref, dc0_ref = outs[:3]
-        comm_ref = outs[3] if shared else dpre_ref
+        dhs_ref, saved_refs, prev_refs = ins[0], ins[1:1 + nsv], ins[1 + nsv:1 + nsv + nr]
+        w_ref = ins[1 + nsv + nr]
+        dT_refs = ins[2 + nsv + nr:2 + nsv + nr + ns]
+        mask_ref = ins[2 + nsv + nr + ns] if has_mask else None
+        du_ref = outs[0]
+        drec_ref = outs[1] if own_drec else du_ref
+        d0_refs = outs[1 + own_drec:1 + own_drec + ns]
+        comm_ref = outs[-1] if shared else drec_ref
         blocks = grid.blocks()
 
         def step_inputs(t, ib, iu):
@@ -282,59 +442,74 @@ def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype,
             forward kernel's inputs; t = -1: nothing left, step 0's again)."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            saved = tuple(tg_ref[t, r, units(iu, g)] for g in range(4)) + (tc_ref[t, r, u], cp_ref[t, r, u])
-            return saved, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
+            sv = {name: [ref[t, r, units(iu, j)] for j in range(k)] for ref, (name, k) in zip(saved_refs, rule.saved)}
+            pv = {k: ref[t, r, u] for k, ref in zip(rule.reads, prev_refs)}
+            return sv, pv, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
 
-        states = [(dhT_ref[rows(ib), units(iu)], dcT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu))
+        states = [({k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, dT_refs)}, step_inputs(T - 1, ib, iu))
                   for ib, iu in blocks]
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             passing = []
-            for (ib, iu), (dh_c, dc_c, ((t_i, t_f, t_g, t_o, tcv, cp), dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (dc_, (sv, pv, dh_out, m)) in zip(blocks, states):
                 r = rows(ib)
-                dnh, dnc = dh_c, dc_c
+                d = dict(dc_)
                 if has_mask:  # a padded step passes the carry's cotangent through
-                    m = m[:, None] != 0
-                    dnh, dnc = jnp.where(m, dh_c, 0.0), jnp.where(m, dc_c, 0.0)
-                i_, f_, o_ = 0.5 * t_i + 0.5, 0.5 * t_f + 0.5, 0.5 * t_o + 0.5
-                # recur.cells.lstm.LSTM.step_backward
-                dh = dnh + dh_out
-                dc = dnc + dh * o_ * (1.0 - tcv * tcv)
-                d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
-                         dc * i_ * (1.0 - t_g * t_g), (0.25 * dh) * tcv * (1.0 - t_o * t_o)]
-                for g in range(4):
-                    d = jnp.where(gave_up, jnp.nan, d_pre[g])
-                    dpre_ref[t, r, units(iu, g)] = d
+                    mm = m[:, None] != 0
+                    d = {k: jnp.where(mm, v, 0.0) for k, v in d.items()}
+                d["h"] = d["h"] + dh_out
+                du, drec, pas = rule.backward(sv, pv, d)
+                drec = du if drec is None else drec
+                for g in range(n):
+                    du_ref[t, r, units(iu, g)] = jnp.where(gave_up, jnp.nan, du[g])
+                    if own_drec:
+                        drec_ref[t, r, units(iu, g)] = jnp.where(gave_up, jnp.nan, drec[g])
                     if shared:
-                        comm_ref[t, r, units(iu, g)] = d.astype(cdt)
-                dc_next, dh_pass = dc * f_, jnp.zeros_like(dh)
+                        comm_ref[t, r, units(iu, g)] = drec[g].astype(cdt)
+                pas = {k: jnp.zeros_like(d[k]) if pas.get(k) is None else pas[k] for k in rule.state}
                 if has_mask:
-                    dc_next = dc_next + jnp.where(m, 0.0, dc_c)
-                    dh_pass = jnp.where(m, 0.0, dh_c)
-                passing.append((dh_pass, dc_next, step_inputs(t - 1, ib, iu)))
+                    pas = {k: pas[k] + jnp.where(mm, 0.0, dc_[k]) for k in rule.state}
+                passing.append((pas, step_inputs(t - 1, ib, iu)))
             gave_up = barrier(i + 1, gave_up)
             new_states = []
-            for (ib, iu), (dh_pass, dc_next, next_inputs) in zip(blocks, passing):
+            for (ib, iu), (pas, next_inputs) in zip(blocks, passing):
                 def dot(k, acc, ib=ib, iu=iu):
                     dk = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
                     wk = w_ref[pl.ds(iu * G + k * KB, KB), :]
                     return acc + jax.lax.dot(dk, wk, preferred_element_type=f32)
 
                 dh_rec = jax.lax.fori_loop(0, G // KB, dot, jnp.zeros((BB, U), f32))
-                new_states.append((dh_rec + dh_pass, dc_next, next_inputs))
+                new_states.append((dict(pas, h=pas["h"] + dh_rec), next_inputs))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
-        for (ib, iu), (dh_c, dc_c, _) in zip(blocks, states):
-            dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dh_c)
-            dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_c)
+        for (ib, iu), (dc_, _) in zip(blocks, states):
+            for k, ref in zip(rule.state, d0_refs):
+                ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_[k])
 
-    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_persistent_backward", arrivals=T)
-    # d pre is left as it is (a pass over [T, B, 4H] for a check that the forward's hq already makes)
-    dpre, dh0, dc0 = outs[0], jnp.where(ok, outs[1], jnp.nan), jnp.where(ok, outs[2], jnp.nan)
-    return dpre, dh0, dc0
+    outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{rule.name}_persistent_backward", arrivals=T)
+    # d u / d rec are left as they are (a pass over [T, B, gates H] for a check that the forward's hq
+    # already makes)
+    d0 = {k: jnp.where(ok, x, jnp.nan) for k, x in zip(rule.state, outs[1 + own_drec:1 + own_drec + ns])}
+    return outs[0], (outs[1] if own_drec else None), d0
+
+
+def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
+    """The plain LSTM through :func:`run_forward`: (hq [T + 1, B, H], h_T, c_T, saved), saved None
+    or with keep (c_t [T, B, H], the gate tanh [T, B, 4H], tanh(c_t) [T, B, H])."""
+    hq, final, saved, states = run_forward(LSTM_RULE, us_T, W_h, None, {"h": h0, "c": c0}, mask_T, dtype=dtype,
+                                           keep=keep, interpret=interpret, programs=programs)
+    return hq, final["h"], final["c"], ((states["c"], saved["tg"], saved["tc"]) if keep else None)
+
+
+def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
+                  programs=None):
+    """The plain LSTM through :func:`run_backward`: (d pre [T, B, 4H], d h0, d c0)."""
+    dpre, _, d0 = run_backward(LSTM_RULE, dhs_T, {"tg": tg, "tc": tc}, {"c": c_prev}, W_h,
+                               {"h": dh_T, "c": dc_T}, mask_T, dtype=dtype, interpret=interpret, programs=programs)
+    return dpre, d0["h"], d0["c"]
 
 
 def _load_fresh(ref, interpret):
@@ -379,37 +554,48 @@ def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
 
 
 def forward_fn(cell, interpret=False, programs=None):
-    """recur.backprop.deferred_scan's ``forward_fn`` for the plain LSTM: the forward time loop as
-    :func:`lstm_forward`, with the carries and the saved activations its fused backward step reads."""
+    """recur.backprop.deferred_scan's ``forward_fn`` for a cell with a :class:`Rule`: the forward
+    time loop as :func:`run_forward`, with the carries and the saved values its fused backward step
+    reads (the cell's step_saving value, stacked over time)."""
+    rule = _rule(cell)
 
     def forward(params, carry0, us_T, mask_T, keep):
-        hq, hT, cT, saved = lstm_forward(us_T, params["W_h"], carry0["h"], carry0["c"], mask_T,
-                                         dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
-        final = {"h": hT.astype(carry0["h"].dtype), "c": cT.astype(carry0["c"].dtype)}
-        hs = hq[1:].astype(cell.dtype)
+        parts = rule.parts(carry0)
+        hq, final, saved, states = run_forward(rule, us_T, params["W_h"], params.get(rule.bias) if rule.bias else None,
+                                               parts, mask_T, dtype=cell.dtype, keep=keep, interpret=interpret,
+                                               programs=programs)
+        final, hs = rule.carry(final, carry0), hq[1:].astype(cell.dtype)
         if not keep:
             return final, hs
-        cs, tg, tc = saved
-        # the carry entering each step; only W_h h reads h, and it reads it in the compute dtype,
-        # so the buffer's rounded copy serves
-        carries = {"h": hq[:-1].astype(carry0["h"].dtype),
-                   "c": jnp.concatenate([carry0["c"][None].astype(cs.dtype), cs[:-1]], axis=0)}
-        return final, (hs, carries, (tg, tc))
+        # the carry entering each step: h from the buffer where it is exact or only W_h h reads it
+        # (in the compute dtype, so the buffer's rounded copy serves), else the kernel's own copies
+        prev = {k: hq[:-1] for k in rule.state}
+        prev.update({k: jnp.concatenate([parts[k][None].astype(x.dtype), x[:-1]], axis=0) for k, x in states.items()})
+        return final, (hs, rule.carry(prev, carry0), rule.pack(saved))
 
     return forward
 
 
-BACKWARD = True  # the reverse loop as lstm_backward too (False: the deferred scan's lax.scan loop)
+BACKWARD = True  # the reverse loop as run_backward too (False: the deferred scan's lax.scan loop)
 
 
 def backward_fn(cell, interpret=False, programs=None):
-    """recur.backprop.deferred_scan's ``backward_fn`` for the plain LSTM: :func:`lstm_backward`
-    over what :func:`forward_fn` stored."""
+    """recur.backprop.deferred_scan's ``backward_fn`` for a cell with a :class:`Rule`:
+    :func:`run_backward` over what :func:`forward_fn` stored."""
+    rule = _rule(cell)
 
     def backward(params, carries, saved, dhs_T, mask_T, dcarry_T):
-        tg, tc = saved
-        dpre, dh0, dc0 = lstm_backward(dhs_T, tg, tc, carries["c"], params["W_h"], dcarry_T["h"], dcarry_T["c"],
-                                       mask_T, dtype=cell.dtype, interpret=interpret, programs=programs)
-        return {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}, dpre
+        parts = rule.parts(carries)
+        du, drec, d0 = run_backward(rule, dhs_T, rule.unpack(saved), {k: parts[k] for k in rule.reads}, params["W_h"],
+                                    rule.parts(dcarry_T), mask_T, dtype=cell.dtype, interpret=interpret,
+                                    programs=programs)
+        return rule.carry(d0, carries), du, drec
 
     return backward
+
+
+def _rule(cell):
+    rule = rule_for(cell)
+    if isinstance(rule, str):
+        raise ValueError(f"recur.kernels.persistent: {rule}")
+    return rule
