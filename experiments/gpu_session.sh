@@ -9,7 +9,7 @@
 #                                             # backward, each loop's launches, XLA command buffers (~8 min)
 #   bash experiments/gpu_session.sh persistent # the persistent kernels (mode="kernel": LSTM, GRU, Elman)
 #                                             # against the sequential scan and cuDNN, then the LSTM's
-#                                             # Triton settings (~8.5 min)
+#                                             # Triton settings (~9 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
 # has its own time limit and writes its table under $OUT as it goes, so a part that runs long
 # loses only its own unmeasured rows. On a CPU (tiny checks): OUT=runs/gpu PY=.venv/bin/python ...
@@ -68,11 +68,13 @@ case $plan in
   persistent)
     # correctness first (err_vs_seq) at the shapes; a grid that is not resident ends in NaN
     # after MAX_SPINS polls (about a second per call), never a hang
-    part 240 $B --hidden 1024 --cells lstm,gru,elman --modes sequential,kernel --baselines torch --repeats 5 \
+    part 210 $B --hidden 1024 --cells lstm,gru,elman --modes sequential,kernel --baselines torch --repeats 5 \
       --parts cells --out "$OUT/h1024"
-    part 100 $B --hidden 256 --cells lstm,gru --modes sequential,kernel --baselines torch --repeats 5 \
+    part 80 $B --hidden 256 --cells lstm,gru --modes sequential,kernel --baselines torch --repeats 5 \
       --parts cells --out "$OUT/h256"
-    part 150 $E --parts persistent --hidden 1024 --repeats 5 \
-      --persist-configs 128/8/3,128/4/1,256/8/1,512/8/1,128/8/3/x --out "$OUT/sweep" ;;
+    part 90 $B --hidden 1024 --cells lstm:peepholes,lstm:cifg --modes sequential,kernel --baselines none \
+      --repeats 5 --parts cells --out "$OUT/variants"
+    part 120 $E --parts persistent --hidden 1024 --repeats 5 \
+      --persist-configs 128/8/3,128/4/1,256/8/1,128/8/3/x --out "$OUT/sweep" ;;
   *) echo "plan must be table, kernels, explore, remaining or persistent, got $plan" >&2; exit 2 ;;
 esac

@@ -133,15 +133,17 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     body(consts, rows, carry, x) -> (carry, y), consts are read whole and rows ([B, ...]
     leaves) row by row.
 
-    ``forward_fn`` (cells with ``fused_backward``, no resets, ``project=False``) replaces the
-    forward time loop: forward_fn(params, carry0, us_T, mask_T, keep) -> (final carry, hs), or with
-    keep (final carry, (hs, the carry entering each step, step_saving's saved values)), stacked
-    over time. ``backward_fn`` (the same cells, with forward_fn) replaces the reverse time loop:
-    backward_fn(params, carries, saved, dhs_T, mask_T, dcarry_T) -> (d carry0, d u, d rec or None
-    where it is the cell's ``recurrent_cotangent`` of d u; both stacked over time), from
-    forward_fn's stored carries and saved values. recur/kernels/persistent.py supplies both for
-    the plain LSTM, the reset-after GRU and the Elman RNN; the weight gradients stay as here,
-    large matmuls after the loop.
+    ``forward_fn`` (no resets, ``project=False``) replaces the forward time loop:
+    forward_fn(params, carry0, us_T, mask_T, keep) -> (final carry, hs), or with keep (final
+    carry, (hs, the carry entering each step, the saved values)), stacked over time; the saved
+    values are what this function's reverse loop reads: step_saving's for a cell with a fused
+    backward step, else ``recurrent``'s output. ``backward_fn`` (with forward_fn) replaces the
+    reverse time loop: backward_fn(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T) ->
+    (d carry0, d u, d rec or None where it is the cell's ``recurrent_cotangent`` of d u (both
+    stacked over time), d params of the step itself or None where it has none), from forward_fn's
+    stored carries and saved values. recur/kernels/persistent.py supplies both for the LSTM and
+    its variants, the reset-after GRU and the Elman RNN; the weight gradients stay as here, large
+    matmuls after the loop.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -149,9 +151,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     if project and not fused:
         raise ValueError(f"deferred_scan: project=True needs a cell with a fused backward step in the "
                          f"lax.scan loops; {cell.name} (loop={loop}) has none")
-    if (forward_fn is not None or backward_fn is not None) and (project or not fused):
-        raise ValueError(f"deferred_scan: forward_fn / backward_fn need a cell with a fused backward step "
-                         f"and project=False ({cell.name}, project={project})")
+    if (forward_fn is not None or backward_fn is not None) and (project or loop is not None):
+        raise ValueError(f"deferred_scan: forward_fn / backward_fn replace the lax.scan loops of projected "
+                         f"inputs: they take project=False and no loop ({cell.name}, project={project})")
     if backward_fn is not None and forward_fn is None:
         raise ValueError("deferred_scan: backward_fn reads what forward_fn stores; give both")
     loop = scan_loop(unroll) if loop is None else loop
@@ -221,19 +223,24 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
                 return (dc, dreset), (du, own_drec, pieces[0] if pieces else None)
             return (dc, dreset), (du, drec, dnew)
 
+        n = T * B
+        c_all = _flat(carries, n)
         if backward_fn is not None:  # no resets: forward_fn took none
-            dcarry0, dus, own_drecs = backward_fn(params, carries, recs, dhs, mask, dcarry_T)
-            dreset, ys = None, (dus, own_drecs, None)
+            dcarry0, dus, own_drecs, dparams = backward_fn(params, carries, recs, us, dhs, mask, dcarry_T)
+            dreset = None
+            drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
+            dus = jax.tree.map(lambda d, u: d.astype(u.dtype), dus, us)
+            if dparams is None:
+                dparams = jax.tree.map(jnp.zeros_like, params)
         else:
             (dcarry0, dreset), ys = loop(  # a fused step reads no u
                 body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
                 reverse=True
             )
-
         # parameter gradients for all steps at once: the T*B rows as one batch
-        n = T * B
-        c_all = _flat(carries, n)
-        if fused:
+        if backward_fn is not None:  # the step's own parameters' from backward_fn; W_h's below
+            pass
+        elif fused:
             dus, own_drecs, pieces = ys
             drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
             if not project:  # a float32 d pre, for inputs given in half precision (projected=True)

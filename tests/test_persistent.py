@@ -29,7 +29,7 @@ def _setup(dtype, name="lstm"):
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
     carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, H)),
               "c": jax.random.normal(jax.random.key(3), (B, H))}
-    return cell, params, xs, (carry0 if name == "lstm" else carry0["h"])
+    return cell, params, xs, (carry0 if name.startswith("lstm") else carry0["h"])
 
 
 def _run(cell, mode, **kw):
@@ -59,7 +59,9 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
 @pytest.mark.parametrize("name,dtype,tol,backward", [
     ("lstm", jnp.float32, 2e-5, True), ("lstm", jnp.bfloat16, 1e-2, True), ("lstm", jnp.float32, 2e-5, False),
     ("gru", jnp.float32, 2e-5, True), ("gru", jnp.bfloat16, 1.5e-2, True), ("gru", jnp.float32, 2e-5, False),
-    ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True)])
+    ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True),
+    ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
+    ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -69,7 +71,7 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
     assert dispatch.choose(cell, "kernel", B, T, I, "none")[0] == "persistent"
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(cell, p, xs, mode="kernel")[0].astype(
         jnp.float32))))(params))
-    kind = name.split(":")[0]
+    kind = "lstm_variant" if name.startswith("lstm:") else name.split(":")[0]
     assert f"recur_{kind}_persistent" in jaxpr and (f"recur_{kind}_persistent_backward" in jaxpr) == backward
     with_lengths = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
     # the kernels without a mask once (the float32 LSTM); the others with lengths, which cover more
@@ -133,8 +135,8 @@ def test_forward_and_backward_fns_are_the_cells_step_saving_and_step_backward(na
     close(final, h)
     dhs = jax.random.normal(jax.random.key(8), (T, B, H))
     dT = jax.random.normal(jax.random.key(9), (B, H))
-    d0, du, drec = persistent.backward_fn(cell, interpret=True)(params, carries, saved, dhs, mask, dT)
-    assert (drec is None) == (name != "gru")
+    d0, du, drec, dparams = persistent.backward_fn(cell, interpret=True)(params, carries, saved, us, dhs, mask, dT)
+    assert (drec is None) == (name != "gru") and dparams is None  # no parameters in the step
     d = dT
     for t in reversed(range(T)):
         m = mask[t][:, None]
@@ -153,8 +155,10 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert choose("lstm", resets=True) == "loop"
     assert choose("lstm", backward="autodiff") == "loop"
     assert choose("gru") == choose("elman") == choose("elman:relu,nobias") == "persistent"
-    # steps that mix units before the product or across them, and gates the kernels do not know
-    assert choose("lstm:peepholes") == choose("gru:cho") == choose("lstm:ln") == choose("mgu") == "loop"
+    for name in ("lstm:peepholes", "lstm:cifg", "lstm:peepholes,cifg", "lstm:nig,noaf", "lstm:nfg,nog,niaf"):
+        assert choose(name) == "persistent", name
+    # steps that mix units before the product or across them
+    assert choose("gru:cho") == choose("lstm:ln") == choose("mgu") == "loop"
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
     assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
@@ -184,17 +188,21 @@ def test_backward_kernel_matches_the_fused_step_backward_loop():
     np.testing.assert_allclose(np.asarray(dc0), np.asarray(d["c"]), atol=1e-5, rtol=1e-5)
 
 
-def test_forward_and_backward_fn_need_a_fused_step_and_no_in_loop_projection():
+def test_forward_and_backward_fn_replace_the_lax_scan_loops_of_projected_inputs():
     from recur.backprop import deferred_scan
 
-    fn = persistent.forward_fn(recur.get_cell("lstm", H))
-    bwd = persistent.backward_fn(recur.get_cell("lstm", H))
-    with pytest.raises(ValueError, match="need a cell with a fused backward step"):
-        deferred_scan(recur.get_cell("lstm:peepholes", H), forward_fn=fn)
-    with pytest.raises(ValueError, match="project=False"):
-        deferred_scan(recur.get_cell("lstm", H), project=True, forward_fn=fn)
+    cell = recur.get_cell("lstm", H)
+    fn, bwd = persistent.forward_fn(cell), persistent.backward_fn(cell)
+    with pytest.raises(ValueError, match="project=False and no loop"):
+        deferred_scan(cell, project=True, forward_fn=fn)
+    with pytest.raises(ValueError, match="project=False and no loop"):
+        deferred_scan(cell, loop=dispatch.loop_fn(B, True), forward_fn=fn)
     with pytest.raises(ValueError, match="give both"):
-        deferred_scan(recur.get_cell("lstm", H), backward_fn=bwd)
+        deferred_scan(cell, backward_fn=bwd)
+    for name in ("lstm:ln", "gru:cho", "mgu", "lstm:fgr"):
+        cell = recur.get_cell(name, H)
+        with pytest.raises(ValueError, match=f"not {cell.name}"):
+            persistent.forward_fn(cell)
 
 
 def test_barrier_gives_up_after_max_spins_and_then_never_waits(monkeypatch):
@@ -251,7 +259,8 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
-CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32)]
+CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
+                ("lstm:peepholes,cifg", jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)

@@ -1,5 +1,5 @@
-"""Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the plain LSTM,
-the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN.
+"""Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the LSTM (plain
+and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -29,8 +29,8 @@ step is the two kernels plus the deferred scan's large weight-gradient matmuls
 (recur/backprop.py's ``forward_fn`` / ``backward_fn``).
 
 A cell fits when its step, given W_h h, is element-wise in the hidden units: layer norm (statistics
-over all units), Cho's GRU and the MGU (a gate times h before the product: a second barrier per
-step) do not, and keep the loop kernel.
+over all units), gate recurrence, a projection, Cho's GRU and the MGU (a gate times h before the
+product: a second barrier per step) do not, and keep the loop kernel.
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -174,14 +174,17 @@ class Rule:
     one per gate block, so that each program applies it to its own rows and units only (a step
     that mixes units, such as layer norm's statistics or Cho's r * h before the product, has none).
 
-    forward(u, rec, state) -> (new state, saved): u, rec: the projected inputs' and W_h h's
-    (+ ``bias``) gate blocks; state / new state: {component: block}; saved: {name: [blocks]}, the
-    values (float32) the backward step reads, written as [T, B, blocks * H] arrays.
-    backward(saved, prev, d) -> (d u, d rec or None (= d u), pass): prev: the state components in
-    ``reads`` entering the step; d: the cotangent of the step's new state ("h" with the output's
-    added); pass: {component: the cotangent of the state entering the step, not through W_h h}
-    (None: zero). The formulas are the cell's own step_saving / step_backward, blockwise; tests
-    compare the two.
+    forward(u, rec, state, p) -> (new state, saved): u, rec: the projected inputs' and W_h h's
+    (+ ``bias``) gate blocks; state / new state: {component: block}; p: {name: [blocks]} of the
+    ``params`` vectors; saved: {name: [blocks]}, the values (float32) the backward step reads,
+    written as [T, B, blocks * H] arrays.
+    backward(saved, prev, d, u, p) -> (d u, d rec or None (= d u), pass, d p or None): prev: the
+    state components in ``reads`` entering the step; d: the cotangent of the step's new state ("h"
+    with the output's added); u: the step's projected inputs (with ``reads_u``, else None); pass:
+    {component: the cotangent of the state entering the step, not through W_h h} (None: zero);
+    d p: {name: [blocks]}, the step's cotangent of p summed over its rows. The hand-written rules
+    are the cell's own step_saving / step_backward, blockwise (tests compare the two); the LSTM
+    variants' rule traces the cell's own step and differentiates it.
     """
 
     name: str
@@ -192,13 +195,18 @@ class Rule:
     bias: str | None  # the recurrent bias parameter [gates * H], added to W_h h
     forward: Callable
     backward: Callable
+    params: tuple = ()  # ((name, blocks), ...): per-unit parameter vectors [blocks * H] the step reads
+    reads_u: bool = False  # the backward step reads the projected inputs (it recomputes the step)
+    saved_as: str | None = None  # saved values handed on as {saved_as: the one saved array}
 
     def pack(self, saved: dict):
-        """{name: array} -> the cell's step_saving value (stacked over time)."""
+        """{name: array} -> the cell's step_saving value (stacked over time), or {saved_as: it}."""
         values = tuple(saved[name] for name, _ in self.saved)
-        return values if len(values) > 1 else values[0]
+        value = values if len(values) > 1 else values[0]
+        return {self.saved_as: value} if self.saved_as else value
 
     def unpack(self, value) -> dict:
+        value = value[self.saved_as] if self.saved_as else value
         values = value if len(self.saved) > 1 else (value,)
         return {name: v for (name, _), v in zip(self.saved, values)}
 
@@ -216,7 +224,7 @@ def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
     return 0.5 * t + 0.5
 
 
-def _lstm_forward(u, rec, s):
+def _lstm_forward(u, rec, s, p):
     pre = [a + b for a, b in zip(u, rec)]
     # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks
     tg = [jnp.tanh(p * (1.0 if g == 2 else 0.5)) for g, p in enumerate(pre)]
@@ -226,7 +234,7 @@ def _lstm_forward(u, rec, s):
     return {"h": o * tc, "c": c}, {"tg": tg, "tc": [tc]}
 
 
-def _lstm_backward(sv, prev, d):
+def _lstm_backward(sv, prev, d, u, p):
     """recur.cells.lstm.LSTM.step_backward."""
     t_i, t_f, t_g, t_o = sv["tg"]
     (tcv,), cp = sv["tc"], prev["c"]
@@ -235,10 +243,10 @@ def _lstm_backward(sv, prev, d):
     dc = d["c"] + dh * o_ * (1.0 - tcv * tcv)
     d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
              dc * i_ * (1.0 - t_g * t_g), (0.25 * dh) * tcv * (1.0 - t_o * t_o)]
-    return d_pre, None, {"h": None, "c": dc * f_}
+    return d_pre, None, {"h": None, "c": dc * f_}, None
 
 
-def _gru_forward(u, rec, s):
+def _gru_forward(u, rec, s, p):
     """recur.cells.gru.GRU.step_saving (reset after the product; rec includes b_h)."""
     t_r, t_z = jnp.tanh(0.5 * (u[0] + rec[0])), jnp.tanh(0.5 * (u[1] + rec[1]))
     r, z = _sigmoid_of(t_r), _sigmoid_of(t_z)
@@ -246,7 +254,7 @@ def _gru_forward(u, rec, s):
     return {"h": (1.0 - z) * n + z * s["h"]}, {"t": [t_r, t_z], "n": [n], "rec_n": [rec[2]]}
 
 
-def _gru_backward(sv, prev, d):
+def _gru_backward(sv, prev, d, u, p):
     """recur.cells.gru.GRU.step_backward."""
     (t_r, t_z), (n,), (rec_n,) = sv["t"], sv["n"], sv["rec_n"]
     r, z = _sigmoid_of(t_r), _sigmoid_of(t_z)
@@ -254,21 +262,57 @@ def _gru_backward(sv, prev, d):
     du_n = dd * (1.0 - z) * (1.0 - n * n)
     du_r = du_n * rec_n * (0.25 * (1.0 - t_r * t_r))
     du_z = dd * (prev["h"] - n) * (0.25 * (1.0 - t_z * t_z))
-    return [du_r, du_z, du_n], [du_r, du_z, r * du_n], {"h": dd * z}
+    return [du_r, du_z, du_n], [du_r, du_z, r * du_n], {"h": dd * z}, None
 
 
 def _elman_rule(cell):
     act = base.activation(cell.activation, "elman")
 
-    def forward(u, rec, s):
+    def forward(u, rec, s, p):
         h = act(u[0] + rec[0])
         return {"h": h}, {"h": [h]}
 
-    def backward(sv, prev, d):  # the cell's own step_backward is element-wise already
+    def backward(sv, prev, d, u, p):  # the cell's own step_backward is element-wise already
         _, d_pre, _ = cell.step_backward(None, None, sv["h"][0], d["h"], 0.0)
-        return [d_pre], None, {"h": None}
+        return [d_pre], None, {"h": None}, None
 
     return Rule("elman", 1, ("h",), (("h", 1),), (), None, forward, backward)
+
+
+def _lstm_variant_rule(cell):
+    """An LSTM variant of Greff et al.'s (peepholes, nig, nfg, nog, niaf, noaf, cifg, and their
+    combinations) through the cell's own step, traced on each program's units: its gate blocks
+    joined into [rows, m * U] (m: the blocks padded to a power of 2, as recur/kernels/pad.py does
+    for the loop kernel), its peephole vectors sliced to the program's units. The forward saves
+    W_h h; the backward recomputes the step from it, u and c_{t-1} and differentiates it (jax.vjp,
+    traced into the kernel as the loop kernel's is): the issue's "gates recomputed" switch."""
+    from recur.kernels.loop import _join
+
+    n = len(cell.blocks)
+    m = base.next_pow2(n)
+    peepholes = tuple((f"p_{g}", 1) for g in "ifo" if cell.peepholes and g in cell.blocks)
+
+    def step(c, u, rec, p):
+        """The new state {h, c} from c_{t-1} and the joined u, rec [rows, m * U]."""
+        U = c.shape[-1]
+        unit = dataclasses.replace(cell, hidden_size=U)
+        p = {k: v[0] for k, v in p.items()}  # one block each
+        with base.kernel_trace(), base.padded_gates():
+            new, _ = unit.step(p, {"h": jnp.zeros_like(c), "c": c}, u, {"h": rec})
+        return new
+
+    joined = lambda blocks: _join(list(blocks) + [jnp.zeros_like(blocks[0])] * (m - n))
+
+    def forward(u, rec, s, p):
+        return step(s["c"], joined(u), joined(rec), p), {"rec": list(rec)}
+
+    def backward(sv, prev, d, u, p):
+        _, pull = jax.vjp(step, prev["c"], joined(u), joined(sv["rec"]), p)
+        dc, du, _, dp = pull({"h": d["h"], "c": d["c"]})  # d rec = d u: pre = u + rec
+        return halved(du, m)[:n], None, {"h": None, "c": dc}, dp
+
+    return Rule("lstm_variant", n, ("h", "c"), (("rec", n),), ("c",), None, forward, backward,
+                params=peepholes, reads_u=True, saved_as="h")
 
 
 LSTM_RULE = Rule("lstm", 4, ("h", "c"), (("tg", 4), ("tc", 1)), ("c",), None, _lstm_forward, _lstm_backward)
@@ -283,12 +327,14 @@ def rule_for(cell):
 
     if isinstance(cell, LSTM) and cell.plain:
         return LSTM_RULE
+    if isinstance(cell, LSTM) and not (cell.layer_norm or cell.full_gate_recurrence or cell.proj_size):
+        return _lstm_variant_rule(cell)
     if isinstance(cell, GRU) and cell.reset_after:
         return GRU_RULE
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the plain LSTM, the reset-after GRU and the Elman RNN "
-            f"(tanh, sigmoid, relu, identity), not {cell.name}")
+    return (f"the persistent kernels run the LSTM (without layer norm, gate recurrence or a projection), "
+            f"the reset-after GRU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):
@@ -302,10 +348,11 @@ def _groups(n):
 
 
 def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False, interpret=False,
-                programs=None):
+                programs=None, params=None):
     """The rule's cell over time-major projected inputs us_T [T, B, gates * H] from carry0
     {component: [B, H]}; W_h [gates * H, H], b_h [gates * H] or None. The matmul in ``dtype`` with
-    float32 accumulation, the gates and the state in float32.
+    float32 accumulation, the gates and the state in float32. params: {name: [blocks * H]}, the
+    rule's per-unit parameter vectors.
 
     Returns (hq [T + 1, B, H] in dtype: h0 then each step's h (a padded step keeps the carry),
     final {component: [B, H]}, saved, states): with keep, saved {name: [T, B, blocks * H]} (the
@@ -324,6 +371,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     own = tuple(k for k in rule.reads if not (k == "h" and cdt == jnp.dtype(f32))) if keep else ()
     inputs = [us_T, w] + [carry0[k].astype(f32) for k in rule.state]
     inputs += ([b_h.astype(f32)] if has_bias else []) + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    inputs += [params[name].astype(f32) for name, _ in rule.params]
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * len(rule.state)
     if keep:
         out_shape += [jax.ShapeDtypeStruct((T, B, k * H), f32) for _, k in rule.saved]
@@ -335,6 +383,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
         c0_refs = ins[2:2 + ns]
         b_ref = ins[2 + ns] if has_bias else None
         mask_ref = ins[2 + ns + has_bias] if has_mask else None
+        p_refs = ins[2 + ns + has_bias + has_mask:]
         hq_ref, final_refs = outs[0], outs[1:1 + ns]
         saved_refs = outs[1 + ns:1 + ns + len(rule.saved)] if keep else ()
         own_refs = outs[1 + ns + len(rule.saved):] if keep else ()
@@ -352,13 +401,14 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
             s = {k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, c0_refs)}
             hq_ref[0, rows(ib), units(iu)] = s["h"].astype(cdt)
             bias = tuple(b_ref[units(iu, g)][None, :] for g in range(n)) if has_bias else None
-            states.append((s, bias, step_inputs(0, ib, iu)))
+            pv = {name: [ref[units(iu, j)] for j in range(k)] for ref, (name, k) in zip(p_refs, rule.params)}
+            states.append((s, (bias, pv), step_inputs(0, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
         def step(t, carry):
             states, gave_up = carry
             new_states = []
-            for (ib, iu), (s, bias, (u, m)) in zip(blocks, states):
+            for (ib, iu), (s, (bias, pv), (u, m)) in zip(blocks, states):
                 def dot(k, accs, ib=ib, iu=iu):
                     hk = _load_fresh(hq_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
                     return tuple(acc + jax.lax.dot(hk, w_ref[pl.ds(k * KB, KB), pl.ds((iu * n + g0) * U, size * U)],
@@ -370,7 +420,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
                 rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
                 if has_bias:
                     rec = [r + b for r, b in zip(rec, bias)]
-                new, saved = rule.forward(list(u), rec, s)
+                new, saved = rule.forward(list(u), rec, s, pv)
                 if has_mask:
                     mm = m[:, None] != 0
                     new = {k: jnp.where(mm, new[k], s[k]) for k in rule.state}
@@ -381,7 +431,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
                         ref[t, rows(ib), units(iu, j)] = saved[name][j]
                 for ref, k in zip(own_refs, own):
                     ref[t, rows(ib), units(iu)] = new[k]
-                new_states.append((new, bias, step_inputs(t + 1, ib, iu)))
+                new_states.append((new, (bias, pv), step_inputs(t + 1, ib, iu)))
             return new_states, barrier(t + 2, gave_up)
 
         states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
@@ -398,7 +448,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
 
 
 def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None):
+                 programs=None, us_T=None, params=None):
     """The reverse time loop of the rule's cell in a training step, as a persistent kernel: the
     rule's step derivative for each program's (rows, units), then d h_{t-1} = d rec_t . W_h with
     W_h's [gates * H, U] column slice per program, meeting at a barrier each step as
@@ -406,9 +456,11 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
 
     dhs_T [T, B, H]: the outputs' cotangent; saved {name: [T, B, blocks * H]}: run_forward's;
     prev {component: [T, B, H]}: the components in ``rule.reads`` entering each step; dcarry_T
-    {component: [B, H]}: the final carry's cotangent. Returns (d u [T, B, gates * H] float32,
-    d rec (the same shape) or None where it is d u, d carry0 {component: [B, H]}). The product by
-    W_h runs in ``dtype`` with float32 accumulation, its d rec rounded to dtype.
+    {component: [B, H]}: the final carry's cotangent; us_T: the projected inputs (a rule with
+    ``reads_u``); params: the rule's per-unit parameter vectors. Returns (d u [T, B, gates * H]
+    float32, d rec (the same shape) or None where it is d u, d carry0 {component: [B, H]}, d params
+    {name: [blocks * H]} float32). The product by W_h runs in ``dtype`` with float32 accumulation,
+    its d rec rounded to dtype.
     """
     T, B, _ = dhs_T.shape
     n, H = rule.gates, W_h.shape[1]
@@ -423,17 +475,24 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
     ns, nsv, nr = len(rule.state), len(rule.saved), len(rule.reads)
     inputs = [dhs_T] + [saved[name] for name, _ in rule.saved] + [prev[k] for k in rule.reads] + [w]
     inputs += [dcarry_T[k].astype(f32) for k in rule.state] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    inputs += ([us_T] if rule.reads_u else []) + [params[name].astype(f32) for name, _ in rule.params]
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * (1 + own_drec) + [jax.ShapeDtypeStruct((B, H), f32)] * ns
+    # each row block's sums of the parameter vectors' cotangents, added up after the kernel
+    out_shape += [jax.ShapeDtypeStruct((grid.nb, k * H), f32) for _, k in rule.params]
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
+    npar = len(rule.params)
 
     def kernel(ins, outs, barrier):
         dhs_ref, saved_refs, prev_refs = ins[0], ins[1:1 + nsv], ins[1 + nsv:1 + nsv + nr]
         w_ref = ins[1 + nsv + nr]
         dT_refs = ins[2 + nsv + nr:2 + nsv + nr + ns]
         mask_ref = ins[2 + nsv + nr + ns] if has_mask else None
+        us_ref = ins[2 + nsv + nr + ns + has_mask] if rule.reads_u else None
+        p_refs = ins[2 + nsv + nr + ns + has_mask + rule.reads_u:]
         du_ref = outs[0]
         drec_ref = outs[1] if own_drec else du_ref
         d0_refs = outs[1 + own_drec:1 + own_drec + ns]
+        dp_refs = outs[1 + own_drec + ns:1 + own_drec + ns + npar]
         comm_ref = outs[-1] if shared else drec_ref
         blocks = grid.blocks()
 
@@ -444,24 +503,29 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             r, u = rows(ib), units(iu)
             sv = {name: [ref[t, r, units(iu, j)] for j in range(k)] for ref, (name, k) in zip(saved_refs, rule.saved)}
             pv = {k: ref[t, r, u] for k, ref in zip(rule.reads, prev_refs)}
-            return sv, pv, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
+            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)] if rule.reads_u else None
+            return sv, pv, uv, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
 
-        states = [({k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, dT_refs)}, step_inputs(T - 1, ib, iu))
+        params_of = lambda iu: {name: [ref[units(iu, j)] for j in range(k)] for ref, (name, k) in zip(p_refs, rule.params)}
+        states = [({k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, dT_refs)},
+                   {name: [jnp.zeros((U,), f32)] * k for name, k in rule.params}, step_inputs(T - 1, ib, iu))
                   for ib, iu in blocks]
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             passing = []
-            for (ib, iu), (dc_, (sv, pv, dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (dc_, dp_sum, (sv, pv, uv, dh_out, m)) in zip(blocks, states):
                 r = rows(ib)
                 d = dict(dc_)
                 if has_mask:  # a padded step passes the carry's cotangent through
                     mm = m[:, None] != 0
                     d = {k: jnp.where(mm, v, 0.0) for k, v in d.items()}
                 d["h"] = d["h"] + dh_out
-                du, drec, pas = rule.backward(sv, pv, d)
+                du, drec, pas, dp = rule.backward(sv, pv, d, uv, params_of(iu))
                 drec = du if drec is None else drec
+                if npar:
+                    dp_sum = jax.tree.map(jnp.add, dp_sum, dp)
                 for g in range(n):
                     du_ref[t, r, units(iu, g)] = jnp.where(gave_up, jnp.nan, du[g])
                     if own_drec:
@@ -471,29 +535,34 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
                 pas = {k: jnp.zeros_like(d[k]) if pas.get(k) is None else pas[k] for k in rule.state}
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(mm, 0.0, dc_[k]) for k in rule.state}
-                passing.append((pas, step_inputs(t - 1, ib, iu)))
+                passing.append((pas, dp_sum, step_inputs(t - 1, ib, iu)))
             gave_up = barrier(i + 1, gave_up)
             new_states = []
-            for (ib, iu), (pas, next_inputs) in zip(blocks, passing):
+            for (ib, iu), (pas, dp_sum, next_inputs) in zip(blocks, passing):
                 def dot(k, acc, ib=ib, iu=iu):
                     dk = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
                     wk = w_ref[pl.ds(iu * G + k * KB, KB), :]
                     return acc + jax.lax.dot(dk, wk, preferred_element_type=f32)
 
                 dh_rec = jax.lax.fori_loop(0, G // KB, dot, jnp.zeros((BB, U), f32))
-                new_states.append((dict(pas, h=pas["h"] + dh_rec), next_inputs))
+                new_states.append((dict(pas, h=pas["h"] + dh_rec), dp_sum, next_inputs))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
-        for (ib, iu), (dc_, _) in zip(blocks, states):
+        for (ib, iu), (dc_, dp_sum, _) in zip(blocks, states):
             for k, ref in zip(rule.state, d0_refs):
                 ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_[k])
+            for ref, (name, k) in zip(dp_refs, rule.params):
+                for j in range(k):
+                    ref[ib, units(iu, j)] = jnp.where(gave_up, jnp.nan, dp_sum[name][j])
 
     outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{rule.name}_persistent_backward", arrivals=T)
     # d u / d rec are left as they are (a pass over [T, B, gates H] for a check that the forward's hq
     # already makes)
     d0 = {k: jnp.where(ok, x, jnp.nan) for k, x in zip(rule.state, outs[1 + own_drec:1 + own_drec + ns])}
-    return outs[0], (outs[1] if own_drec else None), d0
+    dp = {name: jnp.where(ok, jnp.sum(x, axis=0), jnp.nan)
+          for (name, _), x in zip(rule.params, outs[1 + own_drec + ns:1 + own_drec + ns + npar])}
+    return outs[0], (outs[1] if own_drec else None), d0, dp
 
 
 def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
@@ -507,7 +576,7 @@ def lstm_forward(us_T, W_h, h0, c0, mask_T=None, *, dtype, keep=False, interpret
 def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
                   programs=None):
     """The plain LSTM through :func:`run_backward`: (d pre [T, B, 4H], d h0, d c0)."""
-    dpre, _, d0 = run_backward(LSTM_RULE, dhs_T, {"tg": tg, "tc": tc}, {"c": c_prev}, W_h,
+    dpre, _, d0, _ = run_backward(LSTM_RULE, dhs_T, {"tg": tg, "tc": tc}, {"c": c_prev}, W_h,
                                {"h": dh_T, "c": dc_T}, mask_T, dtype=dtype, interpret=interpret, programs=programs)
     return dpre, d0["h"], d0["c"]
 
@@ -556,14 +625,14 @@ def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
 def forward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``forward_fn`` for a cell with a :class:`Rule`: the forward
     time loop as :func:`run_forward`, with the carries and the saved values its fused backward step
-    reads (the cell's step_saving value, stacked over time)."""
+    reads (the cell's step_saving value, stacked over time; W_h h for the LSTM variants)."""
     rule = _rule(cell)
 
     def forward(params, carry0, us_T, mask_T, keep):
         parts = rule.parts(carry0)
         hq, final, saved, states = run_forward(rule, us_T, params["W_h"], params.get(rule.bias) if rule.bias else None,
                                                parts, mask_T, dtype=cell.dtype, keep=keep, interpret=interpret,
-                                               programs=programs)
+                                               programs=programs, params=params)
         final, hs = rule.carry(final, carry0), hq[1:].astype(cell.dtype)
         if not keep:
             return final, hs
@@ -581,15 +650,19 @@ BACKWARD = True  # the reverse loop as run_backward too (False: the deferred sca
 
 def backward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``backward_fn`` for a cell with a :class:`Rule`:
-    :func:`run_backward` over what :func:`forward_fn` stored."""
+    :func:`run_backward` over what :func:`forward_fn` stored. The step's own parameter vectors'
+    gradients (the peepholes') come back as a params-shaped tree, zero elsewhere."""
     rule = _rule(cell)
 
-    def backward(params, carries, saved, dhs_T, mask_T, dcarry_T):
+    def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         parts = rule.parts(carries)
-        du, drec, d0 = run_backward(rule, dhs_T, rule.unpack(saved), {k: parts[k] for k in rule.reads}, params["W_h"],
-                                    rule.parts(dcarry_T), mask_T, dtype=cell.dtype, interpret=interpret,
-                                    programs=programs)
-        return rule.carry(d0, carries), du, drec
+        du, drec, d0, dp = run_backward(rule, dhs_T, rule.unpack(saved), {k: parts[k] for k in rule.reads},
+                                        params["W_h"], rule.parts(dcarry_T), mask_T, dtype=cell.dtype,
+                                        interpret=interpret, programs=programs, us_T=us_T, params=params)
+        dparams = None
+        if dp:
+            dparams = {k: (dp[k] if k in dp else jnp.zeros_like(v)).astype(v.dtype) for k, v in params.items()}
+        return rule.carry(d0, carries), du, drec, dparams
 
     return backward
 
