@@ -7,7 +7,7 @@
 #   bash experiments/gpu_session.sh remaining # not yet measured: the bare linear scan's bandwidth, the
 #                                             # other cells at H=1024, the layer-norm LSTM's hand-written
 #                                             # backward, each loop's launches, XLA command buffers (~8 min)
-#   bash experiments/gpu_session.sh persistent # the persistent kernels (mode="kernel": LSTM, GRU, Elman)
+#   bash experiments/gpu_session.sh persistent # the persistent kernels (mode="kernel": LSTM, GRU, MGU, Elman)
 #                                             # against the sequential scan and cuDNN, then the LSTM's
 #                                             # Triton settings (~9 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
@@ -72,9 +72,9 @@ case $plan in
       --parts cells --out "$OUT/h1024"
     part 80 $B --hidden 256 --cells lstm,gru --modes sequential,kernel --baselines torch --repeats 5 \
       --parts cells --out "$OUT/h256"
-    part 90 $B --hidden 1024 --cells lstm:peepholes,lstm:cifg --modes sequential,kernel --baselines none \
+    part 130 $B --hidden 1024 --cells lstm:peepholes,lstm:cifg,gru:cho,mgu --modes sequential,kernel --baselines none \
       --repeats 5 --parts cells --out "$OUT/variants"
-    part 120 $E --parts persistent --hidden 1024 --repeats 5 \
+    part 100 $E --parts persistent --hidden 1024 --repeats 5 \
       --persist-configs 128/8/3,128/4/1,256/8/1,128/8/3/x --out "$OUT/sweep" ;;
   *) echo "plan must be table, kernels, explore, remaining or persistent, got $plan" >&2; exit 2 ;;
 esac

@@ -236,7 +236,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.backprop import deferred_scan
         from recur.kernels import persistent
 
-        bwd = persistent.backward_fn(cell, interpret) if persistent.BACKWARD else None
+        bwd = persistent.backward_fn(cell, interpret)  # None: the lax.scan reverse loop (BACKWARD)
         hs, carry = deferred_scan(cell, unroll, forward_fn=persistent.forward_fn(cell, interpret), backward_fn=bwd)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)

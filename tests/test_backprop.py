@@ -8,11 +8,12 @@ from cell_cases import CASES
 from test_scan import B, T, make, random_carry
 
 OPTIONS = {
-    "plain": {},
+    # no mask, 3 steps per loop iteration (T = 7: a remainder); unroll and masks are independent
+    # (lax.scan's unroll), so the masked options below run at unroll 1
+    "plain, unrolled": {"unroll": 3},
     "lengths": {"lengths": jnp.array([T, 4, 0])},
     "resets": {"resets": jnp.zeros((B, T), bool).at[0, 3].set(True).at[1, 1].set(True), "reset_carry": True},
     "reverse": {"lengths": jnp.array([T, 4, 0]), "reverse": True},
-    "unroll": {"lengths": jnp.array([T, 5, 2]), "unroll": 3},
 }
 
 

@@ -61,7 +61,8 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("gru", jnp.float32, 2e-5, True), ("gru", jnp.bfloat16, 1.5e-2, True), ("gru", jnp.float32, 2e-5, False),
     ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
-    ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True)])
+    ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True), ("gru:cho", jnp.float32, 2e-5, True),
+    ("mgu", jnp.bfloat16, 1.5e-2, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -71,7 +72,7 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
     assert dispatch.choose(cell, "kernel", B, T, I, "none")[0] == "persistent"
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(cell, p, xs, mode="kernel")[0].astype(
         jnp.float32))))(params))
-    kind = "lstm_variant" if name.startswith("lstm:") else name.split(":")[0]
+    kind = persistent.rule_for(cell).name
     assert f"recur_{kind}_persistent" in jaxpr and (f"recur_{kind}_persistent_backward" in jaxpr) == backward
     with_lengths = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
     # the kernels without a mask once (the float32 LSTM); the others with lengths, which cover more
@@ -157,8 +158,9 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert choose("gru") == choose("elman") == choose("elman:relu,nobias") == "persistent"
     for name in ("lstm:peepholes", "lstm:cifg", "lstm:peepholes,cifg", "lstm:nig,noaf", "lstm:nfg,nog,niaf"):
         assert choose(name) == "persistent", name
-    # steps that mix units before the product or across them
-    assert choose("gru:cho") == choose("lstm:ln") == choose("mgu") == "loop"
+    assert choose("gru:cho") == choose("mgu") == "persistent"  # two barriers per step
+    # steps that mix units across them (layer norm's statistics), or no W_h (indrnn)
+    assert choose("lstm:ln") == choose("indrnn") == "loop"
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
     assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
@@ -199,7 +201,7 @@ def test_forward_and_backward_fn_replace_the_lax_scan_loops_of_projected_inputs(
         deferred_scan(cell, loop=dispatch.loop_fn(B, True), forward_fn=fn)
     with pytest.raises(ValueError, match="give both"):
         deferred_scan(cell, backward_fn=bwd)
-    for name in ("lstm:ln", "gru:cho", "mgu", "lstm:fgr"):
+    for name in ("lstm:ln", "lstm:fgr", "indrnn", "clockwork"):
         cell = recur.get_cell(name, H)
         with pytest.raises(ValueError, match=f"not {cell.name}"):
             persistent.forward_fn(cell)
@@ -241,6 +243,20 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
+@pytest.mark.parametrize("name", ["gru:cho", "mgu"])
+def test_two_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name):
+    """The reset-before cells' kernels (two barriers per step) end in NaN too, forward and backward."""
+    cell, params, xs, h0 = _setup(jnp.float32, name)
+    barrier = persistent._grid_barrier
+    monkeypatch.setattr(persistent, "MAX_SPINS", 3)
+    monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))
+    hs, carry = recur.scan(cell, params, xs, initial_carry=h0, mode="kernel")
+    assert bool(jnp.all(jnp.isnan(hs))) and bool(jnp.all(jnp.isnan(carry)))
+    grads = jax.grad(lambda p, c: jnp.sum(recur.scan(cell, p, xs, initial_carry=c, mode="kernel")[0]),
+                     argnums=(0, 1))(params, h0)
+    assert bool(jnp.all(jnp.isnan(grads[1]))) and bool(jnp.any(jnp.isnan(grads[0]["W_h"])))
+
+
 def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(interpret, monkeypatch):
     """Each barrier arriving twice stands for a counter that did not start at zero (the barriers
     then pass early): the final count is off, and the results are NaN, not a race's."""
@@ -260,7 +276,7 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
-                ("lstm:peepholes,cifg", jnp.bfloat16)]
+                ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)

@@ -5,8 +5,9 @@ Implementations (see docs/kernels.md for the table per cell):
 - ``loop``: recur/kernels/loop.py, the whole time loop of any cell's ``step`` in one Pallas
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
-- ``persistent``: recur/kernels/persistent.py, the forward and reverse time loops of the LSTM
-  (plain and Greff's variants), the reset-after GRU and the Elman RNN, W_h split across a grid of programs that meet at a
+- ``persistent``: recur/kernels/persistent.py (and persistent_reset.py), the forward and reverse
+  time loops of the LSTM (plain and Greff's variants), the GRU (both forms), the MGU and the
+  Elman RNN, W_h split across a grid of programs that meet at a
   barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets; the weight
   gradients stay the deferred scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
   not pick it.
@@ -112,7 +113,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
         from recur.kernels import persistent
 
         if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
-            wanted = "persistent"  # LSTM, GRU, Elman: W_h split across the GPU's programs
+            wanted = "persistent"  # LSTM, GRU, MGU, Elman: W_h split across the GPU's programs
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():

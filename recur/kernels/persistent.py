@@ -1,5 +1,6 @@
 """Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the LSTM (plain
-and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN.
+and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN; Cho's GRU and
+the MGU in recur/kernels/persistent_reset.py, on the same grid and barrier.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -29,8 +30,8 @@ step is the two kernels plus the deferred scan's large weight-gradient matmuls
 (recur/backprop.py's ``forward_fn`` / ``backward_fn``).
 
 A cell fits when its step, given W_h h, is element-wise in the hidden units: layer norm (statistics
-over all units), gate recurrence, a projection, Cho's GRU and the MGU (a gate times h before the
-product: a second barrier per step) do not, and keep the loop kernel.
+over all units), gate recurrence and a projection do not, and keep the loop kernel. Cho's GRU and
+the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -322,8 +323,9 @@ GRU_RULE = Rule("gru", 3, ("h",), (("t", 2), ("n", 1), ("rec_n", 1)), ("h",), "b
 def rule_for(cell):
     """The cell's :class:`Rule`, or a string saying why the persistent kernels do not run it."""
     from recur.cells.elman import Elman
-    from recur.cells.gru import GRU
+    from recur.cells.gru import GRU, MGU
     from recur.cells.lstm import LSTM
+    from recur.kernels import persistent_reset
 
     if isinstance(cell, LSTM) and cell.plain:
         return LSTM_RULE
@@ -331,10 +333,14 @@ def rule_for(cell):
         return _lstm_variant_rule(cell)
     if isinstance(cell, GRU) and cell.reset_after:
         return GRU_RULE
+    if isinstance(cell, GRU):
+        return persistent_reset.CHO
+    if isinstance(cell, MGU):
+        return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
     return (f"the persistent kernels run the LSTM (without layer norm, gate recurrence or a projection), "
-            f"the reset-after GRU and the Elman RNN, not {cell.name}")
+            f"the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):
@@ -627,6 +633,10 @@ def forward_fn(cell, interpret=False, programs=None):
     time loop as :func:`run_forward`, with the carries and the saved values its fused backward step
     reads (the cell's step_saving value, stacked over time; W_h h for the LSTM variants)."""
     rule = _rule(cell)
+    if not isinstance(rule, Rule):  # Cho's GRU, the MGU: recur/kernels/persistent_reset.py
+        from recur.kernels import persistent_reset
+
+        return persistent_reset.forward_fn(rule, cell, interpret, programs)
 
     def forward(params, carry0, us_T, mask_T, keep):
         parts = rule.parts(carry0)
@@ -645,14 +655,23 @@ def forward_fn(cell, interpret=False, programs=None):
     return forward
 
 
-BACKWARD = True  # the reverse loop as run_backward too (False: the deferred scan's lax.scan loop)
+BACKWARD = True  # the reverse loop as run_backward too (False: the deferred scan's lax.scan loop,
+# for the cells with a Rule; the two-phase cells of persistent_reset.py always take their kernel)
 
 
 def backward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``backward_fn`` for a cell with a :class:`Rule`:
     :func:`run_backward` over what :func:`forward_fn` stored. The step's own parameter vectors'
-    gradients (the peepholes') come back as a params-shaped tree, zero elsewhere."""
+    gradients (the peepholes') come back as a params-shaped tree, zero elsewhere. None where
+    BACKWARD is False and the lax.scan reverse loop can read what forward_fn saves (every cell with
+    a Rule)."""
     rule = _rule(cell)
+    if not isinstance(rule, Rule):
+        from recur.kernels import persistent_reset
+
+        return persistent_reset.backward_fn(rule, cell, interpret, programs)
+    if not BACKWARD:
+        return None
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         parts = rule.parts(carries)
