@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import recur
-from cell_cases import CASES, hidden_size
+from cell_cases import ALIASES, CASES, hidden_size
 from numpy_ref import reference
 from recur.cells import LSTM, Elman
 
@@ -150,6 +150,16 @@ def test_reference_depends_on_switch(name):
         np.testing.assert_array_equal(hs, plain_hs)
     else:
         assert np.abs(hs - plain_hs).max() > 1e-3, f"the reference ignores a switch of {name}"
+
+
+def test_aliases_build_the_cell_they_stand_for():
+    """The generic tests run each configuration once (tests/cell_cases.py): the names they leave
+    out are the registry's aliases, which build the same cell at any size and precision."""
+    assert ALIASES == {"elman:tanh": "elman", "lstm:peepholes": "lstm:vanilla", "lstm:np": "lstm",
+                       "gru:reset_before": "gru:cho", "gru:reset_after": "gru", "indrnn:relu": "indrnn"}
+    for alias, name in ALIASES.items():
+        assert recur.get_cell(alias, 12, dtype=jnp.bfloat16) == recur.get_cell(name, 12, dtype=jnp.bfloat16)
+    assert recur.get_cell("lstm:peepholes", 12) != recur.get_cell("lstm", 12)  # equality can fail
 
 
 def test_reference_elman_nobias():

@@ -512,7 +512,9 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)] if rule.reads_u else None
             return sv, pv, uv, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
 
-        params_of = lambda iu: {name: [ref[units(iu, j)] for j in range(k)] for ref, (name, k) in zip(p_refs, rule.params)}
+        def params_of(iu):
+            return {name: [ref[units(iu, j)] for j in range(k)] for ref, (name, k) in zip(p_refs, rule.params)}
+
         states = [({k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, dT_refs)},
                    {name: [jnp.zeros((U,), f32)] * k for name, k in rule.params}, step_inputs(T - 1, ib, iu))
                   for ib, iu in blocks]

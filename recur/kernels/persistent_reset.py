@@ -193,7 +193,10 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             """Rows of d u at step t (columns [row0, row0 + n_rows)) times w_ref's rows from col."""
             def dot(j, acc):
                 x = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(row0 + j * KB, KB)], interpret)
-                w = w_ref[pl.ds(col + j * KB, KB), pl.ds(width[0], width[1])] if width else w_ref[pl.ds(col + j * KB, KB), :]
+                if width:
+                    w = w_ref[pl.ds(col + j * KB, KB), pl.ds(width[0], width[1])]
+                else:
+                    w = w_ref[pl.ds(col + j * KB, KB), :]
                 return acc + jax.lax.dot(x, w, preferred_element_type=f32)
 
             return jax.lax.fori_loop(0, n_rows // KB, dot, jnp.zeros((BB, U), f32))

@@ -1,0 +1,75 @@
+"""The persistent kernels (recur/kernels/persistent.py, persistent_reset.py) against the sequential
+scan: the largest relative error over the outputs, the final carry and the gradients for the
+weights, the inputs and the initial carry, per cell and precision, without and with lengths (one
+of them 0) and reverse reading.
+
+    RECUR_PALLAS_INTERPRET=1 python -m experiments.persistent_check --cells gru elman lstm:peepholes,cifg
+    python -m experiments.persistent_check --batch 64 --hidden 1024 --length 64   # on a GPU
+
+On a CPU the kernels run in Pallas' interpret mode (one program walks every block); on a GPU they
+run as they do in training, so this is the first check to make there.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import recur
+from recur.kernels import dispatch
+
+
+def check(name, dtype, B, T, I, H):
+    """{option: max relative error} of mode="kernel" against mode="sequential"."""
+    cell = recur.get_cell(name, H, dtype=dtype)
+    impl = dispatch.choose(cell, "kernel", B, T, I, "none")[0]
+    if impl != "persistent":
+        raise SystemExit(f"{name}: mode='kernel' runs {impl!r} here, not the persistent kernels")
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
+                          cell.init(jax.random.key(0), I))
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    c0 = jax.tree.map(lambda c: 0.5 * jax.random.normal(jax.random.key(2), c.shape, c.dtype), cell.initial_carry(B))
+    w = jax.random.normal(jax.random.key(4), (B, T, cell.output_size))
+
+    def run(mode, **kw):
+        def loss(p, x, c):
+            hs, carry = recur.scan(cell, p, x, initial_carry=c, mode=mode, **kw)
+            return (jnp.sum(hs.astype(jnp.float32) * w) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(carry)),
+                    (hs, carry))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, xs, c0)
+
+    errors = {}
+    for option, kw in (("plain", {}), ("lengths, reverse", {"lengths": jnp.arange(B) % (T + 1), "reverse": True})):
+        want, got = run("sequential", **kw), run("kernel", **kw)
+        errs = []
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            errs.append(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30)))
+        errors[option] = max(errs)
+    return errors
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", nargs="+", default=["lstm", "gru", "elman", "elman:relu", "lstm:peepholes",
+                                                   "lstm:cifg", "lstm:nig,noaf", "gru:cho", "mgu"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=7)
+    p.add_argument("--input", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=32)
+    a = p.parse_args(argv)
+    print(f"backend {jax.default_backend()}, interpret {dispatch.interpret_forced()}, B={a.batch}, T={a.length}, "
+          f"I={a.input}, H={a.hidden}")
+    print("cell | dtype | plain | lengths, reverse")
+    for name in a.cells:
+        for dt in a.dtypes:
+            errs = check(name, getattr(jnp, dt), a.batch, a.length, a.input, a.hidden)
+            print(f"{name} | {dt} | {errs['plain']:.1e} | {errs['lengths, reverse']:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
