@@ -137,11 +137,11 @@ def ln_fused(make):
     from recur.cells import lstm
 
     def made():
-        lstm.LN_FUSED_BACKWARD = True
+        before, lstm.LN_FUSED_BACKWARD = lstm.LN_FUSED_BACKWARD, True
         try:
             return make()
         finally:
-            lstm.LN_FUSED_BACKWARD = False
+            lstm.LN_FUSED_BACKWARD = before
     return made
 
 

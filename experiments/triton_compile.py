@@ -82,8 +82,8 @@ def kernels_ir(cell, I):
 
 def persistent_ir(H, dtype, B=64, programs=132, cell="lstm"):
     """[Triton IR text] of the persistent kernels of a training step (forward, backward) of a cell
-    (lstm, gru, elman) at batch B, hidden size H, for a GPU of ``programs`` SMs
-    (recur/kernels/persistent.py)."""
+    they run (recur.kernels.persistent.rule_for) at batch B, hidden size H, for a GPU of
+    ``programs`` SMs."""
     import recur.kernels.persistent as ps
 
     cell = recur.get_cell(cell, H, dtype=dtype)

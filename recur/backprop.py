@@ -142,8 +142,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     (d carry0, d u, d rec or None where it is the cell's ``recurrent_cotangent`` of d u (both
     stacked over time), d params of the step itself or None where it has none), from forward_fn's
     stored carries and saved values. recur/kernels/persistent.py supplies both for the LSTM and
-    its variants, the reset-after GRU and the Elman RNN; the weight gradients stay as here, large
-    matmuls after the loop.
+    its variants, the GRU (both forms), the MGU and the Elman RNN; the weight gradients stay as
+    here, large matmuls after the loop.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -223,31 +223,31 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
                 return (dc, dreset), (du, own_drec, pieces[0] if pieces else None)
             return (dc, dreset), (du, drec, dnew)
 
-        n = T * B
-        c_all = _flat(carries, n)
+        step_dparams = None  # the step's own parameters' gradients, from backward_fn
         if backward_fn is not None:  # no resets: forward_fn took none
-            dcarry0, dus, own_drecs, dparams = backward_fn(params, carries, recs, us, dhs, mask, dcarry_T)
-            dreset = None
-            drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
-            dus = jax.tree.map(lambda d, u: d.astype(u.dtype), dus, us)
-            if dparams is None:
-                dparams = jax.tree.map(jnp.zeros_like, params)
+            dcarry0, dus, own_drecs, step_dparams = backward_fn(params, carries, recs, us, dhs, mask, dcarry_T)
+            dreset, ys = None, (dus, own_drecs, None)
         else:
             (dcarry0, dreset), ys = loop(  # a fused step reads no u
                 body, params, None, (dcarry_T, dreset0), (carries, None if fused else us, recs, dhs, mask, resets),
                 reverse=True
             )
+
         # parameter gradients for all steps at once: the T*B rows as one batch
-        if backward_fn is not None:  # the step's own parameters' from backward_fn; W_h's below
-            pass
-        elif fused:
+        n = T * B
+        c_all = _flat(carries, n)
+        if fused or backward_fn is not None:
             dus, own_drecs, pieces = ys
             drecs = cell.recurrent_cotangent(dus) if own_drecs is None else own_drecs
             if not project:  # a float32 d pre, for inputs given in half precision (projected=True)
                 dus = jax.tree.map(lambda d, u: d.astype(u.dtype), dus, us)
             # a step with parameters of its own (the layer-norm LSTM's) sums its pieces here
-            dparams = (jax.tree.map(jnp.zeros_like, params) if pieces is None
-                       else cell.param_grads(params, recs, pieces))
+            if step_dparams is not None:
+                dparams = step_dparams
+            elif pieces is not None:
+                dparams = cell.param_grads(params, recs, pieces)
+            else:
+                dparams = jax.tree.map(jnp.zeros_like, params)
         else:
             dus, drecs, dnews = ys
             u_all, rec_all = _flat(us, n), _flat(recs, n)

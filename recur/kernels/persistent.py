@@ -127,8 +127,8 @@ class _Grid:
         self.acc = jnp.promote_types(self.cdt, jnp.float32)
 
     def parts(self):
-        """(BB, U, KB, nu, rows, units, compute dtype, accumulation dtype)."""
-        return self.BB, self.U, self.KB, self.nu, self.rows, self.units, self.cdt, self.acc
+        """(BB, U, nu, rows, units, compute dtype, accumulation dtype)."""
+        return self.BB, self.U, self.nu, self.rows, self.units, self.cdt, self.acc
 
     def blocks(self):
         if self.interpret:
@@ -141,6 +141,22 @@ class _Grid:
     def units(self, iu, g=0):
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
+
+    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0):
+        """Block ib's rows of what the programs wrote to src_ref[t] (columns [src_col, src_col +
+        depth), read fresh) times rows [w_row, w_row + depth) of w_ref, one [BB, width] float32
+        product per (column, width) window of w_ref, in K_BLOCK-deep dots that share each load of
+        src (several windows: the GRU's 2U and U columns)."""
+        KB, f32 = self.KB, self.acc
+
+        def dot(j, accs):
+            x = _load_fresh(src_ref.at[t, self.rows(ib), pl.ds(src_col + j * KB, KB)], self.interpret)
+            return tuple(acc + jax.lax.dot(x, w_ref[pl.ds(w_row + j * KB, KB), pl.ds(col, width)],
+                                           preferred_element_type=f32)
+                         for acc, (col, width) in zip(accs, windows))
+
+        zeros = tuple(jnp.zeros((self.BB, width), f32) for _, width in windows)
+        return jax.lax.fori_loop(0, depth // KB, dot, zeros)
 
     def launch(self, kernel, inputs, out_shape, name, arrivals):
         """Run kernel(in_refs, out_refs, barrier) over the grid; returns (outputs, ok). barrier(arrivals,
@@ -173,7 +189,8 @@ class _Grid:
 class Rule:
     """A cell's step as the persistent kernels run it: on lists of [rows, units] float32 blocks,
     one per gate block, so that each program applies it to its own rows and units only (a step
-    that mixes units, such as layer norm's statistics or Cho's r * h before the product, has none).
+    that mixes units, such as layer norm's statistics, has none; Cho's GRU and the MGU, whose
+    r * h precedes a product, run in persistent_reset.py).
 
     forward(u, rec, state, p) -> (new state, saved): u, rec: the projected inputs' and W_h h's
     (+ ``bias``) gate blocks; state / new state: {component: block}; p: {name: [blocks]} of the
@@ -199,6 +216,7 @@ class Rule:
     params: tuple = ()  # ((name, blocks), ...): per-unit parameter vectors [blocks * H] the step reads
     reads_u: bool = False  # the backward step reads the projected inputs (it recomputes the step)
     saved_as: str | None = None  # saved values handed on as {saved_as: the one saved array}
+    own_drec: bool = False  # backward's d rec differs from d u (it returns it: not None)
 
     def pack(self, saved: dict):
         """{name: array} -> the cell's step_saving value (stacked over time), or {saved_as: it}."""
@@ -317,7 +335,9 @@ def _lstm_variant_rule(cell):
 
 
 LSTM_RULE = Rule("lstm", 4, ("h", "c"), (("tg", 4), ("tc", 1)), ("c",), None, _lstm_forward, _lstm_backward)
-GRU_RULE = Rule("gru", 3, ("h",), (("t", 2), ("n", 1), ("rec_n", 1)), ("h",), "b_h", _gru_forward, _gru_backward)
+# the reset gate scales the n block of d rec: d rec_n = r d u_n
+GRU_RULE = Rule("gru", 3, ("h",), (("t", 2), ("n", 1), ("rec_n", 1)), ("h",), "b_h", _gru_forward, _gru_backward,
+                own_drec=True)
 
 
 def rule_for(cell):
@@ -370,7 +390,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     n = rule.gates
     H = GH // n
     grid = _Grid(B, H, dtype, programs, interpret)
-    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h [nH, H] -> W_h^T with each program's n*U columns together, ordered (gate, unit)
     w = jnp.transpose(W_h.astype(cdt)).reshape(H, n, nu, U).transpose(0, 2, 1, 3).reshape(H, n * H)
     has_mask, has_bias = mask_T is not None, rule.bias is not None
@@ -415,14 +435,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
             states, gave_up = carry
             new_states = []
             for (ib, iu), (s, (bias, pv), (u, m)) in zip(blocks, states):
-                def dot(k, accs, ib=ib, iu=iu):
-                    hk = _load_fresh(hq_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
-                    return tuple(acc + jax.lax.dot(hk, w_ref[pl.ds(k * KB, KB), pl.ds((iu * n + g0) * U, size * U)],
-                                                   preferred_element_type=f32)
-                                 for acc, (g0, size) in zip(accs, _groups(n)))
-
-                accs = jax.lax.fori_loop(0, H // KB, dot, tuple(jnp.zeros((BB, size * U), f32)
-                                                                for _, size in _groups(n)))
+                accs = grid.product(hq_ref, t, ib, w_ref, H, [((iu * n + g0) * U, size * U) for g0, size in _groups(n)])
                 rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
                 if has_bias:
                     rec = [r + b for r, b in zip(rec, bias)]
@@ -472,11 +485,11 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
     n, H = rule.gates, W_h.shape[1]
     G = n * H
     grid = _Grid(B, H, dtype, programs, interpret)
-    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h [nH, H] -> each program's [nH, U] column slice, stacked: [nu * nH, U]
     w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
     has_mask = mask_T is not None
-    own_drec = rule.name == "gru"  # d rec differs from d u (the reset gate scales the n block)
+    own_drec = rule.own_drec
     shared = cdt != jnp.dtype(f32)  # a separate d rec copy in dtype for the other programs' products
     ns, nsv, nr = len(rule.state), len(rule.saved), len(rule.reads)
     inputs = [dhs_T] + [saved[name] for name, _ in rule.saved] + [prev[k] for k in rule.reads] + [w]
@@ -547,12 +560,7 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             gave_up = barrier(i + 1, gave_up)
             new_states = []
             for (ib, iu), (pas, dp_sum, next_inputs) in zip(blocks, passing):
-                def dot(k, acc, ib=ib, iu=iu):
-                    dk = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(k * KB, KB)], interpret)
-                    wk = w_ref[pl.ds(iu * G + k * KB, KB), :]
-                    return acc + jax.lax.dot(dk, wk, preferred_element_type=f32)
-
-                dh_rec = jax.lax.fori_loop(0, G // KB, dot, jnp.zeros((BB, U), f32))
+                (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
                 new_states.append((dict(pas, h=pas["h"] + dh_rec), dp_sum, next_inputs))
             return new_states, gave_up
 

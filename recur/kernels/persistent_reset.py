@@ -22,7 +22,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from recur.cells.base import halved
 
@@ -58,13 +57,13 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
     with keep {"mq": m_t [T, B, H] in dtype, "gates": [T, B, k H], "n": [T, B, H], and "h" (the h
     entering each step, float32) where hq is rounded}; float32 (float64 for a float64 dtype).
     """
-    from recur.kernels.persistent import _Grid, _load_fresh
+    from recur.kernels.persistent import _Grid
 
     T, B, GH = us_T.shape
     k = spec.k
     H = GH // (k + 1)
     grid = _Grid(B, H, dtype, programs, interpret)
-    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
     W = W_h.astype(cdt)
     # the gates' W_g^T [H, k H] with each program's k U columns together, ordered (gate, unit);
     # the candidate's W_n^T [H, H] (a program's columns are its units)
@@ -92,13 +91,6 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
             u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(k + 1))
             return u, (mask_ref[t, rows(ib)] if has_mask else None)
 
-        def product(src_ref, t, ib, w_ref, col, width):
-            def dot(j, acc):
-                x = _load_fresh(src_ref.at[t, rows(ib), pl.ds(j * KB, KB)], interpret)
-                return acc + jax.lax.dot(x, w_ref[pl.ds(j * KB, KB), pl.ds(col, width)], preferred_element_type=f32)
-
-            return jax.lax.fori_loop(0, H // KB, dot, jnp.zeros((BB, width), f32))
-
         states = []
         for ib, iu in blocks:
             h = h0_ref[rows(ib), units(iu)]
@@ -111,7 +103,8 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
             states, gave_up = carry
             mids = []
             for (ib, iu), (h, bias, (u, m)) in zip(blocks, states):
-                pre = halved(product(hq_ref, t, ib, wg_ref, iu * k * U, k * U), k)
+                (pre,) = grid.product(hq_ref, t, ib, wg_ref, H, [(iu * k * U, k * U)])
+                pre = halved(pre, k)
                 pre = [u[g] + p + (bias[g] if has_bias else 0.0) for g, p in enumerate(pre)]
                 rho, z, gate_values = _gates(spec, pre)
                 mq_ref[t, rows(ib), units(iu)] = (rho * h).astype(cdt)
@@ -119,7 +112,8 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
             gave_up = barrier(2 * t + 2, gave_up)
             new_states = []
             for (ib, iu), (h, bias, (u, m)), (z, gate_values) in zip(blocks, states, mids):
-                rec_n = product(mq_ref, t, ib, wn_ref, iu * U, U) + (bias[k] if has_bias else 0.0)
+                (rec_n,) = grid.product(mq_ref, t, ib, wn_ref, H, [(iu * U, U)])
+                rec_n = rec_n + (bias[k] if has_bias else 0.0)
                 n = jnp.tanh(u[k] + rec_n)
                 h_new = (1.0 - z) * n + z * h
                 if has_mask:
@@ -157,13 +151,13 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
     [T, B, H]: the h entering each step (float32); dh_T [B, H]: the final carry's cotangent.
     Returns (d u [T, B, (k + 1) H] float32: the gates' d pre, then the candidate's, d h0 [B, H]).
     """
-    from recur.kernels.persistent import _Grid, _load_fresh
+    from recur.kernels.persistent import _Grid
 
     T, B, _ = dhs_T.shape
     k, H = spec.k, W_h.shape[1]
     G = (k + 1) * H
     grid = _Grid(B, H, dtype, programs, interpret)
-    BB, U, KB, nu, rows, units, cdt, f32 = grid.parts()
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
     W = W_h.astype(cdt)
     # each program's column slices: of W_n [H, H] (rows: the candidate's units) and of W_g [k H, H]
     wn = W[k * H:]
@@ -189,18 +183,6 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             return (gates, n_ref[t, r, u], hp_ref[t, r, u], dhs_ref[t, r, u].astype(f32),
                     mask_ref[t, r] if has_mask else None)
 
-        def product(t, ib, w_ref, row0, n_rows, col, width):
-            """Rows of d u at step t (columns [row0, row0 + n_rows)) times w_ref's rows from col."""
-            def dot(j, acc):
-                x = _load_fresh(comm_ref.at[t, rows(ib), pl.ds(row0 + j * KB, KB)], interpret)
-                if width:
-                    w = w_ref[pl.ds(col + j * KB, KB), pl.ds(width[0], width[1])]
-                else:
-                    w = w_ref[pl.ds(col + j * KB, KB), :]
-                return acc + jax.lax.dot(x, w, preferred_element_type=f32)
-
-            return jax.lax.fori_loop(0, n_rows // KB, dot, jnp.zeros((BB, U), f32))
-
         def write(t, ib, iu, g, value, gave_up):
             du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value)
             if shared:
@@ -225,7 +207,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             seconds = []
             for (ib, iu), (_, (gates, n, h, _, _)), (dz, passing) in zip(blocks, states, firsts):
                 # d m for this program's units: every unit's d pre_n times W_n's columns of them
-                dm = product(t, ib, wn_ref, k * H, H, 0, (iu * U, U))
+                (dm,) = grid.product(comm_ref, t, ib, wn_ref, H, [(iu * U, U)], src_col=k * H)
                 if spec.mgu:  # f is the reset gate and 1 - z
                     f = gates[0]
                     write(t, ib, iu, 0, (dm * h - dz) * f * (1.0 - f), gave_up)
@@ -237,7 +219,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             gave_up = barrier(2 * i + 2, gave_up)
             new_states = []
             for (ib, iu), passing in zip(blocks, seconds):
-                dh_rec = product(t, ib, wg_ref, 0, k * H, iu * k * H, None)
+                (dh_rec,) = grid.product(comm_ref, t, ib, wg_ref, k * H, [(0, U)], w_row=iu * k * H)
                 new_states.append((passing + dh_rec, step_inputs(t - 1, ib, iu)))
             return new_states, gave_up
 
