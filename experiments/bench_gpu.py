@@ -71,12 +71,15 @@ def _block(x):
 
 
 def recur_fn(cell_name, H, B, T, dtype, mode, train, unroll=None):
+    """mode: a recur.scan mode, or MODE+REMAT (kernel+step: the persistent kernels recomputing the
+    gates in the reverse loop)."""
+    mode, _, remat = mode.partition("+")
     cell = recur.get_cell(cell_name, H, dtype=dtype)
     params = cell.init(jax.random.key(0), H)
     xs = jax.random.normal(jax.random.key(1), (B, T, H), dtype)
 
     def loss(p, x):
-        hs, _ = recur.scan(cell, p, x, mode=mode, unroll=unroll)
+        hs, _ = recur.scan(cell, p, x, mode=mode, unroll=unroll, remat=remat or "none")
         return jnp.mean(jnp.square(hs.astype(jnp.float32)))
 
     f = jax.jit(jax.grad(loss, argnums=(0, 1)) if train else loss)
@@ -222,6 +225,8 @@ def part1(args, have_torch, gpu, rows, save):
                     fns["flax OptimizedLSTMCell"] = lambda: flax_lstm_fn(H, args.batch, args.length, jdt, train)
                 for cell in args.cells:
                     for mode in args.modes or ("sequential", "kernel") + (("auto",) if cell == "lstm" else ()):
+                        if "+" in mode and not train:  # a remat changes only the training step
+                            continue
                         fns[f"recur {cell} {mode}"] = (lambda c=cell, m=mode: recur_fn(c, H, args.batch, args.length, jdt, m, train))
                 print(f"H={H} {prec} {task}")
                 RESULTS.clear()
@@ -317,7 +322,8 @@ def main(argv=None):
     p.add_argument("--linear-hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--modes", default="", help="recur.scan modes timed for every cell (default: sequential "
-                                               "and kernel, and auto for the LSTM)")
+                                               "and kernel, and auto for the LSTM); MODE+REMAT adds a remat, "
+                                               "e.g. kernel+step")
     p.add_argument("--baselines", default="torch,jax-cudnn,lax,flax",
                    help="the comparison systems of part 1: torch (cuDNN), jax-cudnn, lax, flax")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")

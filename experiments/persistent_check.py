@@ -1,9 +1,10 @@
-"""The persistent kernels (recur/kernels/persistent.py, persistent_reset.py) against the sequential
+"""The persistent kernels (recur/kernels/persistent.py, persistent_reset.py, persistent_ln.py) against the sequential
 scan: the largest relative error over the outputs, the final carry and the gradients for the
 weights, the inputs and the initial carry, per cell and precision, without and with lengths (one
 of them 0) and reverse reading.
 
     RECUR_PALLAS_INTERPRET=1 python -m experiments.persistent_check --cells gru elman lstm:peepholes,cifg
+    RECUR_PALLAS_INTERPRET=1 python -m experiments.persistent_check --cells lstm gru elman --remat step
     python -m experiments.persistent_check --batch 64 --hidden 1024 --length 64   # on a GPU
 
 On a CPU the kernels run in Pallas' interpret mode (one program walks every block); on a GPU they
@@ -21,10 +22,10 @@ import recur
 from recur.kernels import dispatch
 
 
-def check(name, dtype, B, T, I, H):
-    """{option: max relative error} of mode="kernel" against mode="sequential"."""
+def check(name, dtype, B, T, I, H, remat="none"):
+    """{option: max relative error} of mode="kernel" (with ``remat``) against mode="sequential"."""
     cell = recur.get_cell(name, H, dtype=dtype)
-    impl = dispatch.choose(cell, "kernel", B, T, I, "none")[0]
+    impl = dispatch.choose(cell, "kernel", B, T, I, remat)[0]
     if impl != "persistent":
         raise SystemExit(f"{name}: mode='kernel' runs {impl!r} here, not the persistent kernels")
     params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
@@ -43,7 +44,7 @@ def check(name, dtype, B, T, I, H):
 
     errors = {}
     for option, kw in (("plain", {}), ("lengths, reverse", {"lengths": jnp.arange(B) % (T + 1), "reverse": True})):
-        want, got = run("sequential", **kw), run("kernel", **kw)
+        want, got = run("sequential", **kw), run("kernel", remat=remat, **kw)
         errs = []
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -55,19 +56,21 @@ def check(name, dtype, B, T, I, H):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", nargs="+", default=["lstm", "gru", "elman", "elman:relu", "lstm:peepholes",
-                                                   "lstm:cifg", "lstm:nig,noaf", "gru:cho", "mgu"])
+                                                   "lstm:cifg", "lstm:nig,noaf", "gru:cho", "mgu", "lstm:ln"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=7)
     p.add_argument("--input", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--remat", default="none", choices=["none", "step"],
+                   help="step: the backward kernels recompute the gates (the one-barrier cells)")
     a = p.parse_args(argv)
     print(f"backend {jax.default_backend()}, interpret {dispatch.interpret_forced()}, B={a.batch}, T={a.length}, "
-          f"I={a.input}, H={a.hidden}")
+          f"I={a.input}, H={a.hidden}, remat {a.remat}")
     print("cell | dtype | plain | lengths, reverse")
     for name in a.cells:
         for dt in a.dtypes:
-            errs = check(name, getattr(jnp, dt), a.batch, a.length, a.input, a.hidden)
+            errs = check(name, getattr(jnp, dt), a.batch, a.length, a.input, a.hidden, a.remat)
             print(f"{name} | {dt} | {errs['plain']:.1e} | {errs['lengths, reverse']:.1e}", flush=True)
 
 

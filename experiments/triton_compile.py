@@ -80,10 +80,10 @@ def kernels_ir(cell, I):
     return list(zip(modules, warps))
 
 
-def persistent_ir(H, dtype, B=64, programs=132, cell="lstm"):
+def persistent_ir(H, dtype, B=64, programs=132, cell="lstm", remat="none"):
     """[Triton IR text] of the persistent kernels of a training step (forward, backward) of a cell
     they run (recur.kernels.persistent.rule_for) at batch B, hidden size H, for a GPU of
-    ``programs`` SMs."""
+    ``programs`` SMs; remat="step": the backward kernel that recomputes the gates."""
     import recur.kernels.persistent as ps
 
     cell = recur.get_cell(cell, H, dtype=dtype)
@@ -91,7 +91,7 @@ def persistent_ir(H, dtype, B=64, programs=132, cell="lstm"):
     xs = jax.ShapeDtypeStruct((B, 4, H), dtype)
 
     def loss(p, x):
-        hs, _ = recur.scan(cell, p, x, mode="kernel")
+        hs, _ = recur.scan(cell, p, x, mode="kernel", remat=remat)
         return jnp.sum(hs.astype(jnp.float32))
 
     on_gpu, sms = dispatch._on_gpu, ps.sm_count
@@ -135,6 +135,8 @@ def main(argv=None):
     p.add_argument("--whole", action="store_true", help="hold every matrix whole (no tiles), as before tiling")
     p.add_argument("--persistent", default="", help="instead: the persistent kernels of --cells (B = 64) at these "
                    "K_BLOCK/warps/stages settings, e.g. 128/4/1,256/8/3")
+    p.add_argument("--remat", default="none", choices=["none", "step"],
+                   help="with --persistent: step compiles the backward kernel that recomputes the gates")
     args = p.parse_args(argv)
     if args.persistent:
         return persistent_table(args)
@@ -163,7 +165,7 @@ def persistent_table(args):
             before = ps.K_BLOCK
             ps.K_BLOCK = kb
             try:
-                irs = persistent_ir(H, getattr(jnp, args.dtype), cell=name)
+                irs = persistent_ir(H, getattr(jnp, args.dtype), cell=name, remat=args.remat)
             finally:
                 ps.K_BLOCK = before
             for which, text in zip(("forward", "backward"), irs):

@@ -31,7 +31,8 @@ Semantics, for batch row b:
   its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
   a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
-  (no GPU, a cell the GPU back end cannot lower, a complex state, remat) it runs the plain scan
+  (no GPU, a cell the GPU back end cannot lower, a complex state, remat other than "step" with
+  the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
   through cuDNN (``jax.experimental.rnn``) on a GPU, falling back the same way for anything
   else. ``mode="auto"`` takes what was measured fastest: on a GPU the sequential scan for every
@@ -236,8 +237,10 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.backprop import deferred_scan
         from recur.kernels import persistent
 
-        bwd = persistent.backward_fn(cell, interpret)  # None: the lax.scan reverse loop (BACKWARD)
-        hs, carry = deferred_scan(cell, unroll, forward_fn=persistent.forward_fn(cell, interpret), backward_fn=bwd)(
+        # remat="step": the reverse loop recomputes the gates from the carries
+        bwd = persistent.backward_fn(cell, interpret, remat=remat)  # None: the lax.scan reverse loop (BACKWARD)
+        fwd = persistent.forward_fn(cell, interpret, remat=remat)
+        hs, carry = deferred_scan(cell, unroll, forward_fn=fwd, backward_fn=bwd)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":

@@ -6,6 +6,7 @@ within each step: the same kernel code, block slicing and barrier counting. A se
 it for an H100 through the Triton back end (no GPU needed).
 """
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
     ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True), ("gru:cho", jnp.float32, 2e-5, True),
-    ("mgu", jnp.bfloat16, 1.5e-2, True)])
+    ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -159,11 +160,17 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     for name in ("lstm:peepholes", "lstm:cifg", "lstm:peepholes,cifg", "lstm:nig,noaf", "lstm:nfg,nog,niaf"):
         assert choose(name) == "persistent", name
     assert choose("gru:cho") == choose("mgu") == "persistent"  # two barriers per step
-    # steps that mix units across them (layer norm's statistics), or no W_h (indrnn)
-    assert choose("lstm:ln") == choose("indrnn") == "loop"
+    # layer norm's statistics: a reduction across the programs (persistent_ln.py), with the plain gates
+    assert choose("lstm:ln") == "persistent"
+    assert choose("lstm:ln,peepholes") == choose("indrnn") == "loop"  # no W_h in indrnn
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
-    assert persistent.problem(recur.get_cell("lstm", H), B, remat="step") is not None
+    # remat="step": the one-barrier kernels recompute the gates in the reverse loop; other remats and
+    # the multi-barrier kernels fall back
+    step = lambda name, remat="step": dispatch.choose(recur.get_cell(name, H), "kernel", B, T, I, remat)[0]
+    assert step("lstm") == step("gru") == step("lstm:cifg") == "persistent"
+    assert step("lstm", "sqrt") == step("gru:cho") == step("lstm:ln") == "sequential"
+    assert "remat" in persistent.problem(recur.get_cell("lstm", H), B, remat=4)
 
 
 def test_backward_kernel_matches_the_fused_step_backward_loop():
@@ -201,7 +208,7 @@ def test_forward_and_backward_fn_replace_the_lax_scan_loops_of_projected_inputs(
         deferred_scan(cell, loop=dispatch.loop_fn(B, True), forward_fn=fn)
     with pytest.raises(ValueError, match="give both"):
         deferred_scan(cell, backward_fn=bwd)
-    for name in ("lstm:ln", "lstm:fgr", "indrnn", "clockwork"):
+    for name in ("lstm:ln,cifg", "lstm:fgr", "indrnn", "clockwork"):
         cell = recur.get_cell(name, H)
         with pytest.raises(ValueError, match=f"not {cell.name}"):
             persistent.forward_fn(cell)
@@ -243,18 +250,20 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
-@pytest.mark.parametrize("name", ["gru:cho", "mgu"])
-def test_two_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name):
-    """The reset-before cells' kernels (two barriers per step) end in NaN too, forward and backward."""
-    cell, params, xs, h0 = _setup(jnp.float32, name)
+@pytest.mark.parametrize("name", ["gru:cho", "mgu", "lstm:ln"])
+def test_multi_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name):
+    """The kernels with two (reset-before cells) or three (layer norm) barriers per step end in NaN
+    too, forward and backward."""
+    cell, params, xs, carry0 = _setup(jnp.float32, name)
     barrier = persistent._grid_barrier
     monkeypatch.setattr(persistent, "MAX_SPINS", 3)
     monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))
-    hs, carry = recur.scan(cell, params, xs, initial_carry=h0, mode="kernel")
-    assert bool(jnp.all(jnp.isnan(hs))) and bool(jnp.all(jnp.isnan(carry)))
+    hs, carry = recur.scan(cell, params, xs, initial_carry=carry0, mode="kernel")
+    assert bool(jnp.all(jnp.isnan(hs))) and all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(carry))
     grads = jax.grad(lambda p, c: jnp.sum(recur.scan(cell, p, xs, initial_carry=c, mode="kernel")[0]),
-                     argnums=(0, 1))(params, h0)
-    assert bool(jnp.all(jnp.isnan(grads[1]))) and bool(jnp.any(jnp.isnan(grads[0]["W_h"])))
+                     argnums=(0, 1))(params, carry0)
+    assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(grads[1]))
+    assert bool(jnp.any(jnp.isnan(grads[0]["W_h"])))
 
 
 def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(interpret, monkeypatch):
@@ -276,7 +285,8 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
-                ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16)]
+                ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16),
+                ("lstm:ln", jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)
@@ -305,3 +315,110 @@ def test_persistent_kernels_fit_an_h100_without_spills(name, dtype):
     for text in persistent_ir(1024, dtype, cell=name):
         shared, regs, spill_st, spill_ld = compile_sm90(text, persistent.NUM_WARPS, persistent.NUM_STAGES)
         assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
+
+
+def test_layer_norm_kernels_are_the_cells_step_saving_and_step_backward():
+    """persistent_ln's forward values and reverse loop against recur.cells.lstm's layer-norm
+    step_saving / step_backward, step by step, float32, with a padded step. H = 48: 3 unit blocks,
+    so the partial-sum buffers have a padding row (4), and W_h h has a large common offset per row
+    (about 72, spread 0.9): the partial moments are combined without cancellation (E[x^2] - E[x]^2
+    is 3e-3 off in r_hat here, the kernel 4e-5: the product's rounding, normalised)."""
+    from recur.kernels import persistent_ln
+
+    H_ = 48
+    cell = recur.get_cell("lstm:ln", H_)
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
+                          cell.init(jax.random.key(0), I))
+    params["W_h"] = params["W_h"] + 3.0  # W_h h = large offset + small spread in each row
+    xs = jax.random.normal(jax.random.key(1), (T, B, I))
+    h0 = 0.5 + 0.1 * jax.random.normal(jax.random.key(2), (B, H_))
+    c0 = jax.random.normal(jax.random.key(3), (B, H_))
+    us = cell.project(params, xs)
+    mask = (jnp.arange(T)[:, None] < (jnp.arange(B) % (T + 1))[None, :])
+    assert persistent.layout(B, H_, persistent.sm_count())[1] == 16  # 3 unit blocks
+    hq, hT, cT, saved = persistent_ln.run_forward(us, params["W_h"], params, h0, c0, mask, dtype=jnp.float32,
+                                                  keep=True, interpret=True)
+    carry = {"h": h0, "c": c0}
+    for t in range(T):
+        new, h, sv = cell._ln_step_saving(params, carry, us[t], cell.recurrent(params, carry))
+        new = {k: jnp.where(mask[t][:, None], new[k], carry[k]) for k in new}
+        got = (hq[t + 1], saved["c"][t], saved["tg"][t], saved["tc"][t], saved["r_hat"][t],
+               saved["r_inv"][t][:, None], saved["c_hat"][t], saved["c_inv"][t][:, None])  # step_saving's order
+        for want, g in zip((new["h"], new["c"]) + sv, got):
+            m = mask[t][:, None]  # padded rows keep the carry; their saved values are not read
+            np.testing.assert_allclose(np.asarray(jnp.where(m, g, 0.0)), np.asarray(jnp.where(m, want, 0.0)),
+                                       atol=2e-4, rtol=1e-4)
+        carry = new
+    np.testing.assert_allclose(np.asarray(hT), np.asarray(carry["h"]), atol=2e-4)
+    np.testing.assert_allclose(np.asarray(cT), np.asarray(carry["c"]), atol=2e-4)
+    # the reverse loop from the kernel's own saved values (the reference's differ by the rounding above)
+    c_prev = jnp.concatenate([c0[None], saved["c"][:-1]])
+    saves = [(saved["tg"][t], saved["tc"][t], saved["r_hat"][t], saved["r_inv"][t][:, None], saved["c_hat"][t],
+              saved["c_inv"][t][:, None]) for t in range(T)]
+    dhs = jax.random.normal(jax.random.key(8), (T, B, H_)) * mask[:, :, None]
+    dT = {"h": jax.random.normal(jax.random.key(9), (B, H_)), "c": jax.random.normal(jax.random.key(10), (B, H_))}
+    dpre, drec, dtc, dh0, dc0 = persistent_ln.run_backward(dhs, saved, c_prev, params["W_h"], params, dT["h"],
+                                                           dT["c"], mask, dtype=jnp.float32, interpret=True)
+    d = dT
+    for t in reversed(range(T)):
+        m = mask[t][:, None]
+        dnew = {k: jnp.where(m, v, 0.0) for k, v in d.items()}
+        dc, dp, dr, (_, d_tc) = cell.step_backward(params, {"h": hq[t], "c": c_prev[t]}, saves[t], dnew, dhs[t])
+        for want, got in ((dp, dpre[t]), (dr["h"], drec[t]), (d_tc, dtc[t])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
+        d = {"h": dr["h"] @ params["W_h"] + jnp.where(m, 0.0, d["h"]), "c": dc["c"] + jnp.where(m, 0.0, d["c"])}
+    np.testing.assert_allclose(np.asarray(dh0), np.asarray(d["h"]), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dc0), np.asarray(d["c"]), atol=1e-5, rtol=1e-4)
+
+
+def _kernel_outputs(jaxpr, name):
+    """The output avals of the pallas_calls called ``name`` in a closed jaxpr (sub-jaxprs included)."""
+    found = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "pallas_call" and eqn.params.get("name") == name:
+                found.append([v.aval for v in eqn.outvars])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("name,dtype,tol", [("lstm", jnp.float32, 2e-5), ("gru", jnp.bfloat16, 1.5e-2),
+                                            ("lstm:peepholes,cifg", jnp.float32, 2e-5)])
+def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dtype, tol):
+    """remat="step": the forward kernel keeps only the carries, and the backward kernel recomputes
+    each step's W_h h and gates from them; values and gradients as the sequential scan's (with
+    lengths and reverse reading)."""
+    cell, params, xs, carry0 = _setup(dtype, name)
+    kind = persistent.rule_for(cell).name
+    grad = lambda remat: jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(
+        cell, p, xs, mode="kernel", remat=remat)[0].astype(jnp.float32))))(params)
+    size = lambda avals: sum(a.size * a.dtype.itemsize for a in avals)
+    (stored,), (kept,) = (_kernel_outputs(grad(r), f"recur_{kind}_persistent") for r in ("none", "step"))
+    saved = sum(k * H for _, k in persistent.rule_for(cell).saved) * T * B * 4  # float32 [T, B, blocks H]
+    assert size(stored) - size(kept) == saved > 0
+    assert len(_kernel_outputs(grad("step"), f"recur_{kind}_persistent_backward")) == 1
+    kw = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
+    (_, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
+    (_, (hg, cg)), gg = _run(cell, "kernel", remat="step", **kw)(params, xs, carry0)
+    for a, b in zip(jax.tree.leaves((hw, cw, gw)), jax.tree.leaves((hg, cg, gg))):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = float(np.max(np.abs(a)))
+        assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, a.shape
+
+
+@pytest.mark.parametrize("name,dtype", [("lstm", jnp.bfloat16), ("gru", jnp.float32)])
+def test_recomputing_backward_kernels_fit_an_h100_without_spills(name, dtype):
+    """remat="step"'s backward kernel (two products per step: W_h h again, then d rec W_h) at B=64,
+    H=1024 compiles for sm_90 at the default settings without spills (the GRU's float32 one holds
+    the most registers: 208 per thread; docs/kernels.md)."""
+    pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    from experiments.triton_compile import compile_sm90, persistent_ir
+
+    forward, backward = persistent_ir(1024, dtype, cell=name, remat="step")
+    assert backward.count("tt.dot") > persistent_ir(1024, dtype, cell=name)[1].count("tt.dot")
+    shared, regs, spill_st, spill_ld = compile_sm90(backward, persistent.NUM_WARPS, persistent.NUM_STAGES)
+    assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)

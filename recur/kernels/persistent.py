@@ -1,6 +1,7 @@
 """Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the LSTM (plain
 and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN; Cho's GRU and
-the MGU in recur/kernels/persistent_reset.py, on the same grid and barrier.
+the MGU in recur/kernels/persistent_reset.py, the layer-norm LSTM in persistent_ln.py, on the same
+grid and barrier.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -29,9 +30,10 @@ its rows and units, then its units of d h_{t-1} = d rec_t W_h after the barrier)
 step is the two kernels plus the deferred scan's large weight-gradient matmuls
 (recur/backprop.py's ``forward_fn`` / ``backward_fn``).
 
-A cell fits when its step, given W_h h, is element-wise in the hidden units: layer norm (statistics
-over all units), gate recurrence and a projection do not, and keep the loop kernel. Cho's GRU and
-the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
+A cell fits a :class:`Rule` when its step, given W_h h, is element-wise in the hidden units. Cho's
+GRU and the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
+Layer norm's statistics run over all units: partial sums across the programs, three barriers per
+step (persistent_ln.py). Gate recurrence and a projection keep the loop kernel or the sequential scan.
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -103,8 +105,10 @@ def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
         return rule
     if resets:
         return "the persistent kernel takes no resets"
-    if remat != "none" or backward != "deferred":
-        return "the persistent kernel runs under the deferred backward pass without remat"
+    if backward != "deferred" or remat not in ("none", "step"):
+        return "the persistent kernel runs under the deferred backward pass, with remat 'none' or 'step'"
+    if remat == "step" and not isinstance(rule, Rule):
+        return f"remat='step' (the gates recomputed) is for the one-barrier kernels, not {cell.name}'s"
     why = layout(B, cell.hidden_size, sm_count())
     return why if isinstance(why, str) else None
 
@@ -345,12 +349,14 @@ def rule_for(cell):
     from recur.cells.elman import Elman
     from recur.cells.gru import GRU, MGU
     from recur.cells.lstm import LSTM
-    from recur.kernels import persistent_reset
+    from recur.kernels import persistent_ln, persistent_reset
 
     if isinstance(cell, LSTM) and cell.plain:
         return LSTM_RULE
     if isinstance(cell, LSTM) and not (cell.layer_norm or cell.full_gate_recurrence or cell.proj_size):
         return _lstm_variant_rule(cell)
+    if isinstance(cell, LSTM) and cell.layer_norm_fusable:
+        return persistent_ln.LN_LSTM
     if isinstance(cell, GRU) and cell.reset_after:
         return GRU_RULE
     if isinstance(cell, GRU):
@@ -359,8 +365,8 @@ def rule_for(cell):
         return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the LSTM (without layer norm, gate recurrence or a projection), "
-            f"the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
+    return (f"the persistent kernels run the LSTM (without gate recurrence or a projection; layer norm "
+            f"with the plain gates only), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):
@@ -373,7 +379,7 @@ def _groups(n):
     return out
 
 
-def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False, interpret=False,
+def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
                 programs=None, params=None):
     """The rule's cell over time-major projected inputs us_T [T, B, gates * H] from carry0
     {component: [B, H]}; W_h [gates * H, H], b_h [gates * H] or None. The matmul in ``dtype`` with
@@ -383,8 +389,9 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     Returns (hq [T + 1, B, H] in dtype: h0 then each step's h (a padded step keeps the carry),
     final {component: [B, H]}, saved, states): with keep, saved {name: [T, B, blocks * H]} (the
     rule's) and states {component: [T, B, H]}, each step's new value of the components in
-    ``rule.reads`` (h only where hq is not exact: a half-precision dtype); else None, None. All
-    but hq in float32 (float64 for a float64 dtype).
+    ``rule.reads`` (h only where hq is not exact: a half-precision dtype); else None, None. With
+    keep and not save, saved is None: the reverse loop recomputes it (remat="step"). All but hq
+    in float32 (float64 for a float64 dtype).
     """
     T, B, GH = us_T.shape
     n = rule.gates
@@ -399,9 +406,9 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     inputs += ([b_h.astype(f32)] if has_bias else []) + ([mask_T.astype(jnp.int32)] if has_mask else [])
     inputs += [params[name].astype(f32) for name, _ in rule.params]
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * len(rule.state)
-    if keep:
-        out_shape += [jax.ShapeDtypeStruct((T, B, k * H), f32) for _, k in rule.saved]
-        out_shape += [jax.ShapeDtypeStruct((T, B, H), f32)] * len(own)
+    n_saved = len(rule.saved) if keep and save else 0
+    out_shape += [jax.ShapeDtypeStruct((T, B, k * H), f32) for _, k in rule.saved[:n_saved]]
+    out_shape += [jax.ShapeDtypeStruct((T, B, H), f32)] * len(own)
     ns = len(rule.state)
 
     def kernel(ins, outs, barrier):
@@ -411,8 +418,8 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
         mask_ref = ins[2 + ns + has_bias] if has_mask else None
         p_refs = ins[2 + ns + has_bias + has_mask:]
         hq_ref, final_refs = outs[0], outs[1:1 + ns]
-        saved_refs = outs[1 + ns:1 + ns + len(rule.saved)] if keep else ()
-        own_refs = outs[1 + ns + len(rule.saved):] if keep else ()
+        saved_refs = outs[1 + ns:1 + ns + n_saved]
+        own_refs = outs[1 + ns + n_saved:]
         blocks = grid.blocks()
 
         def step_inputs(t, ib, iu):
@@ -462,52 +469,59 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     hq, *finals = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:1 + ns])
     if not keep:
         return hq, dict(zip(rule.state, finals)), None, None
-    saved = {name: x for (name, _), x in zip(rule.saved, outs[1 + ns:1 + ns + len(rule.saved)])}
-    return hq, dict(zip(rule.state, finals)), saved, dict(zip(own, outs[1 + ns + len(rule.saved):]))
+    saved = {name: x for (name, _), x in zip(rule.saved, outs[1 + ns:1 + ns + n_saved])} if save else None
+    return hq, dict(zip(rule.state, finals)), saved, dict(zip(own, outs[1 + ns + n_saved:]))
 
 
 def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None, us_T=None, params=None):
+                 programs=None, us_T=None, params=None, hq=None, b_h=None):
     """The reverse time loop of the rule's cell in a training step, as a persistent kernel: the
     rule's step derivative for each program's (rows, units), then d h_{t-1} = d rec_t . W_h with
     W_h's [gates * H, U] column slice per program, meeting at a barrier each step as
     :func:`run_forward` does.
 
-    dhs_T [T, B, H]: the outputs' cotangent; saved {name: [T, B, blocks * H]}: run_forward's;
+    dhs_T [T, B, H]: the outputs' cotangent; saved {name: [T, B, blocks * H]}: run_forward's, or
+    None to recompute them (remat="step": each step's W_h h again from hq [T + 1, B, H], run_forward's,
+    with W_h^T's [H, gates * U] slice too, then the rule's forward step; b_h: the rule's bias);
     prev {component: [T, B, H]}: the components in ``rule.reads`` entering each step; dcarry_T
     {component: [B, H]}: the final carry's cotangent; us_T: the projected inputs (a rule with
-    ``reads_u``); params: the rule's per-unit parameter vectors. Returns (d u [T, B, gates * H]
-    float32, d rec (the same shape) or None where it is d u, d carry0 {component: [B, H]}, d params
-    {name: [blocks * H]} float32). The product by W_h runs in ``dtype`` with float32 accumulation,
-    its d rec rounded to dtype.
+    ``reads_u``, or recomputing); params: the rule's per-unit parameter vectors. Returns (d u
+    [T, B, gates * H] float32, d rec (the same shape) or None where it is d u, d carry0
+    {component: [B, H]}, d params {name: [blocks * H]} float32). The product by W_h runs in
+    ``dtype`` with float32 accumulation, its d rec rounded to dtype.
     """
     T, B, _ = dhs_T.shape
     n, H = rule.gates, W_h.shape[1]
     G = n * H
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
-    # W_h [nH, H] -> each program's [nH, U] column slice, stacked: [nu * nH, U]
-    w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
-    has_mask = mask_T is not None
+    recompute = saved is None
+    reads_u = rule.reads_u or recompute
+    has_mask, has_bias = mask_T is not None, recompute and rule.bias is not None
     own_drec = rule.own_drec
     shared = cdt != jnp.dtype(f32)  # a separate d rec copy in dtype for the other programs' products
-    ns, nsv, nr = len(rule.state), len(rule.saved), len(rule.reads)
-    inputs = [dhs_T] + [saved[name] for name, _ in rule.saved] + [prev[k] for k in rule.reads] + [w]
-    inputs += [dcarry_T[k].astype(f32) for k in rule.state] + ([mask_T.astype(jnp.int32)] if has_mask else [])
-    inputs += ([us_T] if rule.reads_u else []) + [params[name].astype(f32) for name, _ in rule.params]
+    ns, npar = len(rule.state), len(rule.params)
+    # W_h [nH, H] -> each program's [nH, U] column slice, stacked: [nu * nH, U]
+    ins = {"dhs": dhs_T, "w": W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)}
+    ins.update({f"saved_{name}": saved[name] for name, _ in rule.saved} if not recompute else {})
+    if recompute:  # run_forward's hq and W_h^T layout
+        ins["hq"] = hq
+        ins["wf"] = jnp.transpose(W_h.astype(cdt)).reshape(H, n, nu, U).transpose(0, 2, 1, 3).reshape(H, G)
+    if has_bias:
+        ins["bias"] = b_h.astype(f32)
+    ins.update({f"prev_{k}": prev[k] for k in rule.reads})
+    ins.update({f"dT_{k}": dcarry_T[k].astype(f32) for k in rule.state})
+    ins.update({"mask": mask_T.astype(jnp.int32)} if has_mask else {})
+    ins.update({"us": us_T} if reads_u else {})
+    ins.update({f"p_{name}": params[name].astype(f32) for name, _ in rule.params})
+    names = list(ins)
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * (1 + own_drec) + [jax.ShapeDtypeStruct((B, H), f32)] * ns
     # each row block's sums of the parameter vectors' cotangents, added up after the kernel
     out_shape += [jax.ShapeDtypeStruct((grid.nb, k * H), f32) for _, k in rule.params]
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
-    npar = len(rule.params)
 
-    def kernel(ins, outs, barrier):
-        dhs_ref, saved_refs, prev_refs = ins[0], ins[1:1 + nsv], ins[1 + nsv:1 + nsv + nr]
-        w_ref = ins[1 + nsv + nr]
-        dT_refs = ins[2 + nsv + nr:2 + nsv + nr + ns]
-        mask_ref = ins[2 + nsv + nr + ns] if has_mask else None
-        us_ref = ins[2 + nsv + nr + ns + has_mask] if rule.reads_u else None
-        p_refs = ins[2 + nsv + nr + ns + has_mask + rule.reads_u:]
+    def kernel(in_refs, outs, barrier):
+        ref = dict(zip(names, in_refs))
         du_ref = outs[0]
         drec_ref = outs[1] if own_drec else du_ref
         d0_refs = outs[1 + own_drec:1 + own_drec + ns]
@@ -515,20 +529,30 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
         comm_ref = outs[-1] if shared else drec_ref
         blocks = grid.blocks()
 
+        def params_of(iu):
+            return {name: [ref[f"p_{name}"][units(iu, j)] for j in range(k)] for name, k in rule.params}
+
         def step_inputs(t, ib, iu):
             """What step t's derivative reads, loaded before the barrier that precedes it (as the
-            forward kernel's inputs; t = -1: nothing left, step 0's again)."""
+            forward kernel's inputs; t = -1: nothing left, step 0's again); recomputing, the
+            saved values from the rule's forward step on W_h h again (which reads no other
+            program's values of this launch)."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            sv = {name: [ref[t, r, units(iu, j)] for j in range(k)] for ref, (name, k) in zip(saved_refs, rule.saved)}
-            pv = {k: ref[t, r, u] for k, ref in zip(rule.reads, prev_refs)}
-            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)] if rule.reads_u else None
-            return sv, pv, uv, dhs_ref[t, r, u].astype(f32), (mask_ref[t, r] if has_mask else None)
+            pv = {k: ref[f"prev_{k}"][t, r, u] for k in rule.reads}
+            uv = [ref["us"][t, r, units(iu, g)].astype(f32) for g in range(n)] if reads_u else None
+            if recompute:
+                accs = grid.product(ref["hq"], t, ib, ref["wf"], H, [((iu * n + g0) * U, size * U)
+                                                                      for g0, size in _groups(n)])
+                rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
+                if has_bias:
+                    rec = [x + ref["bias"][units(iu, g)][None, :] for g, x in enumerate(rec)]
+                _, sv = rule.forward(list(uv), rec, pv, params_of(iu))
+            else:
+                sv = {name: [ref[f"saved_{name}"][t, r, units(iu, j)] for j in range(k)] for name, k in rule.saved}
+            return sv, pv, uv, ref["dhs"][t, r, u].astype(f32), (ref["mask"][t, r] if has_mask else None)
 
-        def params_of(iu):
-            return {name: [ref[units(iu, j)] for j in range(k)] for ref, (name, k) in zip(p_refs, rule.params)}
-
-        states = [({k: ref[rows(ib), units(iu)] for k, ref in zip(rule.state, dT_refs)},
+        states = [({k: ref[f"dT_{k}"][rows(ib), units(iu)] for k in rule.state},
                    {name: [jnp.zeros((U,), f32)] * k for name, k in rule.params}, step_inputs(T - 1, ib, iu))
                   for ib, iu in blocks]
 
@@ -560,19 +584,20 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             gave_up = barrier(i + 1, gave_up)
             new_states = []
             for (ib, iu), (pas, dp_sum, next_inputs) in zip(blocks, passing):
-                (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
+                (dh_rec,) = grid.product(comm_ref, t, ib, ref["w"], G, [(0, U)], w_row=iu * G)
                 new_states.append((dict(pas, h=pas["h"] + dh_rec), dp_sum, next_inputs))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
         for (ib, iu), (dc_, dp_sum, _) in zip(blocks, states):
-            for k, ref in zip(rule.state, d0_refs):
-                ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_[k])
-            for ref, (name, k) in zip(dp_refs, rule.params):
+            for k, r0 in zip(rule.state, d0_refs):
+                r0[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc_[k])
+            for r0, (name, k) in zip(dp_refs, rule.params):
                 for j in range(k):
-                    ref[ib, units(iu, j)] = jnp.where(gave_up, jnp.nan, dp_sum[name][j])
+                    r0[ib, units(iu, j)] = jnp.where(gave_up, jnp.nan, dp_sum[name][j])
 
-    outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{rule.name}_persistent_backward", arrivals=T)
+    outs, ok = grid.launch(kernel, [ins[k] for k in names], out_shape, f"recur_{rule.name}_persistent_backward",
+                           arrivals=T)
     # d u / d rec are left as they are (a pass over [T, B, gates H] for a check that the forward's hq
     # already makes)
     d0 = {k: jnp.where(ok, x, jnp.nan) for k, x in zip(rule.state, outs[1 + own_drec:1 + own_drec + ns])}
@@ -638,21 +663,23 @@ def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
     return gave_up | (seen < target)
 
 
-def forward_fn(cell, interpret=False, programs=None):
+def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn`` for a cell with a :class:`Rule`: the forward
     time loop as :func:`run_forward`, with the carries and the saved values its fused backward step
-    reads (the cell's step_saving value, stacked over time; W_h h for the LSTM variants)."""
+    reads (the cell's step_saving value, stacked over time; W_h h for the LSTM variants). With
+    remat="step" only the carries: :func:`backward_fn` recomputes the rest (saved is {})."""
     rule = _rule(cell)
-    if not isinstance(rule, Rule):  # Cho's GRU, the MGU: recur/kernels/persistent_reset.py
-        from recur.kernels import persistent_reset
-
-        return persistent_reset.forward_fn(rule, cell, interpret, programs)
+    if not isinstance(rule, Rule):  # Cho's GRU, the MGU, the layer-norm LSTM: a kernel of their own
+        if remat != "none":
+            raise ValueError(f"recur.kernels.persistent: {problem(cell, 16, remat=remat)}")
+        return rule.forward_fn(cell, interpret, programs)
+    save = _check_remat(remat) == "none"
 
     def forward(params, carry0, us_T, mask_T, keep):
         parts = rule.parts(carry0)
         hq, final, saved, states = run_forward(rule, us_T, params["W_h"], params.get(rule.bias) if rule.bias else None,
-                                               parts, mask_T, dtype=cell.dtype, keep=keep, interpret=interpret,
-                                               programs=programs, params=params)
+                                               parts, mask_T, dtype=cell.dtype, keep=keep, save=save,
+                                               interpret=interpret, programs=programs, params=params)
         final, hs = rule.carry(final, carry0), hq[1:].astype(cell.dtype)
         if not keep:
             return final, hs
@@ -660,34 +687,48 @@ def forward_fn(cell, interpret=False, programs=None):
         # (in the compute dtype, so the buffer's rounded copy serves), else the kernel's own copies
         prev = {k: hq[:-1] for k in rule.state}
         prev.update({k: jnp.concatenate([parts[k][None].astype(x.dtype), x[:-1]], axis=0) for k, x in states.items()})
-        return final, (hs, rule.carry(prev, carry0), rule.pack(saved))
+        # not None where nothing is saved: the deferred scan still takes d W_h from d rec
+        return final, (hs, rule.carry(prev, carry0), rule.pack(saved) if save else {})
 
     return forward
+
+
+def _check_remat(remat):
+    if remat not in ("none", "step"):
+        raise ValueError(f"recur.kernels.persistent: remat must be 'none' or 'step', got {remat!r}")
+    return remat
 
 
 BACKWARD = True  # the reverse loop as run_backward too (False: the deferred scan's lax.scan loop,
 # for the cells with a Rule; the two-phase cells of persistent_reset.py always take their kernel)
 
 
-def backward_fn(cell, interpret=False, programs=None):
+def backward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn`` for a cell with a :class:`Rule`:
-    :func:`run_backward` over what :func:`forward_fn` stored. The step's own parameter vectors'
-    gradients (the peepholes') come back as a params-shaped tree, zero elsewhere. None where
-    BACKWARD is False and the lax.scan reverse loop can read what forward_fn saves (every cell with
-    a Rule)."""
+    :func:`run_backward` over what :func:`forward_fn` stored; with remat="step", recomputing the
+    saved values from the carries (each step's W_h h again: a second product per step, and no
+    [T, B, gates * H] arrays kept between the passes). The step's own parameter vectors' gradients
+    (the peepholes') come back as a params-shaped tree, zero elsewhere. None where BACKWARD is
+    False (and remat "none") and the lax.scan reverse loop can read what forward_fn saves (every
+    cell with a Rule)."""
     rule = _rule(cell)
     if not isinstance(rule, Rule):
-        from recur.kernels import persistent_reset
-
-        return persistent_reset.backward_fn(rule, cell, interpret, programs)
-    if not BACKWARD:
+        if remat != "none":
+            raise ValueError(f"recur.kernels.persistent: {problem(cell, 16, remat=remat)}")
+        return rule.backward_fn(cell, interpret, programs)
+    recompute = _check_remat(remat) == "step"
+    if not (BACKWARD or recompute):
         return None
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         parts = rule.parts(carries)
-        du, drec, d0, dp = run_backward(rule, dhs_T, rule.unpack(saved), {k: parts[k] for k in rule.reads},
-                                        params["W_h"], rule.parts(dcarry_T), mask_T, dtype=cell.dtype,
-                                        interpret=interpret, programs=programs, us_T=us_T, params=params)
+        extra = {}
+        if recompute:  # the h entering each step in the compute dtype: run_forward's hq[:-1], exactly
+            extra = {"hq": parts["h"].astype(cell.dtype), "b_h": params.get(rule.bias) if rule.bias else None}
+        du, drec, d0, dp = run_backward(rule, dhs_T, None if recompute else rule.unpack(saved),
+                                        {k: parts[k] for k in rule.reads}, params["W_h"], rule.parts(dcarry_T),
+                                        mask_T, dtype=cell.dtype, interpret=interpret, programs=programs, us_T=us_T,
+                                        params=params, **extra)
         dparams = None
         if dp:
             dparams = {k: (dp[k] if k in dp else jnp.zeros_like(v)).astype(v.dtype) for k, v in params.items()}

@@ -36,6 +36,12 @@ class ResetBefore:
     def mgu(self) -> bool:
         return self.name == "mgu"
 
+    def forward_fn(self, cell, interpret=False, programs=None):
+        return forward_fn(self, cell, interpret, programs)
+
+    def backward_fn(self, cell, interpret=False, programs=None):
+        return backward_fn(self, cell, interpret, programs)
+
 
 CHO = ResetBefore("gru_cho", 2, "b_h")
 MGU = ResetBefore("mgu", 1, None)

@@ -1,0 +1,363 @@
+"""Persistent kernels for the layer-norm LSTM (Ba et al. 2016; ``lstm:ln``, the plain gates with
+layer norm on W_h h and on c_t, as recur.cells.lstm defines it):
+
+    r_hat = LN(W_h h_{t-1})      over all 4H gate columns of a row
+    pre   = u + γ_h r_hat + β_h  (u: the projected inputs, with their own norm and bias)
+    c_t   = f c_{t-1} + i g      (i, f, g, o from pre as in the plain LSTM)
+    h_t   = o tanh(γ_c LN(c_t) + β_c)
+
+The statistics of each row mix every unit's values, and each program holds only its own units
+(the grid, barrier and slicing of recur/kernels/persistent.py). So each step reduces across the
+programs: every program writes its rows' partial sums to a small [programs, B] buffer, meets the
+others at a barrier and adds up the whole row's. A forward step is three phases, each ending in a
+barrier: W_h h's partial statistics (sum and squared deviation from the program's own mean,
+combined as Chan et al.'s parallel variance, so no E[x^2] - E[x]^2 cancellation); the gates and
+c_t's partial statistics; LN(c_t) and h_t. The reverse loop likewise: LN(c_t)'s backward sums
+(mean of d x_hat and of d x_hat * x_hat); the gates' d pre and LN(W_h h)'s sums; d rec, then
+d h_{t-1} = d rec W_h after the barrier. The weight gradients stay large matmuls after the loops
+(the deferred scan's d W_h from d rec), the norms' scales and biases are sums over (t, b) here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from recur.cells import base
+from recur.cells.base import halved
+
+EPS = 1e-5  # recur.cells.base.normalised's
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormLSTM:
+    name: str = "lstm_ln"
+
+    def forward_fn(self, cell, interpret=False, programs=None):
+        return forward_fn(cell, interpret, programs)
+
+    def backward_fn(self, cell, interpret=False, programs=None):
+        return backward_fn(cell, interpret, programs)
+
+
+LN_LSTM = LayerNormLSTM()
+SAVED = ("tg", "tc", "r_hat", "c_hat", "r_inv", "c_inv")  # what the reverse loop reads, besides c_{t-1}
+
+
+class _Sums:
+    """The [programs (padded to a power of 2), B] buffers of per-row partial sums: each program
+    writes its rows' at row iu; a row's total is one load of the whole column block."""
+
+    def __init__(self, grid):
+        self.grid, self.NP = grid, base.next_pow2(grid.nu)
+
+    def shape(self, B):
+        return jax.ShapeDtypeStruct((self.NP, B), self.grid.acc)
+
+    def clear_padding(self, refs, ib, iu):
+        """Zero the padding rows [nu, NP) (before the first barrier; the programs' own rows are
+        written after it, so a write here that lands on row NP - 1 < nu is overwritten in time)."""
+        g = self.grid
+        if self.NP == g.nu:
+            return
+        row = jnp.minimum(g.nu + iu, self.NP - 1)
+        for ref in refs:
+            ref[row, g.rows(ib)] = jnp.zeros((g.BB,), g.acc)
+
+    def put(self, ref, ib, iu, value):
+        ref[iu, self.grid.rows(ib)] = value
+
+    def get(self, ref, ib):
+        """[NP, BB]: every program's partial sums for row block ib, read fresh."""
+        from recur.kernels.persistent import _load_fresh
+
+        return _load_fresh(ref.at[pl.ds(0, self.NP), self.grid.rows(ib)], self.grid.interpret)
+
+    def total(self, ref, ib):
+        return jnp.sum(self.get(ref, ib), axis=0)[:, None]
+
+    def mean_inv(self, s_ref, q_ref, ib, width):
+        """Row mean and 1 / std [BB, 1] of the rows' values whose programs each wrote the sum and
+        the squared deviation from their own mean of ``width`` columns."""
+        s, q = self.get(s_ref, ib), self.get(q_ref, ib)
+        n = width * self.grid.nu
+        mean = jnp.sum(s, axis=0) / n
+        dev = s / width - mean[None, :]
+        valid = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) < self.grid.nu
+        m2 = jnp.sum(q, axis=0) + width * jnp.sum(jnp.where(valid, dev * dev, 0.0), axis=0)
+        return mean[:, None], jax.lax.rsqrt(m2 / n + EPS)[:, None]
+
+
+def _partial_moments(blocks):
+    """(sum, squared deviation from the blocks' own mean) per row [BB] over the [BB, U] blocks."""
+    s = sum(jnp.sum(b, axis=1) for b in blocks)
+    mean = s / (len(blocks) * blocks[0].shape[1])
+    return s, sum(jnp.sum(jnp.square(b - mean[:, None]), axis=1) for b in blocks)
+
+
+def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
+    return 0.5 * t + 0.5
+
+
+def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
+    """The layer-norm LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H];
+    ln: {ln_h_scale, ln_h_bias [4H], ln_c_scale, ln_c_bias [H]}.
+
+    Returns (hq [T + 1, B, H] in dtype: h0 then each step's h, h_T, c_T [B, H], saved): saved None,
+    or with keep {"c": each step's c_t [T, B, H], "tg": the gate tanh [T, B, 4H], "tc":
+    tanh(LN(c_t)) [T, B, H], "r_hat": LN(W_h h)'s normalised values [T, B, 4H], "c_hat": LN(c_t)'s
+    [T, B, H], "r_inv", "c_inv": their 1 / std [T, B]} in float32 (float64 for a float64 dtype).
+    """
+    from recur.kernels.persistent import _Grid
+
+    T, B, G = us_T.shape
+    H = G // 4
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    sums = _Sums(grid)
+    w = jnp.transpose(W_h.astype(cdt)).reshape(H, 4, nu, U).transpose(0, 2, 1, 3).reshape(H, G)
+    has_mask = mask_T is not None
+    norms = [ln[k].astype(f32) for k in ("ln_h_scale", "ln_h_bias", "ln_c_scale", "ln_c_bias")]
+    inputs = [us_T, w, h0.astype(f32), c0.astype(f32)] + norms + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
+    out_shape += [sums.shape(B)] * 4  # W_h h's and c_t's sums and squared deviations
+    if keep:
+        th, t4, tb = ((T, B, H), (T, B, G), (T, B))
+        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in (th, t4, th, t4, th, tb, tb)]
+
+    def kernel(ins, outs, barrier):
+        us_ref, w_ref, h0_ref, c0_ref, gh_ref, bh_ref, gc_ref, bc_ref = ins[:8]
+        mask_ref = ins[8] if has_mask else None
+        hq_ref, hT_ref, cT_ref, rs_ref, rq_ref, cs_ref, cq_ref = outs[:7]
+        c_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref = outs[7:] if keep else (None,) * 7
+        blocks = grid.blocks()
+
+        def step_inputs(t, ib, iu):
+            t = jnp.minimum(t, T - 1)
+            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(4))
+            return u, (mask_ref[t, rows(ib)] if has_mask else None)
+
+        states = []
+        for ib, iu in blocks:
+            s = {"h": h0_ref[rows(ib), units(iu)], "c": c0_ref[rows(ib), units(iu)]}
+            hq_ref[0, rows(ib), units(iu)] = s["h"].astype(cdt)
+            sums.clear_padding((rs_ref, rq_ref, cs_ref, cq_ref), ib, iu)
+            p = ([gh_ref[units(iu, g)][None, :] for g in range(4)], [bh_ref[units(iu, g)][None, :] for g in range(4)],
+                 gc_ref[units(iu)][None, :], bc_ref[units(iu)][None, :])
+            states.append((s, p, step_inputs(0, ib, iu)))
+        gave_up = barrier(1, jnp.bool_(False))
+
+        def step(t, carry):
+            states, gave_up = carry
+            recs = []
+            for (ib, iu), _ in zip(blocks, states):  # W_h h for this program's units, its partial moments
+                (acc,) = grid.product(hq_ref, t, ib, w_ref, H, [(iu * 4 * U, 4 * U)])
+                rec = halved(acc, 4)
+                s_r, q_r = _partial_moments(rec)
+                sums.put(rs_ref, ib, iu, s_r)
+                sums.put(rq_ref, ib, iu, q_r)
+                recs.append(rec)
+            gave_up = barrier(3 * t + 2, gave_up)
+            mids = []
+            for (ib, iu), (s, (gh, bh, _, _), (u, _)), rec in zip(blocks, states, recs):
+                mean_r, inv_r = sums.mean_inv(rs_ref, rq_ref, ib, 4 * U)
+                r_hat = [(r - mean_r) * inv_r for r in rec]
+                # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks
+                tg = [jnp.tanh((u[g] + r_hat[g] * gh[g] + bh[g]) * (1.0 if g == 2 else 0.5)) for g in range(4)]
+                c = _sigmoid_of(tg[1]) * s["c"] + _sigmoid_of(tg[0]) * tg[2]
+                s_c, q_c = _partial_moments([c])
+                sums.put(cs_ref, ib, iu, s_c)
+                sums.put(cq_ref, ib, iu, q_c)
+                mids.append((tg, c, r_hat, inv_r))
+            gave_up = barrier(3 * t + 3, gave_up)
+            new_states = []
+            for (ib, iu), (s, p, (u, m)), (tg, c, r_hat, inv_r) in zip(blocks, states, mids):
+                _, _, gc, bc = p
+                mean_c, inv_c = sums.mean_inv(cs_ref, cq_ref, ib, U)
+                c_hat = (c - mean_c) * inv_c
+                tc = jnp.tanh(c_hat * gc + bc)
+                new = {"h": _sigmoid_of(tg[3]) * tc, "c": c}
+                if has_mask:
+                    new = {k: jnp.where(m[:, None] != 0, new[k], s[k]) for k in new}
+                new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
+                r = rows(ib)
+                hq_ref[t + 1, r, units(iu)] = new["h"].astype(cdt)
+                if keep:
+                    c_ref[t, r, units(iu)] = new["c"]
+                    for g in range(4):
+                        tg_ref[t, r, units(iu, g)] = tg[g]
+                        rhat_ref[t, r, units(iu, g)] = r_hat[g]
+                    tc_ref[t, r, units(iu)] = tc
+                    chat_ref[t, r, units(iu)] = c_hat
+                    # every program of the row block writes the same values
+                    rinv_ref[t, r] = inv_r[:, 0]
+                    cinv_ref[t, r] = inv_c[:, 0]
+                new_states.append((new, p, step_inputs(t + 1, ib, iu)))
+            return new_states, barrier(3 * t + 4, gave_up)
+
+        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), (s, _, _) in zip(blocks, states):
+            hT_ref[rows(ib), units(iu)] = s["h"]
+            cT_ref[rows(ib), units(iu)] = s["c"]
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent", arrivals=3 * T + 1)
+    hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
+    if not keep:
+        return hq, hT, cT, None
+    return hq, hT, cT, dict(zip(("c",) + SAVED, outs[7:]))
+
+
+def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
+                 programs=None):
+    """The reverse time loop, as a persistent kernel with three barriers per step.
+
+    dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
+    entering each step; dh_T, dc_T [B, H]: the final carry's cotangent. Returns (d pre [T, B, 4H]
+    (= d u), d rec [T, B, 4H] (W_h h's cotangent), d tc [T, B, H] (the cotangent of
+    γ_c LN(c_t) + β_c), d h0, d c0 [B, H]), float32. The product by W_h runs in ``dtype`` with
+    float32 accumulation, its d rec rounded to dtype.
+    """
+    from recur.kernels.persistent import _Grid
+
+    T, B, _ = dhs_T.shape
+    H = W_h.shape[1]
+    G = 4 * H
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    sums = _Sums(grid)
+    w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
+    has_mask = mask_T is not None
+    shared = cdt != jnp.dtype(f32)  # a copy of d rec in dtype for the other programs' products
+    inputs = [dhs_T] + [saved[k] for k in SAVED] + [c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]
+    inputs += [ln["ln_h_scale"].astype(f32), ln["ln_c_scale"].astype(f32)]
+    inputs += [mask_T.astype(jnp.int32)] if has_mask else []
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((T, B, H), f32)]
+    out_shape += [jax.ShapeDtypeStruct((B, H), f32)] * 2 + [sums.shape(B)] * 4
+    out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
+
+    def kernel(ins, outs, barrier):
+        dhs_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref, cp_ref, w_ref, dhT_ref, dcT_ref = ins[:11]
+        gh_ref, gc_ref = ins[11:13]
+        mask_ref = ins[13] if has_mask else None
+        du_ref, drec_ref, dtc_ref, dh0_ref, dc0_ref, a1_ref, a2_ref, b1_ref, b2_ref = outs[:9]
+        comm_ref = outs[9] if shared else drec_ref
+        blocks = grid.blocks()
+
+        def step_inputs(t, ib, iu):
+            t = jnp.maximum(t, 0)
+            r, u = rows(ib), units(iu)
+            four = lambda ref: [ref[t, r, units(iu, g)] for g in range(4)]
+            return (four(tg_ref), tc_ref[t, r, u], four(rhat_ref), chat_ref[t, r, u], rinv_ref[t, r][:, None],
+                    cinv_ref[t, r][:, None], cp_ref[t, r, u], dhs_ref[t, r, u].astype(f32),
+                    mask_ref[t, r] if has_mask else None)
+
+        def write(ref, t, ib, iu, g, value, gave_up):
+            ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value)
+
+        states = []
+        for ib, iu in blocks:
+            sums.clear_padding((a1_ref, a2_ref, b1_ref, b2_ref), ib, iu)
+            p = ([gh_ref[units(iu, g)][None, :] for g in range(4)], gc_ref[units(iu)][None, :])
+            d = {"h": dhT_ref[rows(ib), units(iu)], "c": dcT_ref[rows(ib), units(iu)]}
+            states.append((d, p, step_inputs(T - 1, ib, iu)))
+        # the padding rows' zeros precede every program's partial sums
+        gave_up = barrier(1, jnp.bool_(False))
+
+        def step(i, carry):
+            states, gave_up = carry
+            t = T - 1 - i
+            firsts = []
+            for (ib, iu), (d, (_, gc), (tg, tc, _, c_hat, _, _, _, dh_out, m)) in zip(blocks, states):
+                if has_mask:  # a padded step passes the carry's cotangent through
+                    d = {k: jnp.where(m[:, None] != 0, v, 0.0) for k, v in d.items()}
+                dh = d["h"] + dh_out
+                d_tc = dh * _sigmoid_of(tg[3]) * (1.0 - tc * tc)
+                write(dtc_ref, t, ib, iu, 0, d_tc, gave_up)
+                dx = d_tc * gc  # LN(c_t)'s d x_hat
+                sums.put(a1_ref, ib, iu, jnp.sum(dx, axis=1))
+                sums.put(a2_ref, ib, iu, jnp.sum(dx * c_hat, axis=1))
+                firsts.append((d, dh, dx))
+            gave_up = barrier(3 * i + 2, gave_up)
+            seconds = []
+            for (ib, iu), (_, (gh, _), (tg, tc, r_hat, c_hat, _, c_inv, cp, _, _)), (d, dh, dx) in zip(
+                    blocks, states, firsts):
+                m1, m2 = sums.total(a1_ref, ib) / H, sums.total(a2_ref, ib) / H
+                dc = d["c"] + c_inv * (dx - m1 - c_hat * m2)
+                t_i, t_f, t_g, t_o = tg
+                d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
+                         dc * _sigmoid_of(t_i) * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)]
+                dxr = [dp * g for dp, g in zip(d_pre, gh)]  # LN(W_h h)'s d x_hat
+                for g in range(4):
+                    write(du_ref, t, ib, iu, g, d_pre[g], gave_up)
+                sums.put(b1_ref, ib, iu, sum(jnp.sum(x, axis=1) for x in dxr))
+                sums.put(b2_ref, ib, iu, sum(jnp.sum(x * r, axis=1) for x, r in zip(dxr, r_hat)))
+                seconds.append((dc, dxr))
+            gave_up = barrier(3 * i + 3, gave_up)
+            passing = []
+            for (ib, iu), (d_in, _, (tg, _, r_hat, _, r_inv, _, _, _, m)), (dc, dxr) in zip(blocks, states, seconds):
+                m1, m2 = sums.total(b1_ref, ib) / G, sums.total(b2_ref, ib) / G
+                for g in range(4):
+                    drec = r_inv * (dxr[g] - m1 - r_hat[g] * m2)
+                    write(drec_ref, t, ib, iu, g, drec, gave_up)
+                    if shared:
+                        comm_ref[t, rows(ib), units(iu, g)] = drec.astype(cdt)
+                pas = {"h": jnp.zeros_like(dc), "c": dc * _sigmoid_of(tg[1])}
+                if has_mask:
+                    pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}
+                passing.append(pas)
+            gave_up = barrier(3 * i + 4, gave_up)
+            new_states = []
+            for (ib, iu), (_, p, _), pas in zip(blocks, states, passing):
+                (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
+                new_states.append((dict(pas, h=pas["h"] + dh_rec), p, step_inputs(t - 1, ib, iu)))
+            return new_states, gave_up
+
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), (d, _, _) in zip(blocks, states):
+            dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["h"])
+            dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["c"])
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent_backward", arrivals=3 * T + 1)
+    dh0, dc0 = (jnp.where(ok, x, jnp.nan) for x in outs[3:5])
+    return outs[0], outs[1], outs[2], dh0, dc0
+
+
+def forward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
+    saved for :func:`backward_fn`, :func:`run_forward`'s values."""
+
+    def forward(params, carry0, us_T, mask_T, keep):
+        hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
+                                        dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
+        final = {"h": hT.astype(carry0["h"].dtype), "c": cT.astype(carry0["c"].dtype)}
+        hs = hq[1:].astype(cell.dtype)
+        if not keep:
+            return final, hs
+        c_prev = jnp.concatenate([carry0["c"][None].astype(saved["c"].dtype), saved.pop("c")[:-1]], axis=0)
+        # h from the buffer, in the compute dtype: the product (and so d W_h) reads that rounding
+        carries = {"h": hq[:-1].astype(carry0["h"].dtype), "c": c_prev.astype(carry0["c"].dtype)}
+        return final, (hs, carries, saved)
+
+    return forward
+
+
+def backward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``backward_fn``: d u, d rec ({"h": W_h h's cotangent}, from
+    which the deferred scan takes d W_h) and the norms' scale and bias gradients, sums over the
+    T * B rows of d pre * r_hat, d pre, d tc * c_hat and d tc."""
+
+    def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
+        du, drec, dtc, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params, dcarry_T["h"],
+                                               dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
+                                               programs=programs)
+        total = lambda x: jnp.sum(x, axis=(0, 1))
+        dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
+        dparams.update(ln_h_scale=total(du * saved["r_hat"]), ln_h_bias=total(du),
+                       ln_c_scale=total(dtc * saved["c_hat"]), ln_c_bias=total(dtc))
+        dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
+        d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
+        return d0, du, {"h": drec}, dparams
+
+    return backward
