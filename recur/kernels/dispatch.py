@@ -118,22 +118,23 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():
-        problem = _gpu_problem(cell, wanted, B, T, I)
+        problem = _gpu_problem(cell, wanted, B, T, I, remat)
         if problem:
             return plain, False, problem
     return wanted, interpret, None
 
 
 @functools.lru_cache(maxsize=256)
-def _gpu_problem(cell, wanted, B, T, I):
-    """None if the kernel lowers for this GPU at these shapes, else why not (cached)."""
+def _gpu_problem(cell, wanted, B, T, I, remat="none"):
+    """None if the kernel lowers for this GPU at these shapes (and remat: the persistent kernels'
+    "step" backward recomputes the gates), else why not (cached)."""
     import recur
 
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
     xs = jax.ShapeDtypeStruct((B, T, I), cell.dtype)
 
     def loss(p, x):
-        hs, _ = recur.scan(cell, p, x, mode="kernel")
+        hs, _ = recur.scan(cell, p, x, mode="kernel", remat=remat)
         return jnp.sum(hs.astype(jnp.float32))
 
     try:

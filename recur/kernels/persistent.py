@@ -146,15 +146,17 @@ class _Grid:
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
 
-    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0):
+    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0, fresh=True):
         """Block ib's rows of what the programs wrote to src_ref[t] (columns [src_col, src_col +
-        depth), read fresh) times rows [w_row, w_row + depth) of w_ref, one [BB, width] float32
-        product per (column, width) window of w_ref, in K_BLOCK-deep dots that share each load of
-        src (several windows: the GRU's 2U and U columns)."""
+        depth), read fresh; ``fresh=False``: an input of the launch, read through the caches)
+        times rows [w_row, w_row + depth) of w_ref, one [BB, width] float32 product per (column,
+        width) window of w_ref, in K_BLOCK-deep dots that share each load of src (several
+        windows: the GRU's 2U and U columns)."""
         KB, f32 = self.KB, self.acc
 
         def dot(j, accs):
-            x = _load_fresh(src_ref.at[t, self.rows(ib), pl.ds(src_col + j * KB, KB)], self.interpret)
+            src = src_ref.at[t, self.rows(ib), pl.ds(src_col + j * KB, KB)]
+            x = _load_fresh(src, self.interpret) if fresh else src[...]
             return tuple(acc + jax.lax.dot(x, w_ref[pl.ds(w_row + j * KB, KB), pl.ds(col, width)],
                                            preferred_element_type=f32)
                          for acc, (col, width) in zip(accs, windows))
@@ -543,7 +545,7 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             uv = [ref["us"][t, r, units(iu, g)].astype(f32) for g in range(n)] if reads_u else None
             if recompute:
                 accs = grid.product(ref["hq"], t, ib, ref["wf"], H, [((iu * n + g0) * U, size * U)
-                                                                      for g0, size in _groups(n)])
+                                                                      for g0, size in _groups(n)], fresh=False)
                 rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
                 if has_bias:
                     rec = [x + ref["bias"][units(iu, g)][None, :] for g, x in enumerate(rec)]

@@ -57,8 +57,8 @@ class _Sums:
         return jax.ShapeDtypeStruct((self.NP, B), self.grid.acc)
 
     def clear_padding(self, refs, ib, iu):
-        """Zero the padding rows [nu, NP) (before the first barrier; the programs' own rows are
-        written after it, so a write here that lands on row NP - 1 < nu is overwritten in time)."""
+        """Zero the padding rows [nu, NP), before the first barrier: program iu zeroes row
+        min(nu + iu, NP - 1), so every padding row and no program's own row."""
         g = self.grid
         if self.NP == g.nu:
             return
@@ -262,8 +262,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
             p = ([gh_ref[units(iu, g)][None, :] for g in range(4)], gc_ref[units(iu)][None, :])
             d = {"h": dhT_ref[rows(ib), units(iu)], "c": dcT_ref[rows(ib), units(iu)]}
             states.append((d, p, step_inputs(T - 1, ib, iu)))
-        # the padding rows' zeros precede every program's partial sums
-        gave_up = barrier(1, jnp.bool_(False))
+        # (the padding rows' zeros come before the first step's first barrier, and are read after it)
 
         def step(i, carry):
             states, gave_up = carry
@@ -279,7 +278,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 sums.put(a1_ref, ib, iu, jnp.sum(dx, axis=1))
                 sums.put(a2_ref, ib, iu, jnp.sum(dx * c_hat, axis=1))
                 firsts.append((d, dh, dx))
-            gave_up = barrier(3 * i + 2, gave_up)
+            gave_up = barrier(3 * i + 1, gave_up)
             seconds = []
             for (ib, iu), (_, (gh, _), (tg, tc, r_hat, c_hat, _, c_inv, cp, _, _)), (d, dh, dx) in zip(
                     blocks, states, firsts):
@@ -294,7 +293,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 sums.put(b1_ref, ib, iu, sum(jnp.sum(x, axis=1) for x in dxr))
                 sums.put(b2_ref, ib, iu, sum(jnp.sum(x * r, axis=1) for x, r in zip(dxr, r_hat)))
                 seconds.append((dc, dxr))
-            gave_up = barrier(3 * i + 3, gave_up)
+            gave_up = barrier(3 * i + 2, gave_up)
             passing = []
             for (ib, iu), (d_in, _, (tg, _, r_hat, _, r_inv, _, _, _, m)), (dc, dxr) in zip(blocks, states, seconds):
                 m1, m2 = sums.total(b1_ref, ib) / G, sums.total(b2_ref, ib) / G
@@ -307,19 +306,19 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}
                 passing.append(pas)
-            gave_up = barrier(3 * i + 4, gave_up)
+            gave_up = barrier(3 * i + 3, gave_up)
             new_states = []
             for (ib, iu), (_, p, _), pas in zip(blocks, states, passing):
                 (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
                 new_states.append((dict(pas, h=pas["h"] + dh_rec), p, step_inputs(t - 1, ib, iu)))
             return new_states, gave_up
 
-        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
         for (ib, iu), (d, _, _) in zip(blocks, states):
             dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["h"])
             dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["c"])
 
-    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent_backward", arrivals=3 * T + 1)
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent_backward", arrivals=3 * T)
     dh0, dc0 = (jnp.where(ok, x, jnp.nan) for x in outs[3:5])
     return outs[0], outs[1], outs[2], dh0, dc0
 
