@@ -171,6 +171,8 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert step("lstm") == step("gru") == step("lstm:cifg") == "persistent"
     assert step("lstm", "sqrt") == step("gru:cho") == step("lstm:ln") == "sequential"
     assert "remat" in persistent.problem(recur.get_cell("lstm", H), B, remat=4)
+    why = dispatch.choose(recur.get_cell("gru:cho", H), "kernel", B, T, I, "step")[2]
+    assert "remat='step'" in why and "gru_cho" in why  # the persistent kernel's reason, not the loop kernel's
 
 
 def test_backward_kernel_matches_the_fused_step_backward_loop():
@@ -423,66 +425,3 @@ def test_recomputing_backward_kernels_fit_an_h100_without_spills(name, dtype):
     shared, regs, spill_st, spill_ld = compile_sm90(backward, persistent.NUM_WARPS, persistent.NUM_STAGES)
     assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
 
-
-def _sums_events(monkeypatch, fn):
-    """fn traced with the layer-norm kernels' partial-sum writes / reads and the barriers logged:
-    the events of one pass of the time loop's body, [(kind, buffer)]."""
-    from recur.kernels import persistent_ln
-
-    events, ids = [], {}
-    log = lambda kind, ref=None: events.append((kind, None if ref is None else ids.setdefault(id(ref), len(ids))))
-    put, get, barrier, loop = persistent_ln._Sums.put, persistent_ln._Sums.get, persistent._grid_barrier, jax.lax.fori_loop
-    monkeypatch.setattr(persistent_ln._Sums, "put", lambda self, ref, *a: (log("put", ref), put(self, ref, *a))[1])
-    monkeypatch.setattr(persistent_ln._Sums, "get", lambda self, ref, *a: (log("get", ref), get(self, ref, *a))[1])
-    monkeypatch.setattr(persistent, "_grid_barrier", lambda *a, **k: (log("barrier"), barrier(*a, **k))[1])
-    depth = []
-
-    def time_loop(lo, hi, body, init):  # marks the outermost loop's body (the dots' loops are inner)
-        if depth:
-            return loop(lo, hi, body, init)
-        depth.append(1)
-        try:
-            return loop(lo, hi, lambda i, c: (log("begin"), body(i, c), log("end"))[1], init)
-        finally:
-            depth.pop()
-
-    monkeypatch.setattr(jax.lax, "fori_loop", time_loop)
-    jax.make_jaxpr(fn)()
-    return events[events.index(("begin", None)) + 1:events.index(("end", None))]
-
-
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_layer_norm_kernels_never_write_and_read_a_partial_sum_buffer_between_the_same_barriers(
-        monkeypatch, direction):
-    """On a GPU the programs run side by side: a read of the partial sums must come a barrier
-    after every program's write, and the next step's write a barrier after every program's read.
-    Interpret mode runs the blocks in turn, so the value tests cannot see a missing or misplaced
-    barrier; this traces the kernels' time loop with its writes, reads and barriers logged and
-    checks, over two passes of the loop body (the wrap from one step to the next), that no
-    interval between two barriers both writes and reads the same buffer."""
-    from recur.kernels import persistent_ln
-
-    cell = recur.get_cell("lstm:ln", H)
-    params = cell.init(jax.random.key(0), I)
-    z = lambda *s: jnp.zeros(s)
-    if direction == "forward":
-        fn = lambda: persistent_ln.run_forward(z(T, B, 4 * H), params["W_h"], params, z(B, H), z(B, H),
-                                               dtype=jnp.float32, keep=True, interpret=True)
-    else:
-        saved = {"tg": z(T, B, 4 * H), "tc": z(T, B, H), "r_hat": z(T, B, 4 * H), "c_hat": z(T, B, H),
-                 "r_inv": z(T, B), "c_inv": z(T, B)}
-        fn = lambda: persistent_ln.run_backward(z(T, B, H), saved, z(T, B, H), params["W_h"], params, z(B, H),
-                                                z(B, H), dtype=jnp.float32, interpret=True)
-    body = _sums_events(monkeypatch, fn)
-    assert sum(kind == "barrier" for kind, _ in body) == 3
-    assert {b for kind, b in body if kind == "get"} == {b for kind, b in body if kind == "put"} and len(
-        {b for _, b in body if b is not None}) == 4
-    interval = []
-    for kind, buf in body + body + [("barrier", None)]:
-        if kind == "barrier":
-            kinds = {(k, b) for k, b in interval}
-            both = {b for k, b in kinds if k == "put" and ("get", b) in kinds}
-            assert not both, (direction, interval)
-            interval = []
-        else:
-            interval.append((kind, buf))

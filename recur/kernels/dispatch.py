@@ -113,8 +113,11 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     if wanted == "loop" and T > 0:
         from recur.kernels import persistent
 
-        if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
+        why_not = persistent.problem(cell, B, resets=resets, remat=remat, backward=backward)
+        if why_not is None:
             wanted = "persistent"  # LSTM, GRU, MGU, Elman: W_h split across the GPU's programs
+        elif remat != "none" and persistent.problem(cell, B, resets=resets, backward=backward) is None:
+            return plain, False, why_not  # the persistent kernel's own reason: only its remat is missing
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():

@@ -108,7 +108,8 @@ def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
     if backward != "deferred" or remat not in ("none", "step"):
         return "the persistent kernel runs under the deferred backward pass, with remat 'none' or 'step'"
     if remat == "step" and not isinstance(rule, Rule):
-        return f"remat='step' (the gates recomputed) is for the one-barrier kernels, not {cell.name}'s"
+        return (f"remat='step' (the gates recomputed) is for the one-barrier persistent kernels; {cell.name} runs "
+                f"the {rule.name} kernel, which takes remat 'none' only")
     why = layout(B, cell.hidden_size, sm_count())
     return why if isinstance(why, str) else None
 

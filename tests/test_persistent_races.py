@@ -1,0 +1,210 @@
+"""A race detector for the persistent kernels' grid barriers.
+
+On a GPU the programs of a persistent kernel run side by side and meet at grid barriers; a value
+one program writes may be read by another only in a later barrier interval, and a location one
+program reads may not be written by another in the same interval. Interpret mode (the value tests
+in test_persistent.py) runs the (row, unit) blocks one after another within each phase of the
+kernel's Python code, so a missing or misplaced barrier still gives the right numbers there.
+
+Here each kernel runs eagerly in Python instead of through pallas_call: its refs are NumPy arrays
+that log every read and write (buffer, region, the block that made it, the barrier interval),
+its barrier only counts intervals, and its loops are Python loops (concrete time steps and
+indices). Then no interval may hold a write by one block and a read or write by another of the
+same location (writes of the same values by several blocks, such as the layer-norm kernels'
+per-row 1 / std, excepted).
+"""
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src import indexing
+
+import recur
+from recur.kernels import persistent
+
+B, T, I, H = 32, 3, 8, 32  # 2 row blocks x 2 unit blocks of 16
+
+
+class _Log:
+    def __init__(self):
+        self.interval, self.block, self.events = 0, None, []
+
+
+def _index(shape, idx):
+    """[(lo, hi, kept)] per axis of ref[idx] (idx of ints, slices, pl.ds and Ellipsis); kept:
+    the axis stays (an int index drops it)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(e is Ellipsis for e in idx):
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (len(shape) - len(idx) + 1) + idx[k + 1:]
+    idx = idx + (slice(None),) * (len(shape) - len(idx))
+    out = []
+    for e, n in zip(idx, shape):
+        if isinstance(e, indexing.Slice):
+            out.append((int(e.start), int(e.start) + int(e.size), True))
+        elif isinstance(e, slice):
+            lo, hi, _ = e.indices(n)
+            out.append((lo, hi, True))
+        else:
+            out.append((int(e), int(e) + 1, False))
+    return out
+
+
+class _Ref:
+    """A NumPy-backed ref (or an ``at`` view of one) that logs its reads and writes: the region
+    of the whole buffer, the block that made it and the barrier interval."""
+
+    def __init__(self, name, storage, log, view=None):
+        self.name, self.storage, self.log = name, storage, log
+        self.view = view or [(0, n, True) for n in storage.shape]  # [(lo, hi, kept)] per axis of storage
+
+    def _resolve(self, idx):
+        """(the new view of the storage's axes, the region [(lo, hi)])."""
+        visible = [k for k, (_, _, kept) in enumerate(self.view) if kept]
+        sub = _index([self.view[k][1] - self.view[k][0] for k in visible], idx)
+        view = list(self.view)
+        for k, (lo, hi, kept) in zip(visible, sub):
+            view[k] = (self.view[k][0] + lo, self.view[k][0] + hi, kept)
+        return view, [(lo, hi) for lo, hi, _ in view]
+
+    def _slices(self, view):
+        return tuple(slice(lo, hi) for lo, hi, _ in view)
+
+    def __getitem__(self, idx):
+        view, region = self._resolve(idx)
+        self.log.events.append((self.log.interval, self.log.block, "get", self.name, region, None))
+        value = self.storage[self._slices(view)]
+        return jnp.asarray(np.squeeze(value, axis=tuple(k for k, v in enumerate(view) if not v[2])))
+
+    def __setitem__(self, idx, value):
+        view, region = self._resolve(idx)
+        target = self._slices(view)
+        value = np.asarray(value, self.storage.dtype).reshape(self.storage[target].shape)
+        self.log.events.append((self.log.interval, self.log.block, "put", self.name, region, value.tobytes()))
+        self.storage[target] = value
+
+    @property
+    def at(self):
+        ref = self
+
+        class _At:
+            def __getitem__(self, idx):
+                return _Ref(ref.name, ref.storage, ref.log, ref._resolve(idx)[0])
+
+        return _At()
+
+
+class _Blocks(list):
+    """grid.blocks(): iterating it marks which block the code that follows runs for."""
+
+    def __init__(self, items, log):
+        super().__init__(items)
+        self.log = log
+
+    def __iter__(self):
+        for b in list.__iter__(self):
+            self.log.block = b
+            yield b
+
+
+def _eager_launch(log, drop=None):
+    """_Grid.launch, eagerly on logged NumPy refs; drop(k): the k-th barrier call (from 0) is not one."""
+    def launch(self, kernel, inputs, out_shape, name, arrivals):
+        log.interval += 1  # a launch boundary orders everything before it
+        ins = [_Ref(f"{name}:in{j}", np.array(x), log) for j, x in enumerate(inputs)]
+        outs = [_Ref(f"{name}:out{j}", np.zeros(s.shape, s.dtype), log) for j, s in enumerate(out_shape)]
+
+        calls = []
+
+        def barrier(n, gave_up):
+            calls.append(n)
+            if drop is None or not drop(len(calls) - 1):
+                log.interval += 1
+            return gave_up
+
+        start = log.interval
+        kernel(ins, outs, barrier)
+        assert len(calls) == arrivals, (name, len(calls), arrivals)  # the launch's barrier count
+        assert drop is not None or log.interval - start == arrivals
+        return [jnp.asarray(o.storage) for o in outs], jnp.bool_(True)
+
+    return launch
+
+
+def _overlap(r1, r2):
+    return all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(r1, r2))
+
+
+def races(events):
+    """(interval, buffer, kind, block, other block) of every conflicting pair: a write and a read,
+    or two writes of different values, of overlapping regions by different blocks in one interval."""
+    found = []
+    key = lambda e: (e[0], e[3])
+    for (interval, name), group in itertools.groupby(sorted(events, key=key), key=key):
+        group = list(group)
+        puts = [e for e in group if e[2] == "put"]
+        for p in puts:
+            for e in group:
+                if e[1] != p[1] and _overlap(p[4], e[4]) and (e[2] == "get" or e[5] != p[5]):
+                    found.append((interval, name, e[2], p[1], e[1]))
+    return found
+
+
+def _run(monkeypatch, fn, drop=None):
+    log = _Log()
+    monkeypatch.setattr(persistent._Grid, "launch", _eager_launch(log, drop))
+    blocks = persistent._Grid.blocks
+    monkeypatch.setattr(persistent._Grid, "blocks", lambda self: _Blocks(blocks(self), log))
+    monkeypatch.setattr(jax.lax, "fori_loop",
+                        lambda lo, hi, body, init: functools.reduce(lambda c, i: body(i, c), range(lo, hi), init))
+    with jax.disable_jit():
+        fn()
+    return log.events
+
+
+CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln"]
+
+
+@pytest.mark.parametrize("remat", ["none", "step"])
+@pytest.mark.parametrize("name", CELLS)
+def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_barriers(monkeypatch, name, remat):
+    """Every persistent kernel of a training step (forward with what the backward reads, then the
+    backward; remat="step": the recomputing backward), with lengths, eagerly with logged refs."""
+    cell = recur.get_cell(name, H)
+    if remat == "step" and persistent.problem(cell, B, remat="step") is not None:
+        pytest.skip(f"{name} takes remat 'none' only")
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    lengths = jnp.arange(B) % (T + 1)
+    loss = lambda p: jnp.sum(recur.scan(cell, p, xs, lengths=lengths, mode="kernel", remat=remat)[0])
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
+    events = _run(monkeypatch, lambda: jax.grad(loss)(params))
+    gets = {(e[3], e[1]) for e in events if e[2] == "get"}
+    assert len({b for _, b in gets}) == 4  # every block read something (the log sees the kernels' work)
+    assert not races(events), races(events)[:5]
+
+
+def test_the_detector_finds_a_missing_or_misplaced_barrier(monkeypatch):
+    """The LSTM's forward kernel with every other step's barrier dropped: blocks read h_t for the
+    next step's product in the interval in which the others write it; the layer-norm kernel with
+    the barrier after W_h h's partial sums dropped: they are read where they are written."""
+    cell = recur.get_cell("lstm", H)
+    params = cell.init(jax.random.key(0), I)
+    us = cell.project(params, jax.random.normal(jax.random.key(1), (T, B, I)))
+    z = jnp.zeros((B, H))
+    events = _run(monkeypatch, lambda: persistent.run_forward(persistent.LSTM_RULE, us, params["W_h"], None,
+                                                              {"h": z, "c": z}, dtype=jnp.float32, interpret=True),
+                  drop=lambda k: k % 2 == 0)
+    assert {e[1] for e in races(events)} == {"recur_lstm_persistent:out0"}  # hq, the [T + 1, B, H] buffer of h
+    from recur.kernels import persistent_ln
+
+    cell = recur.get_cell("lstm:ln", H)
+    params = cell.init(jax.random.key(0), I)
+    events = _run(monkeypatch, lambda: persistent_ln.run_forward(us, params["W_h"], params, z, z,
+                                                                 dtype=jnp.float32, interpret=True),
+                  drop=lambda k: k == 1)  # the first step's first barrier
+    # the sum and squared deviation of W_h h
+    assert {e[1] for e in races(events)} == {"recur_lstm_ln_persistent:out3", "recur_lstm_ln_persistent:out4"}
