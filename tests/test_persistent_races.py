@@ -11,7 +11,7 @@ that log every read and write (buffer, region, the block that made it, the barri
 its barrier only counts intervals, and its loops are Python loops (concrete time steps and
 indices). Then no interval may hold a write by one block and a read or write by another of the
 same location (writes of the same values by several blocks, such as the layer-norm kernels'
-per-row 1 / std, excepted).
+per-row 1 / std, excepted), nor a block's read of what it wrote earlier in the interval.
 """
 import functools
 import itertools
@@ -139,16 +139,21 @@ def _overlap(r1, r2):
 
 
 def races(events):
-    """(interval, buffer, kind, block, other block) of every conflicting pair: a write and a read,
-    or two writes of different values, of overlapping regions by different blocks in one interval."""
+    """(interval, buffer, kind, block, other block) of every conflicting pair of overlapping
+    regions in one interval: a write and a read, or two writes of different values, by different
+    blocks; or a block's read of what it wrote earlier in the interval (its threads hold different
+    elements, and Triton orders their global stores and loads only at a barrier)."""
     found = []
-    key = lambda e: (e[0], e[3])
-    for (interval, name), group in itertools.groupby(sorted(events, key=key), key=key):
+    key = lambda e: (e[1][0], e[1][3])
+    for (interval, name), group in itertools.groupby(sorted(enumerate(events), key=key), key=key):
         group = list(group)
-        puts = [e for e in group if e[2] == "put"]
-        for p in puts:
-            for e in group:
-                if e[1] != p[1] and _overlap(p[4], e[4]) and (e[2] == "get" or e[5] != p[5]):
+        for i, p in group:
+            if p[2] != "put":
+                continue
+            for j, e in group:
+                if not _overlap(p[4], e[4]):
+                    continue
+                if e[1] != p[1] and (e[2] == "get" or e[5] != p[5]) or e[1] == p[1] and e[2] == "get" and j > i:
                     found.append((interval, name, e[2], p[1], e[1]))
     return found
 
@@ -208,3 +213,15 @@ def test_the_detector_finds_a_missing_or_misplaced_barrier(monkeypatch):
                   drop=lambda k: k == 1)  # the first step's first barrier
     # the sum and squared deviation of W_h h
     assert {e[1] for e in races(events)} == {"recur_lstm_ln_persistent:out3", "recur_lstm_ln_persistent:out4"}
+
+
+def test_what_counts_as_a_race():
+    put = lambda interval, block, lo, hi, value=b"a": (interval, block, "put", "x", [(lo, hi)], value)
+    get = lambda interval, block, lo, hi: (interval, block, "get", "x", [(lo, hi)], None)
+    assert races([put(0, 0, 0, 4), get(0, 1, 3, 5)])  # another block reads what is being written
+    assert not races([put(0, 0, 0, 4), get(1, 1, 3, 5)])  # a barrier later
+    assert not races([put(0, 0, 0, 4), get(0, 1, 4, 8)])  # no overlap
+    assert races([put(0, 0, 0, 4), get(0, 0, 1, 2)])  # its own write, read back before a barrier
+    assert not races([get(0, 0, 1, 2), put(0, 0, 0, 4)])  # read, then written: program order
+    assert not races([put(0, 0, 0, 4), put(0, 1, 2, 6)])  # the same values from two blocks
+    assert races([put(0, 0, 0, 4), put(0, 1, 2, 6, b"b")])
