@@ -8,7 +8,7 @@
 #                                             # other cells at H=1024, the layer-norm LSTM's hand-written
 #                                             # backward, each loop's launches, XLA command buffers (~8 min)
 #   bash experiments/gpu_session.sh persistent # the persistent kernels (mode="kernel": LSTM, GRU, MGU, Elman,
-#                                             # the layer-norm LSTM; kernel+step: remat="step")
+#                                             # the layer-norm LSTM, LSTMP; kernel+step: remat="step")
 #                                             # against the sequential scan and cuDNN, then the LSTM's
 #                                             # Triton settings (~9 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
@@ -73,9 +73,10 @@ case $plan in
       --parts cells --out "$OUT/h1024"
     part 80 $B --hidden 256 --cells lstm,gru --modes sequential,kernel --baselines torch --repeats 5 \
       --parts cells --out "$OUT/h256"
-    part 150 $B --hidden 1024 --cells lstm:peepholes,lstm:cifg,gru:cho,mgu,lstm:ln --modes sequential,kernel --baselines none \
+    part 170 $B --hidden 1024 --cells lstm:peepholes,lstm:cifg,gru:cho,mgu,lstm:ln,lstm:proj_size=512 --modes sequential,kernel \
+      --baselines none \
       --repeats 5 --parts cells --out "$OUT/variants"
-    part 90 $E --parts persistent --hidden 1024 --repeats 5 \
+    part 80 $E --parts persistent --hidden 1024 --repeats 5 \
       --persist-configs 128/8/3,128/4/1,256/8/1,128/8/3/x --out "$OUT/sweep" ;;
   *) echo "plan must be table, kernels, explore, remaining or persistent, got $plan" >&2; exit 2 ;;
 esac

@@ -28,13 +28,13 @@ def _setup(dtype, name="lstm"):
     params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(7), p.shape, p.dtype),
                           cell.init(jax.random.key(0), I))
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
-    carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, H)),
+    carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, cell.output_size)),
               "c": jax.random.normal(jax.random.key(3), (B, H))}
     return cell, params, xs, (carry0 if name.startswith("lstm") else carry0["h"])
 
 
 def _run(cell, mode, **kw):
-    w = jax.random.normal(jax.random.key(4), (B, T, H))
+    w = jax.random.normal(jax.random.key(4), (B, T, cell.output_size))
 
     def loss(p, x, c0):
         hs, carry = recur.scan(cell, p, x, initial_carry=c0, mode=mode, **kw)
@@ -63,7 +63,8 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("elman", jnp.float32, 2e-5, True), ("elman:relu", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
     ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True), ("gru:cho", jnp.float32, 2e-5, True),
-    ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True)])
+    ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True),
+    ("lstm:proj_size=16", jnp.float32, 2e-5, True), ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -163,6 +164,9 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     # layer norm's statistics: a reduction across the programs (persistent_ln.py), with the plain gates
     assert choose("lstm:ln") == "persistent"
     assert choose("lstm:ln,peepholes") == choose("indrnn") == "loop"  # no W_h in indrnn
+    # LSTMP: proj_size in power-of-2 blocks of >= 16 columns, at most one per unit block (2 here)
+    assert choose("lstm:proj_size=16") == choose("lstm:proj_size=64") == "persistent"
+    assert "does not split" in persistent.problem(recur.get_cell("lstm:proj_size=48", H), B)
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
     # remat="step": the one-barrier kernels recompute the gates in the reverse loop; other remats and
@@ -252,10 +256,10 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
-@pytest.mark.parametrize("name", ["gru:cho", "mgu", "lstm:ln"])
+@pytest.mark.parametrize("name", ["gru:cho", "mgu", "lstm:ln", "lstm:proj_size=16"])
 def test_multi_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name):
-    """The kernels with two (reset-before cells) or three (layer norm) barriers per step end in NaN
-    too, forward and backward."""
+    """The kernels with two (reset-before cells, the projection) or three (layer norm) barriers per
+    step end in NaN too, forward and backward."""
     cell, params, xs, carry0 = _setup(jnp.float32, name)
     barrier = persistent._grid_barrier
     monkeypatch.setattr(persistent, "MAX_SPINS", 3)
@@ -288,7 +292,7 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
                 ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16),
-                ("lstm:ln", jnp.bfloat16)]
+                ("lstm:ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)

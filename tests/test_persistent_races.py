@@ -61,6 +61,10 @@ class _Ref:
         self.name, self.storage, self.log = name, storage, log
         self.view = view or [(0, n, True) for n in storage.shape]  # [(lo, hi, kept)] per axis of storage
 
+    @property
+    def shape(self):
+        return tuple(hi - lo for lo, hi, kept in self.view if kept)
+
     def _resolve(self, idx):
         """(the new view of the storage's axes, the region [(lo, hi)])."""
         visible = [k for k, (_, _, kept) in enumerate(self.view) if kept]
@@ -170,7 +174,9 @@ def _run(monkeypatch, fn, drop=None):
     return log.events
 
 
-CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln"]
+# lstmp: 16 columns of h (one P block, computed by both unit blocks) and 64 (two of 32)
+CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln", "lstm:proj_size=16",
+         "lstm:proj_size=64"]
 
 
 @pytest.mark.parametrize("remat", ["none", "step"])

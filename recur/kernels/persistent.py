@@ -1,7 +1,7 @@
 """Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the LSTM (plain
 and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN; Cho's GRU and
-the MGU in recur/kernels/persistent_reset.py, the layer-norm LSTM in persistent_ln.py, on the same
-grid and barrier.
+the MGU in recur/kernels/persistent_reset.py, the layer-norm LSTM in persistent_ln.py, LSTMP in
+persistent_proj.py, on the same grid and barrier.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -33,7 +33,8 @@ step is the two kernels plus the deferred scan's large weight-gradient matmuls
 A cell fits a :class:`Rule` when its step, given W_h h, is element-wise in the hidden units. Cho's
 GRU and the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
 Layer norm's statistics run over all units: partial sums across the programs, three barriers per
-step (persistent_ln.py). Gate recurrence and a projection keep the loop kernel or the sequential scan.
+step (persistent_ln.py). A projection, h_t = W_p m_t, needs every unit's m_t: two barriers per step
+(persistent_proj.py). Gate recurrence keeps the sequential scan.
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -111,7 +112,10 @@ def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
         return (f"remat='step' (the gates recomputed) is for the one-barrier persistent kernels; {cell.name} runs "
                 f"the {rule.name} kernel, which takes remat 'none' only")
     why = layout(B, cell.hidden_size, sm_count())
-    return why if isinstance(why, str) else None
+    if isinstance(why, str):
+        return why
+    extra = getattr(rule, "layout_problem", None)  # the LSTMP's split of proj_size
+    return extra(cell, B, cell.hidden_size // why[1]) if extra else None
 
 
 class _Grid:
@@ -147,13 +151,22 @@ class _Grid:
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
 
-    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0, fresh=True):
+    def step_inputs(self, us_ref, mask_ref, t, ib, iu, gates):
+        """Step t's projected inputs (``gates`` blocks of block (ib, iu)'s units, float32) and mask
+        (None without one), t clamped to the last step: loaded before the barrier that precedes
+        the step, so that their latency overlaps the wait (t = T: nothing left; step T-1's again)."""
+        t = jnp.minimum(t, us_ref.shape[0] - 1)
+        u = tuple(us_ref[t, self.rows(ib), self.units(iu, g)].astype(self.acc) for g in range(gates))
+        return u, (None if mask_ref is None else mask_ref[t, self.rows(ib)])
+
+    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0, fresh=True, kb=None):
         """Block ib's rows of what the programs wrote to src_ref[t] (columns [src_col, src_col +
         depth), read fresh; ``fresh=False``: an input of the launch, read through the caches)
         times rows [w_row, w_row + depth) of w_ref, one [BB, width] float32 product per (column,
         width) window of w_ref, in K_BLOCK-deep dots that share each load of src (several
-        windows: the GRU's 2U and U columns)."""
-        KB, f32 = self.KB, self.acc
+        windows: the GRU's 2U and U columns); kb: the dots' depth where depth is not a multiple of
+        K_BLOCK's (the LSTMP's P)."""
+        KB, f32 = kb or self.KB, self.acc
 
         def dot(j, accs):
             src = src_ref.at[t, self.rows(ib), pl.ds(src_col + j * KB, KB)]
@@ -352,7 +365,7 @@ def rule_for(cell):
     from recur.cells.elman import Elman
     from recur.cells.gru import GRU, MGU
     from recur.cells.lstm import LSTM
-    from recur.kernels import persistent_ln, persistent_reset
+    from recur.kernels import persistent_ln, persistent_proj, persistent_reset
 
     if isinstance(cell, LSTM) and cell.plain:
         return LSTM_RULE
@@ -360,6 +373,9 @@ def rule_for(cell):
         return _lstm_variant_rule(cell)
     if isinstance(cell, LSTM) and cell.layer_norm_fusable:
         return persistent_ln.LN_LSTM
+    if (isinstance(cell, LSTM) and cell.proj_size and not (cell.layer_norm or cell.peepholes or cell.full_gate_recurrence)
+            and cell.blocks == ("i", "f", "g", "o") and cell.input_activation and cell.output_activation):
+        return persistent_proj.LSTMP
     if isinstance(cell, GRU) and cell.reset_after:
         return GRU_RULE
     if isinstance(cell, GRU):
@@ -368,7 +384,7 @@ def rule_for(cell):
         return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the LSTM (without gate recurrence or a projection; layer norm "
+    return (f"the persistent kernels run the LSTM (without gate recurrence; layer norm or a projection "
             f"with the plain gates only), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
@@ -425,12 +441,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
         own_refs = outs[1 + ns + n_saved:]
         blocks = grid.blocks()
 
-        def step_inputs(t, ib, iu):
-            """Step t's projected inputs (and mask): loaded before the barrier that precedes the
-            step, so that their latency overlaps the wait (t = T: nothing left; step T-1's again)."""
-            t = jnp.minimum(t, T - 1)
-            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(n))
-            return u, (mask_ref[t, rows(ib)] if has_mask else None)
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, n)
 
         states = []
         for ib, iu in blocks:
@@ -623,6 +634,18 @@ def lstm_backward(dhs_T, tg, tc, c_prev, W_h, dh_T, dc_T, mask_T=None, *, dtype,
     dpre, _, d0, _ = run_backward(LSTM_RULE, dhs_T, {"tg": tg, "tc": tc}, {"c": c_prev}, W_h,
                                {"h": dh_T, "c": dc_T}, mask_T, dtype=dtype, interpret=interpret, programs=programs)
     return dpre, d0["h"], d0["c"]
+
+
+def lstm_results(hq, hT, cT, c_states, carry0, dtype):
+    """(final carry, hs, the carries entering each step or None) of an LSTM kernel's hq (h0 then
+    each step's h, in the compute dtype), final h and c, and each step's c_t (None: not kept).
+    The carries' h comes from hq: the product (and so d W_h) reads that rounding."""
+    final = {"h": hT.astype(carry0["h"].dtype), "c": cT.astype(carry0["c"].dtype)}
+    hs = hq[1:].astype(dtype)
+    if c_states is None:
+        return final, hs, None
+    c_prev = jnp.concatenate([carry0["c"][None].astype(c_states.dtype), c_states[:-1]], axis=0)
+    return final, hs, {"h": hq[:-1].astype(carry0["h"].dtype), "c": c_prev.astype(carry0["c"].dtype)}
 
 
 def _load_fresh(ref, interpret):

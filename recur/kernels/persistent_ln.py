@@ -134,10 +134,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
         c_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref = outs[7:] if keep else (None,) * 7
         blocks = grid.blocks()
 
-        def step_inputs(t, ib, iu):
-            t = jnp.minimum(t, T - 1)
-            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(4))
-            return u, (mask_ref[t, rows(ib)] if has_mask else None)
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, 4)
 
         states = []
         for ib, iu in blocks:
@@ -327,17 +324,13 @@ def forward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
     saved for :func:`backward_fn`, :func:`run_forward`'s values."""
 
+    from recur.kernels.persistent import lstm_results
+
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
                                         dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
-        final = {"h": hT.astype(carry0["h"].dtype), "c": cT.astype(carry0["c"].dtype)}
-        hs = hq[1:].astype(cell.dtype)
-        if not keep:
-            return final, hs
-        c_prev = jnp.concatenate([carry0["c"][None].astype(saved["c"].dtype), saved.pop("c")[:-1]], axis=0)
-        # h from the buffer, in the compute dtype: the product (and so d W_h) reads that rounding
-        carries = {"h": hq[:-1].astype(carry0["h"].dtype), "c": c_prev.astype(carry0["c"].dtype)}
-        return final, (hs, carries, saved)
+        final, hs, carries = lstm_results(hq, hT, cT, saved.pop("c") if keep else None, carry0, cell.dtype)
+        return (final, (hs, carries, saved)) if keep else (final, hs)
 
     return forward
 

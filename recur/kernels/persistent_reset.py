@@ -92,10 +92,7 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
         hq_ref, hT_ref, mq_ref = outs[:3]
         blocks = grid.blocks()
 
-        def step_inputs(t, ib, iu):
-            t = jnp.minimum(t, T - 1)
-            u = tuple(us_ref[t, rows(ib), units(iu, g)].astype(f32) for g in range(k + 1))
-            return u, (mask_ref[t, rows(ib)] if has_mask else None)
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, k + 1)
 
         states = []
         for ib, iu in blocks:

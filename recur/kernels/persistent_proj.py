@@ -1,0 +1,274 @@
+"""Persistent kernels for the LSTM with a projection (LSTMP, Sak et al. 2014; ``lstm:proj_size=P``,
+the plain gates): the recurrence reads the projected h_t = W_p m_t, m_t = o_t ⊙ tanh(c_t), of P
+values per row, W_h is [4H, P] and W_p [P, H].
+
+h_t needs every unit's m_t, so a step is two phases on the grid of recur/kernels/persistent.py
+(programs (row block, unit block), each owning U of the H units), each ending in a barrier: the
+gates' product from h_{t-1} (depth P), the program's c_t and m_t, m_t written to a [T, B, H]
+buffer; then the projection's product, each program one UP-column block of h_t (UP: a power of 2
+>= 16 with P / UP blocks at most the unit blocks; where there are fewer P blocks than programs in a
+row block, program iu computes block iu mod (P / UP), so several write the same values). The
+reverse loop likewise: d m = d h_t W_p for the program's units (every P column of d h_t: a
+shared [T + 1, B, P] buffer), the gates' d pre; barrier; the program's P block of
+d h_{t-1} = d pre W_h, with the next step's output cotangent and padding added; barrier. d W_h
+stays the deferred scan's matmul from d pre, d W_p is one matmul after the loop from d h_t and the
+saved m_t.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from recur.cells.base import halved
+
+MIN_UNITS = 16  # Triton's dot needs N >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedLSTM:
+    name: str = "lstmp"
+
+    def layout_problem(self, cell, B, nu):
+        """None if proj_size splits over nu unit blocks, else why not."""
+        why = proj_blocks(cell.proj_size, nu)
+        return why if isinstance(why, str) else None
+
+    def forward_fn(self, cell, interpret=False, programs=None):
+        return forward_fn(cell, interpret, programs)
+
+    def backward_fn(self, cell, interpret=False, programs=None):
+        return backward_fn(cell, interpret, programs)
+
+
+LSTMP = ProjectedLSTM()
+
+
+def proj_blocks(P, nu):
+    """(UP, number of P blocks) for nu unit blocks per row block, or why P cannot be split."""
+    UP = MIN_UNITS
+    while P % UP == 0 and P // UP > nu:
+        UP *= 2
+    if P % UP or P // UP > nu:
+        return (f"the persistent LSTMP kernel splits proj_size into at most {nu} power-of-2 blocks of >= "
+                f"{MIN_UNITS} columns; {P} does not split")
+    return UP, P // UP
+
+
+def _grid_and_blocks(B, H, P, dtype, programs, interpret):
+    from recur.kernels.persistent import K_BLOCK, _Grid, _pow2_divisor
+
+    grid = _Grid(B, H, dtype, programs, interpret)
+    lay = proj_blocks(P, grid.nu)
+    if isinstance(lay, str):
+        raise ValueError(f"recur.kernels.persistent_proj: {lay}")
+    return grid, lay[0], lay[1], _pow2_divisor(P, K_BLOCK)
+
+
+def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
+    """The LSTMP over time-major projected inputs us_T [T, B, 4H] from h0 [B, P], c0 [B, H].
+
+    Returns (hq [T + 1, B, P] in dtype: h0 then each step's h, h_T [B, P], c_T [B, H], m [T, B, H]
+    in dtype, saved): saved None, or with keep {"c": c_t [T, B, H], "tg": the gate tanh
+    [T, B, 4H], "tc": tanh(c_t) [T, B, H]}, float32 (float64 for a float64 dtype).
+    """
+    from recur.kernels.persistent import _lstm_forward
+
+    T, B, G = us_T.shape
+    H, P = G // 4, W_h.shape[1]
+    grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    # W_h^T [P, 4H] with each program's 4 U columns together; W_p^T [H, P]
+    w = jnp.transpose(W_h.astype(cdt)).reshape(P, 4, nu, U).transpose(0, 2, 1, 3).reshape(P, G)
+    wp = jnp.transpose(W_p.astype(cdt))
+    has_mask = mask_T is not None
+    inputs = [us_T, w, wp, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    out_shape = [jax.ShapeDtypeStruct((T + 1, B, P), cdt), jax.ShapeDtypeStruct((B, P), f32),
+                 jax.ShapeDtypeStruct((B, H), f32), jax.ShapeDtypeStruct((T, B, H), cdt)]
+    if keep:
+        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in ((T, B, H), (T, B, G), (T, B, H))]
+
+    def kernel(ins, outs, barrier):
+        us_ref, w_ref, wp_ref, h0_ref, c0_ref = ins[:5]
+        mask_ref = ins[5] if has_mask else None
+        hq_ref, hT_ref, cT_ref, mq_ref = outs[:4]
+        c_ref, tg_ref, tc_ref = outs[4:] if keep else (None,) * 3
+        blocks = grid.blocks()
+        pcols = lambda iu: jax.lax.rem(iu, nup) * UP  # the program's P block's first column
+
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, 4)
+
+        states = []
+        for ib, iu in blocks:
+            h = h0_ref[rows(ib), _cols(pcols(iu), UP)]
+            hq_ref[0, rows(ib), _cols(pcols(iu), UP)] = h.astype(cdt)
+            states.append(((h, c0_ref[rows(ib), units(iu)]), step_inputs(0, ib, iu)))
+        gave_up = barrier(1, jnp.bool_(False))
+
+        def step(t, carry):
+            states, gave_up = carry
+            mids = []
+            for (ib, iu), ((h, c), (u, m)) in zip(blocks, states):
+                (acc,) = grid.product(hq_ref, t, ib, w_ref, P, [(iu * 4 * U, 4 * U)], kb=KBP)
+                new, saved = _lstm_forward(list(u), halved(acc, 4), {"c": c}, None)
+                c_new = jnp.where(m[:, None] != 0, new["c"], c) if has_mask else new["c"]
+                mq_ref[t, rows(ib), units(iu)] = new["h"].astype(cdt)
+                if keep:
+                    c_ref[t, rows(ib), units(iu)] = c_new
+                    for g in range(4):
+                        tg_ref[t, rows(ib), units(iu, g)] = saved["tg"][g]
+                    tc_ref[t, rows(ib), units(iu)] = saved["tc"][0]
+                mids.append(c_new)
+            gave_up = barrier(2 * t + 2, gave_up)
+            new_states = []
+            for (ib, iu), ((h, _), (u, m)), c_new in zip(blocks, states, mids):
+                (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(pcols(iu), UP)])
+                if has_mask:
+                    h_new = jnp.where(m[:, None] != 0, h_new, h)
+                h_new = jnp.where(gave_up, jnp.nan, h_new)
+                hq_ref[t + 1, rows(ib), _cols(pcols(iu), UP)] = h_new.astype(cdt)
+                new_states.append(((h_new, c_new), step_inputs(t + 1, ib, iu)))
+            return new_states, barrier(2 * t + 3, gave_up)
+
+        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), ((h, c), _) in zip(blocks, states):
+            hT_ref[rows(ib), _cols(pcols(iu), UP)] = h
+            cT_ref[rows(ib), units(iu)] = c
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent", arrivals=2 * T + 1)
+    hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
+    saved = dict(zip(("c", "tg", "tc"), outs[4:])) if keep else None
+    return hq, hT, cT, outs[3], saved
+
+
+def _cols(start, size):
+    from jax.experimental import pallas as pl
+
+    return pl.ds(start, size)
+
+
+def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
+                 programs=None):
+    """The reverse time loop, as a persistent kernel with two barriers per step.
+
+    dhs_T [T, B, P]: the outputs' cotangent; saved: :func:`run_forward`'s (tg, tc); c_prev
+    [T, B, H]: the c entering each step; dh_T [B, P], dc_T [B, H]: the final carry's cotangent.
+    Returns (d pre [T, B, 4H], d h_t [T, B, P] (the whole cotangent of each step's h_t, for
+    d W_p), d h0 [B, P], d c0 [B, H]), float32. The products run in ``dtype`` with float32
+    accumulation, their left operands rounded to dtype.
+    """
+    from recur.kernels.persistent import _lstm_backward
+
+    T, B, _ = dhs_T.shape
+    P, H = W_p.shape
+    G = 4 * H
+    grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    has_mask = mask_T is not None
+    shared = cdt != jnp.dtype(f32)  # copies in dtype of d pre and d h for the other programs' products
+    inputs = [dhs_T, saved["tg"], saved["tc"], c_prev, W_p.astype(cdt), W_h.astype(cdt), dh_T.astype(f32),
+              dc_T.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    # d h_t, row t + 1 (row 0: what the last pass writes, unread)
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32), jax.ShapeDtypeStruct((T + 1, B, P), f32),
+                 jax.ShapeDtypeStruct((B, P), f32), jax.ShapeDtypeStruct((B, H), f32)]
+    out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt), jax.ShapeDtypeStruct((T + 1, B, P), cdt)] if shared else []
+
+    def kernel(ins, outs, barrier):
+        dhs_ref, tg_ref, tc_ref, cp_ref, wp_ref, wh_ref, dhT_ref, dcT_ref = ins[:8]
+        mask_ref = ins[8] if has_mask else None
+        du_ref, dh_ref, dh0_ref, dc0_ref = outs[:4]
+        du_comm, dh_comm = outs[4:] if shared else (du_ref, dh_ref)
+        blocks = grid.blocks()
+        pcols = lambda iu: jax.lax.rem(iu, nup) * UP
+
+        def live(t, ib):
+            return (mask_ref[jnp.maximum(t, 0), rows(ib)] != 0)[:, None] if has_mask else None
+
+        def put_dh(t, ib, iu, dcarry, gave_up):
+            """Step t's whole d h_t for this program's P block, from the cotangent of the carry
+            after it: the part a live step takes (row t + 1); returns the part passed through."""
+            m = live(t, ib)
+            d = dhs_ref[jnp.maximum(t, 0), rows(ib), _cols(pcols(iu), UP)].astype(f32)
+            d = d + (jnp.where(m, dcarry, 0.0) if has_mask else dcarry)
+            at = (jnp.maximum(t, -1) + 1, rows(ib), _cols(pcols(iu), UP))
+            dh_ref[at] = jnp.where(gave_up, jnp.nan, d)
+            if shared:
+                dh_comm[at] = d.astype(cdt)
+            return jnp.where(m, 0.0, dcarry) if has_mask else jnp.zeros_like(dcarry)
+
+        def step_inputs(t, ib, iu):
+            t = jnp.maximum(t, 0)
+            r, u = rows(ib), units(iu)
+            return [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp_ref[t, r, u], live(t, ib)
+
+        states = []
+        for ib, iu in blocks:
+            passing = put_dh(T - 1, ib, iu, dhT_ref[rows(ib), _cols(pcols(iu), UP)], jnp.bool_(False))
+            states.append((passing, dcT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu)))
+        gave_up = barrier(1, jnp.bool_(False))
+
+        def step(i, carry):  # carry: the states, gave_up and the last d carry of h (d h0 at the end)
+            states, gave_up, _ = carry
+            t = T - 1 - i
+            firsts = []
+            for (ib, iu), (passing, dc, (tg, tc, cp, m)) in zip(blocks, states):
+                # d m_t for this program's units: every P column of d h_t times W_p's columns of them
+                (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
+                d_c = jnp.where(m, dc, 0.0) if has_mask else dc
+                d_pre, _, pas, _ = _lstm_backward({"tg": tg, "tc": [tc]}, {"c": cp}, {"h": dm, "c": d_c}, None, None)
+                for g in range(4):
+                    du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g])
+                    if shared:
+                        du_comm[t, rows(ib), units(iu, g)] = d_pre[g].astype(cdt)
+                firsts.append(pas["c"] + (jnp.where(m, 0.0, dc) if has_mask else 0.0))
+            gave_up = barrier(2 * i + 2, gave_up)
+            new_states, dcarries = [], []
+            for (ib, iu), (passing, _, _), dc_prev in zip(blocks, states, firsts):
+                # this program's P block of d h_{t-1} = d pre_t W_h, then step t - 1's whole d h
+                (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), UP)])
+                dcarries.append(dh + passing)
+                new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev, step_inputs(t - 1, ib, iu)))
+            return new_states, barrier(2 * i + 3, gave_up), dcarries
+
+        zeros = [jnp.zeros((BB, UP), f32) for _ in blocks]
+        states, gave_up, dh0 = jax.lax.fori_loop(0, T, step, (states, gave_up, zeros))
+        for (ib, iu), (_, dc, _), d in zip(blocks, states, dh0):
+            dh0_ref[rows(ib), _cols(pcols(iu), UP)] = jnp.where(gave_up, jnp.nan, d)
+            dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc)
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent_backward", arrivals=2 * T + 1)
+    dh0, dc0 = (jnp.where(ok, x, jnp.nan) for x in outs[2:4])
+    return outs[0], outs[1][1:], dh0, dc0
+
+
+def forward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
+    saved for :func:`backward_fn`, the gates, tanh(c_t) and m_t."""
+
+    from recur.kernels.persistent import lstm_results
+
+    def forward(params, carry0, us_T, mask_T, keep):
+        hq, hT, cT, mq, saved = run_forward(us_T, params["W_h"], params["W_p"], carry0["h"], carry0["c"], mask_T,
+                                            dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
+        final, hs, carries = lstm_results(hq, hT, cT, saved.pop("c") if keep else None, carry0, cell.dtype)
+        return (final, (hs, carries, dict(saved, mq=mq))) if keep else (final, hs)
+
+    return forward
+
+
+def backward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``backward_fn``: d u (= d rec: the deferred scan takes d W_h
+    from it) and d W_p = sum over (t, b) of d h_t^T m_t, one matmul."""
+
+    def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
+        du, dh, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params["W_p"], dcarry_T["h"],
+                                        dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
+                                        programs=programs)
+        acc = jnp.promote_types(du.dtype, jnp.float32)
+        dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
+        dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh, saved["mq"].astype(acc)).astype(params["W_p"].dtype)
+        d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
+        return d0, du, None, dparams
+
+    return backward
