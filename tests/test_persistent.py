@@ -77,8 +77,9 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
     kind = persistent.rule_for(cell).name
     assert f"recur_{kind}_persistent" in jaxpr and (f"recur_{kind}_persistent_backward" in jaxpr) == backward
     with_lengths = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
-    # the kernels without a mask once (the float32 LSTM); the others with lengths, which cover more
-    for kw in ([{}, with_lengths] if (name, dtype, backward) == ("lstm", jnp.float32, True) else [with_lengths]):
+    # the kernels without a mask once (the float32 LSTM, LSTMP); the others with lengths, which cover more
+    plain_too = {("lstm", jnp.float32, True), ("lstm:proj_size=16", jnp.float32, True)}
+    for kw in ([{}, with_lengths] if (name, dtype, backward) in plain_too else [with_lengths]):
         (lw, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
         (lg, (hg, cg)), gg = _run(cell, "kernel", **kw)(params, xs, carry0)
         assert hg.dtype == hw.dtype == jnp.dtype(dtype)
@@ -292,7 +293,7 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
                 ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16),
-                ("lstm:ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32)]
+                ("lstm:ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32), ("lstm:proj_size=512", jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)

@@ -51,8 +51,9 @@ def proj_blocks(P, nu):
     while P % UP == 0 and P // UP > nu:
         UP *= 2
     if P % UP or P // UP > nu:
-        return (f"the persistent LSTMP kernel splits proj_size into at most {nu} power-of-2 blocks of >= "
-                f"{MIN_UNITS} columns; {P} does not split")
+        return (f"the persistent LSTMP kernel splits proj_size into at most {nu} blocks (the unit blocks of a "
+                f"row block at this batch, hidden size and GPU) of a power-of-2 width >= {MIN_UNITS}; "
+                f"{P} does not split")
     return UP, P // UP
 
 
@@ -113,7 +114,9 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
                 (acc,) = grid.product(hq_ref, t, ib, w_ref, P, [(iu * 4 * U, 4 * U)], kb=KBP)
                 new, saved = _lstm_forward(list(u), halved(acc, 4), {"c": c}, None)
                 c_new = jnp.where(m[:, None] != 0, new["c"], c) if has_mask else new["c"]
-                mq_ref[t, rows(ib), units(iu)] = new["h"].astype(cdt)
+                # NaN once this program gave up: another that shares its P block of h could
+                # overwrite its NaN h, but every program's next product reads m_t
+                mq_ref[t, rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, new["h"]).astype(cdt)
                 if keep:
                     c_ref[t, rows(ib), units(iu)] = c_new
                     for g in range(4):
@@ -194,7 +197,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             at = (jnp.maximum(t, -1) + 1, rows(ib), _cols(pcols(iu), UP))
             dh_ref[at] = jnp.where(gave_up, jnp.nan, d)
             if shared:
-                dh_comm[at] = d.astype(cdt)
+                dh_comm[at] = jnp.where(gave_up, jnp.nan, d).astype(cdt)
             return jnp.where(m, 0.0, dcarry) if has_mask else jnp.zeros_like(dcarry)
 
         def step_inputs(t, ib, iu):
