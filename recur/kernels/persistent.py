@@ -151,6 +151,26 @@ class _Grid:
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
 
+    def by_program(self, W, gates):
+        """W [gates * H, D] (gate blocks of the H units) as W^T [D, gates * H] with each program's
+        gates * U columns together, ordered (gate, unit): the forward's product reads one window."""
+        D = W.shape[1]
+        return jnp.transpose(W.astype(self.cdt)).reshape(D, gates, self.nu, self.U).transpose(0, 2, 1, 3).reshape(
+            D, gates * self.H)
+
+    def program_slices(self, W):
+        """W [R, H] as each program's [R, U] column slice (its units), stacked: [nu * R, U], for the
+        reverse loop's product d h_{t-1} = d rec W (program iu's slice at rows iu * R)."""
+        R = W.shape[0]
+        return W.astype(self.cdt).reshape(R, self.nu, self.U).transpose(1, 0, 2).reshape(self.nu * R, self.U)
+
+    def gate_product(self, src_ref, t, ib, iu, w_ref, depth, gates, **kw):
+        """The ``gates`` [BB, U] blocks of (src_ref[t]'s rows of block ib) @ (program iu's window of
+        :meth:`by_program`'s layout), in power-of-2 windows (Triton's blocks: 3 gates as 2 + 1)."""
+        accs = self.product(src_ref, t, ib, w_ref, depth,
+                            [((iu * gates + g0) * self.U, size * self.U) for g0, size in _groups(gates)], **kw)
+        return [block for acc, (_, size) in zip(accs, _groups(gates)) for block in halved(acc, size)]
+
     def step_inputs(self, us_ref, mask_ref, t, ib, iu, gates):
         """Step t's projected inputs (``gates`` blocks of block (ib, iu)'s units, float32) and mask
         (None without one), t clamped to the last step: loaded before the barrier that precedes
@@ -418,7 +438,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h [nH, H] -> W_h^T with each program's n*U columns together, ordered (gate, unit)
-    w = jnp.transpose(W_h.astype(cdt)).reshape(H, n, nu, U).transpose(0, 2, 1, 3).reshape(H, n * H)
+    w = grid.by_program(W_h, n)
     has_mask, has_bias = mask_T is not None, rule.bias is not None
     own = tuple(k for k in rule.reads if not (k == "h" and cdt == jnp.dtype(f32))) if keep else ()
     inputs = [us_T, w] + [carry0[k].astype(f32) for k in rule.state]
@@ -456,8 +476,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
             states, gave_up = carry
             new_states = []
             for (ib, iu), (s, (bias, pv), (u, m)) in zip(blocks, states):
-                accs = grid.product(hq_ref, t, ib, w_ref, H, [((iu * n + g0) * U, size * U) for g0, size in _groups(n)])
-                rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, n)
                 if has_bias:
                     rec = [r + b for r, b in zip(rec, bias)]
                 new, saved = rule.forward(list(u), rec, s, pv)
@@ -516,11 +535,11 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
     shared = cdt != jnp.dtype(f32)  # a separate d rec copy in dtype for the other programs' products
     ns, npar = len(rule.state), len(rule.params)
     # W_h [nH, H] -> each program's [nH, U] column slice, stacked: [nu * nH, U]
-    ins = {"dhs": dhs_T, "w": W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)}
+    ins = {"dhs": dhs_T, "w": grid.program_slices(W_h)}
     ins.update({f"saved_{name}": saved[name] for name, _ in rule.saved} if not recompute else {})
     if recompute:  # run_forward's hq and W_h^T layout
         ins["hq"] = hq
-        ins["wf"] = jnp.transpose(W_h.astype(cdt)).reshape(H, n, nu, U).transpose(0, 2, 1, 3).reshape(H, G)
+        ins["wf"] = grid.by_program(W_h, n)
     if has_bias:
         ins["bias"] = b_h.astype(f32)
     ins.update({f"prev_{k}": prev[k] for k in rule.reads})
@@ -556,9 +575,7 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             pv = {k: ref[f"prev_{k}"][t, r, u] for k in rule.reads}
             uv = [ref["us"][t, r, units(iu, g)].astype(f32) for g in range(n)] if reads_u else None
             if recompute:
-                accs = grid.product(ref["hq"], t, ib, ref["wf"], H, [((iu * n + g0) * U, size * U)
-                                                                      for g0, size in _groups(n)], fresh=False)
-                rec = [block for acc, (_, size) in zip(accs, _groups(n)) for block in halved(acc, size)]
+                rec = grid.gate_product(ref["hq"], t, ib, iu, ref["wf"], H, n, fresh=False)
                 if has_bias:
                     rec = [x + ref["bias"][units(iu, g)][None, :] for g, x in enumerate(rec)]
                 _, sv = rule.forward(list(uv), rec, pv, params_of(iu))

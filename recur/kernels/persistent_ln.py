@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from recur.cells import base
-from recur.cells.base import halved
+from recur.kernels.persistent import _sigmoid_of
 
 EPS = 1e-5  # recur.cells.base.normalised's
 
@@ -97,10 +97,6 @@ def _partial_moments(blocks):
     return s, sum(jnp.sum(jnp.square(b - mean[:, None]), axis=1) for b in blocks)
 
 
-def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
-    return 0.5 * t + 0.5
-
-
 def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
     """The layer-norm LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H];
     ln: {ln_h_scale, ln_h_bias [4H], ln_c_scale, ln_c_bias [H]}.
@@ -117,7 +113,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     sums = _Sums(grid)
-    w = jnp.transpose(W_h.astype(cdt)).reshape(H, 4, nu, U).transpose(0, 2, 1, 3).reshape(H, G)
+    w = grid.by_program(W_h, 4)
     has_mask = mask_T is not None
     norms = [ln[k].astype(f32) for k in ("ln_h_scale", "ln_h_bias", "ln_c_scale", "ln_c_bias")]
     inputs = [us_T, w, h0.astype(f32), c0.astype(f32)] + norms + ([mask_T.astype(jnp.int32)] if has_mask else [])
@@ -150,8 +146,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
             states, gave_up = carry
             recs = []
             for (ib, iu), _ in zip(blocks, states):  # W_h h for this program's units, its partial moments
-                (acc,) = grid.product(hq_ref, t, ib, w_ref, H, [(iu * 4 * U, 4 * U)])
-                rec = halved(acc, 4)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, 4)
                 s_r, q_r = _partial_moments(rec)
                 sums.put(rs_ref, ib, iu, s_r)
                 sums.put(rq_ref, ib, iu, q_r)
@@ -224,7 +219,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     sums = _Sums(grid)
-    w = W_h.astype(cdt).reshape(G, nu, U).transpose(1, 0, 2).reshape(nu * G, U)
+    w = grid.program_slices(W_h)
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # a copy of d rec in dtype for the other programs' products
     inputs = [dhs_T] + [saved[k] for k in SAVED] + [c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from recur.cells.base import halved
+from jax.experimental import pallas as pl
 
 MIN_UNITS = 16  # Triton's dot needs N >= 16
 
@@ -81,7 +81,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
     grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h^T [P, 4H] with each program's 4 U columns together; W_p^T [H, P]
-    w = jnp.transpose(W_h.astype(cdt)).reshape(P, 4, nu, U).transpose(0, 2, 1, 3).reshape(P, G)
+    w = grid.by_program(W_h, 4)
     wp = jnp.transpose(W_p.astype(cdt))
     has_mask = mask_T is not None
     inputs = [us_T, w, wp, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
@@ -97,13 +97,14 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
         c_ref, tg_ref, tc_ref = outs[4:] if keep else (None,) * 3
         blocks = grid.blocks()
         pcols = lambda iu: jax.lax.rem(iu, nup) * UP  # the program's P block's first column
+        pblock = lambda iu: pl.ds(pcols(iu), UP)
 
         step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, 4)
 
         states = []
         for ib, iu in blocks:
-            h = h0_ref[rows(ib), _cols(pcols(iu), UP)]
-            hq_ref[0, rows(ib), _cols(pcols(iu), UP)] = h.astype(cdt)
+            h = h0_ref[rows(ib), pblock(iu)]
+            hq_ref[0, rows(ib), pblock(iu)] = h.astype(cdt)
             states.append(((h, c0_ref[rows(ib), units(iu)]), step_inputs(0, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
@@ -111,8 +112,8 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
             states, gave_up = carry
             mids = []
             for (ib, iu), ((h, c), (u, m)) in zip(blocks, states):
-                (acc,) = grid.product(hq_ref, t, ib, w_ref, P, [(iu * 4 * U, 4 * U)], kb=KBP)
-                new, saved = _lstm_forward(list(u), halved(acc, 4), {"c": c}, None)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, 4, kb=KBP)
+                new, saved = _lstm_forward(list(u), rec, {"c": c}, None)
                 c_new = jnp.where(m[:, None] != 0, new["c"], c) if has_mask else new["c"]
                 # NaN once this program gave up: another that shares its P block of h could
                 # overwrite its NaN h, but every program's next product reads m_t
@@ -130,25 +131,19 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
                 if has_mask:
                     h_new = jnp.where(m[:, None] != 0, h_new, h)
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
-                hq_ref[t + 1, rows(ib), _cols(pcols(iu), UP)] = h_new.astype(cdt)
+                hq_ref[t + 1, rows(ib), pblock(iu)] = h_new.astype(cdt)
                 new_states.append(((h_new, c_new), step_inputs(t + 1, ib, iu)))
             return new_states, barrier(2 * t + 3, gave_up)
 
         states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
         for (ib, iu), ((h, c), _) in zip(blocks, states):
-            hT_ref[rows(ib), _cols(pcols(iu), UP)] = h
+            hT_ref[rows(ib), pblock(iu)] = h
             cT_ref[rows(ib), units(iu)] = c
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent", arrivals=2 * T + 1)
     hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
     saved = dict(zip(("c", "tg", "tc"), outs[4:])) if keep else None
     return hq, hT, cT, outs[3], saved
-
-
-def _cols(start, size):
-    from jax.experimental import pallas as pl
-
-    return pl.ds(start, size)
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
@@ -184,6 +179,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
         du_comm, dh_comm = outs[4:] if shared else (du_ref, dh_ref)
         blocks = grid.blocks()
         pcols = lambda iu: jax.lax.rem(iu, nup) * UP
+        pblock = lambda iu: pl.ds(pcols(iu), UP)
 
         def live(t, ib):
             return (mask_ref[jnp.maximum(t, 0), rows(ib)] != 0)[:, None] if has_mask else None
@@ -192,9 +188,9 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             """Step t's whole d h_t for this program's P block, from the cotangent of the carry
             after it: the part a live step takes (row t + 1); returns the part passed through."""
             m = live(t, ib)
-            d = dhs_ref[jnp.maximum(t, 0), rows(ib), _cols(pcols(iu), UP)].astype(f32)
+            d = dhs_ref[jnp.maximum(t, 0), rows(ib), pblock(iu)].astype(f32)
             d = d + (jnp.where(m, dcarry, 0.0) if has_mask else dcarry)
-            at = (jnp.maximum(t, -1) + 1, rows(ib), _cols(pcols(iu), UP))
+            at = (jnp.maximum(t, -1) + 1, rows(ib), pblock(iu))
             dh_ref[at] = jnp.where(gave_up, jnp.nan, d)
             if shared:
                 dh_comm[at] = jnp.where(gave_up, jnp.nan, d).astype(cdt)
@@ -207,7 +203,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
 
         states = []
         for ib, iu in blocks:
-            passing = put_dh(T - 1, ib, iu, dhT_ref[rows(ib), _cols(pcols(iu), UP)], jnp.bool_(False))
+            passing = put_dh(T - 1, ib, iu, dhT_ref[rows(ib), pblock(iu)], jnp.bool_(False))
             states.append((passing, dcT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
@@ -237,7 +233,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
         zeros = [jnp.zeros((BB, UP), f32) for _ in blocks]
         states, gave_up, dh0 = jax.lax.fori_loop(0, T, step, (states, gave_up, zeros))
         for (ib, iu), (_, dc, _), d in zip(blocks, states, dh0):
-            dh0_ref[rows(ib), _cols(pcols(iu), UP)] = jnp.where(gave_up, jnp.nan, d)
+            dh0_ref[rows(ib), pblock(iu)] = jnp.where(gave_up, jnp.nan, d)
             dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, dc)
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent_backward", arrivals=2 * T + 1)

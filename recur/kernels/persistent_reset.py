@@ -23,8 +23,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from recur.cells.base import halved
-
 
 @dataclasses.dataclass(frozen=True)
 class ResetBefore:
@@ -73,7 +71,7 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
     W = W_h.astype(cdt)
     # the gates' W_g^T [H, k H] with each program's k U columns together, ordered (gate, unit);
     # the candidate's W_n^T [H, H] (a program's columns are its units)
-    wg = jnp.transpose(W[:k * H]).reshape(H, k, nu, U).transpose(0, 2, 1, 3).reshape(H, k * H)
+    wg = grid.by_program(W[:k * H], k)
     wn = jnp.transpose(W[k * H:])
     has_mask, has_bias = mask_T is not None, spec.bias is not None
     own_h = keep and cdt != jnp.dtype(f32)
@@ -106,8 +104,7 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
             states, gave_up = carry
             mids = []
             for (ib, iu), (h, bias, (u, m)) in zip(blocks, states):
-                (pre,) = grid.product(hq_ref, t, ib, wg_ref, H, [(iu * k * U, k * U)])
-                pre = halved(pre, k)
+                pre = grid.gate_product(hq_ref, t, ib, iu, wg_ref, H, k)
                 pre = [u[g] + p + (bias[g] if has_bias else 0.0) for g, p in enumerate(pre)]
                 rho, z, gate_values = _gates(spec, pre)
                 mq_ref[t, rows(ib), units(iu)] = (rho * h).astype(cdt)
@@ -164,7 +161,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
     W = W_h.astype(cdt)
     # each program's column slices: of W_n [H, H] (rows: the candidate's units) and of W_g [k H, H]
     wn = W[k * H:]
-    wg = W[:k * H].reshape(k * H, nu, U).transpose(1, 0, 2).reshape(nu * k * H, U)
+    wg = grid.program_slices(W[:k * H])
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # a copy of d u in dtype for the other programs' products
     inputs = [dhs_T, saved["gates"], saved["n"], h_prev.astype(f32), wn, wg, dh_T.astype(f32)]
