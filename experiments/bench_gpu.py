@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 import recur
+from recur.cells import split_specs
 from recur.kernels.dispatch import KernelFallback
 
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
@@ -335,7 +336,7 @@ def main(argv=None):
     if args.smoke:
         args.cells, args.hidden, args.batch, args.length = "lstm,gru", "16", 4, 8
         args.linear_lengths, args.linear_batch, args.linear_hidden, args.repeats = "16,64", 2, 16, 2
-    args.cells = args.cells.split(",")
+    args.cells = split_specs(args.cells)
     args.baselines = args.baselines.split(",")
     args.modes = tuple(m for m in args.modes.split(",") if m)
     args.hidden = [int(h) for h in args.hidden.split(",")]

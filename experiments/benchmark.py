@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recur.cells import split_specs
 from recur.models.lm import LanguageModel
 
 TORCH_CELLS = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}
@@ -194,7 +195,7 @@ def main(argv=None):
                 for mode in a.modes.split(","):
                     if mode not in ("train", "infer"):
                         raise SystemExit(f"benchmark: --modes takes train and/or infer, got {mode!r}")
-                    for cell in a.cells.split(","):
+                    for cell in split_specs(a.cells):
                         rows += _measure(cell, mode, V, E, H, B, T, a.steps, a.repeats, have_torch)
     header = (f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, jax {jax.__version__}"
               + (f", torch {__import__('torch').__version__}" if have_torch else "")

@@ -64,7 +64,7 @@ def main(argv=None):
                 tdt = "fp32" if prec == "fp32" else "fp16"
                 fns[f"torch {kind} {tdt}"] = (lambda k=kind, d=tdt: bg.torch_fn(k, H, a.batch, a.length, d, train))
         fns["lax.scan lstm"] = lambda: bg.lax_scan_lstm_fn(H, a.batch, a.length, jdt, train)
-        for cell in a.cells.split(","):
+        for cell in bg.split_specs(a.cells):
             if bg.recur.get_cell(cell, H, dtype=jdt).fused_backward:  # else nothing projects in the loop
                 fns[f"recur {cell} in-loop u1"] = with_switch(
                     True, lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train))

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import recur
+from recur.cells import split_specs
 from recur.kernels import dispatch, loop
 from recur.kernels.pad import padded
 
@@ -144,7 +145,7 @@ def main(argv=None):
         loop.TILE_BYTES = 1 << 40
     loop.MAX_STEP_VALUES = 1 << 40  # measure wide steps too (the kernel refuses them on a GPU)
     print("cell | H | warps | kernel | shared KiB | registers | spill stores / loads (bytes per thread)")
-    for name in args.cells.split(","):
+    for name in split_specs(args.cells):
         for H in (int(h) for h in args.hidden.split(",")):
             cell = recur.get_cell(name, H, dtype=getattr(jnp, args.dtype))
             irs = kernels_ir(cell, H)
@@ -159,7 +160,7 @@ def persistent_table(args):
     import recur.kernels.persistent as ps
 
     print("cell | H | dtype | K_BLOCK | warps | stages | kernel | shared KiB | registers | spill stores / loads")
-    for name, H in ((c, int(h)) for c in args.cells.split(",") for h in args.hidden.split(",")):
+    for name, H in ((c, int(h)) for c in split_specs(args.cells) for h in args.hidden.split(",")):
         for setting in args.persistent.split(","):
             kb, warps, stages = (int(v) for v in setting.split("/"))
             before = ps.K_BLOCK

@@ -142,7 +142,7 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     (d carry0, d u, d rec or None where it is the cell's ``recurrent_cotangent`` of d u (both
     stacked over time), d params of the step itself or None where it has none), from forward_fn's
     stored carries and saved values. recur/kernels/persistent.py supplies both for the LSTM and
-    its variants (layer norm and projection included), the GRU (both forms), the MGU and the Elman RNN; the weight
+    its variants (layer norm, gate recurrence and projection included), the GRU (both forms), the MGU and the Elman RNN; the weight
     gradients stay as here, large matmuls after the loop.
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the

@@ -30,6 +30,8 @@ def _setup(dtype, name="lstm"):
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
     carry0 = {"h": 0.5 * jax.random.normal(jax.random.key(2), (B, cell.output_size)),
               "c": jax.random.normal(jax.random.key(3), (B, H))}
+    if getattr(cell, "full_gate_recurrence", False):  # the previous step's i, f, o
+        carry0["gates"] = jax.nn.sigmoid(jax.random.normal(jax.random.key(5), (B, 3 * H)))
     return cell, params, xs, (carry0 if name.startswith("lstm") else carry0["h"])
 
 
@@ -64,7 +66,10 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
     ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True), ("gru:cho", jnp.float32, 2e-5, True),
     ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True),
-    ("lstm:proj_size=16", jnp.float32, 2e-5, True), ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, True)])
+    ("lstm:proj_size=16", jnp.float32, 2e-5, True), ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, True),
+    ("lstm:peepholes,cifg,ln", jnp.float32, 2e-5, True), ("lstm:nig,nog,niaf,noaf,ln", jnp.bfloat16, 1.5e-2, True),
+    ("lstm:peepholes,nfg,ln", jnp.float32, 2e-5, True), ("lstm:fgr,peepholes", jnp.float32, 2e-5, True),
+    ("lstm:fgr,niaf,noaf", jnp.bfloat16, 1.5e-2, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -162,9 +167,14 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     for name in ("lstm:peepholes", "lstm:cifg", "lstm:peepholes,cifg", "lstm:nig,noaf", "lstm:nfg,nog,niaf"):
         assert choose(name) == "persistent", name
     assert choose("gru:cho") == choose("mgu") == "persistent"  # two barriers per step
-    # layer norm's statistics: a reduction across the programs (persistent_ln.py), with the plain gates
-    assert choose("lstm:ln") == "persistent"
-    assert choose("lstm:ln,peepholes") == choose("indrnn") == "loop"  # no W_h in indrnn
+    # layer norm's statistics: a reduction across the programs (persistent_ln.py), with Greff's variants too
+    for name in ("lstm:ln", "lstm:ln,peepholes", "lstm:ln,cifg", "lstm:ln,nig,nog"):
+        assert choose(name) == "persistent", name
+    assert choose("lstm:ln,peepholes", B_=24) == "loop"  # rows not a multiple of 16: 4 gate blocks, no padding
+    assert choose("indrnn") == "loop"  # no W_h in indrnn
+    # gate recurrence: i, f, o of every unit feed every unit, a second source in the one barrier's buffer
+    assert choose("lstm:fgr") == choose("lstm:fgr,peepholes,noaf") == "persistent"
+    assert choose("lstm:fgr", B_=24) != "persistent"  # rows not a multiple of 16
     # LSTMP: proj_size in power-of-2 blocks of >= 16 columns, at most one per unit block (2 here)
     assert choose("lstm:proj_size=16") == choose("lstm:proj_size=64") == "persistent"
     assert "does not split" in persistent.problem(recur.get_cell("lstm:proj_size=48", H), B)
@@ -215,7 +225,7 @@ def test_forward_and_backward_fn_replace_the_lax_scan_loops_of_projected_inputs(
         deferred_scan(cell, loop=dispatch.loop_fn(B, True), forward_fn=fn)
     with pytest.raises(ValueError, match="give both"):
         deferred_scan(cell, backward_fn=bwd)
-    for name in ("lstm:ln,cifg", "lstm:fgr", "indrnn", "clockwork"):
+    for name in ("lstm:ln,proj_size=16", "lstm:fgr,ln", "indrnn", "clockwork"):
         cell = recur.get_cell(name, H)
         with pytest.raises(ValueError, match=f"not {cell.name}"):
             persistent.forward_fn(cell)
@@ -257,10 +267,10 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
     assert bool(jnp.all(jnp.isnan(dh0))) and bool(jnp.all(jnp.isnan(dc0)))
 
 
-@pytest.mark.parametrize("name", ["gru:cho", "mgu", "lstm:ln", "lstm:proj_size=16"])
+@pytest.mark.parametrize("name", ["gru:cho", "mgu", "lstm:ln", "lstm:proj_size=16", "lstm:fgr,peepholes"])
 def test_multi_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name):
     """The kernels with two (reset-before cells, the projection) or three (layer norm) barriers per
-    step end in NaN too, forward and backward."""
+    step, and the FGR LSTM's (a second recurrent source), end in NaN too, forward and backward."""
     cell, params, xs, carry0 = _setup(jnp.float32, name)
     barrier = persistent._grid_barrier
     monkeypatch.setattr(persistent, "MAX_SPINS", 3)
@@ -293,7 +303,8 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
                 ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16),
-                ("lstm:ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32), ("lstm:proj_size=512", jnp.bfloat16)]
+                ("lstm:ln", jnp.bfloat16), ("lstm:peepholes,cifg,ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32),
+                ("lstm:proj_size=512", jnp.bfloat16), ("lstm:fgr,peepholes", jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("name,dtype", CELLS_DTYPES)

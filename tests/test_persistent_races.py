@@ -175,8 +175,8 @@ def _run(monkeypatch, fn, drop=None):
 
 
 # lstmp: 16 columns of h (one P block, computed by both unit blocks) and 64 (two of 32)
-CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln", "lstm:proj_size=16",
-         "lstm:proj_size=64"]
+CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln", "lstm:peepholes,cifg,ln",
+         "lstm:proj_size=16", "lstm:proj_size=64", "lstm:fgr,peepholes"]
 
 
 ONE_BARRIER = ["lstm", "gru", "elman", "lstm:peepholes,cifg"]  # the kernels that take remat="step"

@@ -365,6 +365,14 @@ def test_registry_names_round_trip():
     assert cell.forget_bias == 0.5 and cell.proj_size == 3 and cell.output_size == 3
 
 
+def test_a_list_of_cell_names_keeps_each_names_variants():
+    from recur.cells import split_specs
+
+    assert split_specs("lstm:fgr,peepholes,gru, lstm:proj_size=512,mgu,lstm:peepholes,cifg,ln,") == [
+        "lstm:fgr,peepholes", "gru", "lstm:proj_size=512", "mgu", "lstm:peepholes,cifg,ln"]
+    assert split_specs("lstm,gru:cho") == ["lstm", "gru:cho"]
+
+
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("mode", ["sequential", "autodiff", "reverse"])
 def test_projected_inputs_give_the_same_outputs_and_gradients(name, mode):

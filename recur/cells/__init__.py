@@ -1,6 +1,6 @@
 """The cell zoo. Importing this package registers every cell; see ``registry.get_cell``."""
 from recur.cells.base import Cell, LinearCell
-from recur.cells.registry import get_cell, list_cells, register, switches
+from recur.cells.registry import get_cell, list_cells, register, split_specs, switches
 from recur.cells.elman import Elman
 from recur.cells.lstm import LSTM
 from recur.cells.gru import GRU, MGU
@@ -17,6 +17,6 @@ def linear_cells() -> list[str]:
 
 
 __all__ = [
-    "Cell", "LinearCell", "get_cell", "list_cells", "register", "linear_cells",
+    "Cell", "LinearCell", "get_cell", "list_cells", "register", "split_specs", "linear_cells",
     "Elman", "LSTM", "GRU", "MGU", "IndRNN", "MinGRU", "MinLSTM", "LRU", "Clockwork", "DepthGatedLSTM",
 ]

@@ -86,6 +86,22 @@ def switches(spec: str) -> tuple[type, dict]:
     return cls, kwargs
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of cell names, whose variants also come after commas:
+    "lstm:fgr,peepholes,gru,lstm:proj_size=512" -> ["lstm:fgr,peepholes", "gru", "lstm:proj_size=512"].
+    A piece that does not start with a cell family ("family" or "family:...") continues the name
+    before it."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if piece.partition(":")[0] in _FAMILIES or not specs:
+            specs.append(piece)
+        else:
+            specs[-1] += "," + piece
+    return specs
+
+
 def get_cell(spec: str, hidden_size: int, **overrides) -> Cell:
     """Build the cell ``spec`` names, e.g. ``get_cell("gru:cho", 128, dtype=jnp.bfloat16)``."""
     cls, kwargs = switches(spec)

@@ -6,8 +6,8 @@ Implementations (see docs/kernels.md for the table per cell):
   kernel, forward and backward (the backward is recur/backprop.py's deferred BPTT with both its
   time loops as kernels; the weight gradients stay one large matmul after the loop).
 - ``persistent``: recur/kernels/persistent.py (and persistent_reset.py, persistent_ln.py,
-  persistent_proj.py), the forward and reverse time loops of the LSTM (plain, Greff's variants,
-  layer norm, projection), the GRU (both forms), the MGU and the Elman RNN, W_h split across a
+  persistent_fgr.py, persistent_proj.py), the forward and reverse time loops of the LSTM (plain,
+  Greff's variants, with layer norm, with gate recurrence, with a projection), the GRU (both forms), the MGU and the Elman RNN, W_h split across a
   grid of programs that meet at a
   barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets, remat "none"
   or "step" (the one-barrier cells recompute the gates); the weight gradients stay the deferred

@@ -1,7 +1,7 @@
 """Recurrent time loops as persistent Pallas kernels, with W_h split across the GPU: the LSTM (plain
 and Greff's variants), the reset-after GRU (cuDNN's and PyTorch's) and the Elman RNN; Cho's GRU and
-the MGU in recur/kernels/persistent_reset.py, the layer-norm LSTM in persistent_ln.py, LSTMP in
-persistent_proj.py, on the same grid and barrier.
+the MGU in recur/kernels/persistent_reset.py, the layer-norm LSTM in persistent_ln.py, the LSTM with
+gate recurrence in persistent_fgr.py, LSTMP in persistent_proj.py, on the same grid and barrier.
 
 Why: on a GPU the sequential scan runs each time step as separate kernels (the recurrent
 matmul, then the gates), and each reads all of W_h from L2. The loop kernel (loop.py) runs the
@@ -34,7 +34,8 @@ A cell fits a :class:`Rule` when its step, given W_h h, is element-wise in the h
 GRU and the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
 Layer norm's statistics run over all units: partial sums across the programs, three barriers per
 step (persistent_ln.py). A projection, h_t = W_p m_t, needs every unit's m_t: two barriers per step
-(persistent_proj.py). Gate recurrence keeps the sequential scan.
+(persistent_proj.py). Gate recurrence, R_gates (i, f, o)_{t-1}, is a second recurrent source in
+the one barrier's buffer (persistent_fgr.py).
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
 at a barrier, so there one program runs every (row, unit) block in turn within each step: the
@@ -279,8 +280,102 @@ class Rule:
         return parts["h"].astype(like.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """A cell's kernels from a module of their own (no :class:`Rule`): forward_fn / backward_fn(cell,
+    interpret, programs) -> recur.backprop.deferred_scan's forward_fn / backward_fn."""
+
+    name: str
+    forward_fn: Callable
+    backward_fn: Callable
+
+
 def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
     return 0.5 * t + 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """The LSTM variant's gate switches (recur.cells.lstm.LSTM's), as the kernels apply them to each
+    program's [rows, units] blocks: a sigmoid gate as (1 + tanh(z / 2)) / 2, whose tanh is what
+    the reverse loop reads (one tanh per block, and σ' = (1 - t^2) / 4)."""
+
+    blocks: tuple = ("i", "f", "g", "o")
+    peepholes: bool = False
+    coupled: bool = False
+    input_activation: bool = True
+    output_activation: bool = True
+
+    @property
+    def n(self):
+        return len(self.blocks)
+
+    @property
+    def peephole_names(self):
+        return tuple(f"p_{g}" for g in "ifo" if self.peepholes and g in self.blocks)
+
+    def forward(self, pre, c_prev, p):
+        """(c_t, o, t): pre: the n [rows, U] pre-activation blocks (without the peepholes); p:
+        {p_i, p_f, p_o: [1, U]} (the peepholes present); t: per block tanh(z / 2) for a sigmoid
+        gate, the candidate's tanh (or pre-activation with niaf)."""
+        z, t = dict(zip(self.blocks, pre)), {}
+
+        def sigmoid(g, state):
+            t[g] = jnp.tanh(0.5 * (z[g] + p[f"p_{g}"] * state if self.peepholes else z[g]))
+            return _sigmoid_of(t[g])
+
+        i = sigmoid("i", c_prev) if "i" in z else 1.0
+        f = 1.0 - i if self.coupled else sigmoid("f", c_prev) if "f" in z else 1.0
+        t["g"] = jnp.tanh(z["g"]) if self.input_activation else z["g"]
+        c = f * c_prev + i * t["g"]
+        o = sigmoid("o", c) if "o" in z else 1.0
+        return c, o, [t[g] for g in self.blocks]
+
+    def output_gate(self, tg):
+        return _sigmoid_of(tg[self.blocks.index("o")]) if "o" in self.blocks else 1.0
+
+    def backward(self, tg, c_prev, dc, do, p, extra=None):
+        """(d pre (n blocks), d c_{t-1}): dc the cotangent of c_t (not through o's peephole, added
+        here), do that of o; extra: {"i", "f": [rows, U]}, cotangents of those gates' values from
+        elsewhere (the FGR carry)."""
+        t = dict(zip(self.blocks, tg))
+        sig = lambda g: _sigmoid_of(t[g]) if g in t else 1.0
+        dz = {}
+        if "o" in t:
+            dz["o"] = (0.25 * do) * (1.0 - t["o"] * t["o"])
+            if self.peepholes:
+                dc = dc + dz["o"] * p["p_o"]
+        i = sig("i")
+        f = 1.0 - i if self.coupled else sig("f")
+        di, df = dc * t["g"], dc * c_prev
+        if extra:
+            di, df = di + extra["i"], df + extra["f"]
+        if self.coupled:
+            di = di - df
+        if "i" in t:
+            dz["i"] = (0.25 * di) * (1.0 - t["i"] * t["i"])
+        if "f" in t:
+            dz["f"] = (0.25 * df) * (1.0 - t["f"] * t["f"])
+        dz["g"] = dc * i * (1.0 - t["g"] * t["g"]) if self.input_activation else dc * i
+        d_prev = dc * f
+        if self.peepholes:
+            d_prev = d_prev + sum(dz[g] * p[f"p_{g}"] for g in "if" if g in dz)
+        return [dz[g] for g in self.blocks], d_prev
+
+    def act(self, x):
+        return jnp.tanh(x) if self.output_activation else x
+
+    def act_grad(self, a):
+        """act'(x) from a = act(x)."""
+        return 1.0 - a * a if self.output_activation else 1.0
+
+
+def gates_of(cell):
+    """The :class:`Gates` of a recur.cells.lstm.LSTM."""
+    return Gates(tuple(cell.blocks), cell.peepholes, cell.coupled, cell.input_activation, cell.output_activation)
+
+
+PLAIN = Gates()
 
 
 def _lstm_forward(u, rec, s, p):
@@ -385,14 +480,16 @@ def rule_for(cell):
     from recur.cells.elman import Elman
     from recur.cells.gru import GRU, MGU
     from recur.cells.lstm import LSTM
-    from recur.kernels import persistent_ln, persistent_proj, persistent_reset
+    from recur.kernels import persistent_fgr, persistent_ln, persistent_proj, persistent_reset
 
     if isinstance(cell, LSTM) and cell.plain:
         return LSTM_RULE
     if isinstance(cell, LSTM) and not (cell.layer_norm or cell.full_gate_recurrence or cell.proj_size):
         return _lstm_variant_rule(cell)
-    if isinstance(cell, LSTM) and cell.layer_norm_fusable:
+    if isinstance(cell, LSTM) and cell.layer_norm and not (cell.full_gate_recurrence or cell.proj_size):
         return persistent_ln.LN_LSTM
+    if isinstance(cell, LSTM) and cell.full_gate_recurrence and not (cell.layer_norm or cell.proj_size):
+        return persistent_fgr.FGR_LSTM
     if (isinstance(cell, LSTM) and cell.proj_size and not (cell.layer_norm or cell.peepholes or cell.full_gate_recurrence)
             and cell.blocks == ("i", "f", "g", "o") and cell.input_activation and cell.output_activation):
         return persistent_proj.LSTMP
@@ -404,8 +501,8 @@ def rule_for(cell):
         return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the LSTM (without gate recurrence; layer norm or a projection "
-            f"with the plain gates only), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
+    return (f"the persistent kernels run the LSTM (layer norm or gate recurrence without a projection, a "
+            f"projection with the plain gates only), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):

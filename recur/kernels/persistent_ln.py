@@ -1,10 +1,13 @@
-"""Persistent kernels for the layer-norm LSTM (Ba et al. 2016; ``lstm:ln``, the plain gates with
-layer norm on W_h h and on c_t, as recur.cells.lstm defines it):
+"""Persistent kernels for the layer-norm LSTM (Ba et al. 2016; ``lstm:ln`` and Greff's variants with
+layer norm, ``lstm:cifg,ln``, ``lstm:peepholes,ln``, ...: layer norm on W_h h and on c_t, as
+recur.cells.lstm defines it):
 
-    r_hat = LN(W_h h_{t-1})      over all 4H gate columns of a row
+    r_hat = LN(W_h h_{t-1})      over all n H gate columns of a row (n: the gate blocks present)
     pre   = u + γ_h r_hat + β_h  (u: the projected inputs, with their own norm and bias)
-    c_t   = f c_{t-1} + i g      (i, f, g, o from pre as in the plain LSTM)
-    h_t   = o tanh(γ_c LN(c_t) + β_c)
+    c_t   = f c_{t-1} + i g      (i, f, g, o from pre as in the LSTM, with the variant's switches:
+                                  peepholes on c_{t-1} (i, f) and c_t (o), a gate removed (= 1),
+                                  f = 1 - i (cifg), g without tanh (niaf))
+    h_t   = o act(γ_c LN(c_t) + β_c)   (act = tanh, or none with noaf)
 
 The statistics of each row mix every unit's values, and each program holds only its own units
 (the grid, barrier and slicing of recur/kernels/persistent.py). So each step reduces across the
@@ -19,30 +22,14 @@ d h_{t-1} = d rec W_h after the barrier. The weight gradients stay large matmuls
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from recur.cells import base
-from recur.kernels.persistent import _sigmoid_of
+from recur.kernels.persistent import PLAIN, Kernels, gates_of
 
 EPS = 1e-5  # recur.cells.base.normalised's
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerNormLSTM:
-    name: str = "lstm_ln"
-
-    def forward_fn(self, cell, interpret=False, programs=None):
-        return forward_fn(cell, interpret, programs)
-
-    def backward_fn(self, cell, interpret=False, programs=None):
-        return backward_fn(cell, interpret, programs)
-
-
-LN_LSTM = LayerNormLSTM()
 SAVED = ("tg", "tc", "r_hat", "c_hat", "r_inv", "c_inv")  # what the reverse loop reads, besides c_{t-1}
 
 
@@ -97,26 +84,32 @@ def _partial_moments(blocks):
     return s, sum(jnp.sum(jnp.square(b - mean[:, None]), axis=1) for b in blocks)
 
 
-def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
-    """The layer-norm LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H];
-    ln: {ln_h_scale, ln_h_bias [4H], ln_c_scale, ln_c_bias [H]}.
+def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None,
+                gates=PLAIN):
+    """The layer-norm LSTM (the variant ``gates``, n gate blocks) over time-major projected inputs
+    us_T [T, B, nH] from h0, c0 [B, H]; ln: {ln_h_scale, ln_h_bias [nH], ln_c_scale, ln_c_bias [H]}
+    and the peepholes {p_i, p_f, p_o [H]} the variant has.
 
     Returns (hq [T + 1, B, H] in dtype: h0 then each step's h, h_T, c_T [B, H], saved): saved None,
-    or with keep {"c": each step's c_t [T, B, H], "tg": the gate tanh [T, B, 4H], "tc":
-    tanh(LN(c_t)) [T, B, H], "r_hat": LN(W_h h)'s normalised values [T, B, 4H], "c_hat": LN(c_t)'s
-    [T, B, H], "r_inv", "c_inv": their 1 / std [T, B]} in float32 (float64 for a float64 dtype).
+    or with keep {"c": each step's c_t [T, B, H], "tg": the gate tanh [T, B, nH] (Gates.forward's t),
+    "tc": act(LN(c_t)) [T, B, H], "r_hat": LN(W_h h)'s normalised values [T, B, nH], "c_hat":
+    LN(c_t)'s [T, B, H], "r_inv", "c_inv": their 1 / std [T, B]} in float32 (float64 for a float64
+    dtype).
     """
     from recur.kernels.persistent import _Grid
 
     T, B, G = us_T.shape
-    H = G // 4
+    n = gates.n
+    H = G // n
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     sums = _Sums(grid)
-    w = grid.by_program(W_h, 4)
+    w = grid.by_program(W_h, n)
     has_mask = mask_T is not None
     norms = [ln[k].astype(f32) for k in ("ln_h_scale", "ln_h_bias", "ln_c_scale", "ln_c_bias")]
+    peeps = [ln[k].astype(f32) for k in gates.peephole_names]
     inputs = [us_T, w, h0.astype(f32), c0.astype(f32)] + norms + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    inputs += peeps
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
     out_shape += [sums.shape(B)] * 4  # W_h h's and c_t's sums and squared deviations
     if keep:
@@ -126,19 +119,21 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
     def kernel(ins, outs, barrier):
         us_ref, w_ref, h0_ref, c0_ref, gh_ref, bh_ref, gc_ref, bc_ref = ins[:8]
         mask_ref = ins[8] if has_mask else None
+        p_refs = ins[8 + has_mask:]
         hq_ref, hT_ref, cT_ref, rs_ref, rq_ref, cs_ref, cq_ref = outs[:7]
         c_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref = outs[7:] if keep else (None,) * 7
         blocks = grid.blocks()
 
-        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, 4)
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, n)
 
         states = []
         for ib, iu in blocks:
             s = {"h": h0_ref[rows(ib), units(iu)], "c": c0_ref[rows(ib), units(iu)]}
             hq_ref[0, rows(ib), units(iu)] = s["h"].astype(cdt)
             sums.clear_padding((rs_ref, rq_ref, cs_ref, cq_ref), ib, iu)
-            p = ([gh_ref[units(iu, g)][None, :] for g in range(4)], [bh_ref[units(iu, g)][None, :] for g in range(4)],
-                 gc_ref[units(iu)][None, :], bc_ref[units(iu)][None, :])
+            p = ([gh_ref[units(iu, g)][None, :] for g in range(n)], [bh_ref[units(iu, g)][None, :] for g in range(n)],
+                 gc_ref[units(iu)][None, :], bc_ref[units(iu)][None, :],
+                 {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)})
             states.append((s, p, step_inputs(0, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
@@ -146,31 +141,29 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
             states, gave_up = carry
             recs = []
             for (ib, iu), _ in zip(blocks, states):  # W_h h for this program's units, its partial moments
-                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, 4)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, n)
                 s_r, q_r = _partial_moments(rec)
                 sums.put(rs_ref, ib, iu, s_r)
                 sums.put(rq_ref, ib, iu, q_r)
                 recs.append(rec)
             gave_up = barrier(3 * t + 2, gave_up)
             mids = []
-            for (ib, iu), (s, (gh, bh, _, _), (u, _)), rec in zip(blocks, states, recs):
-                mean_r, inv_r = sums.mean_inv(rs_ref, rq_ref, ib, 4 * U)
+            for (ib, iu), (s, (gh, bh, _, _, pv), (u, _)), rec in zip(blocks, states, recs):
+                mean_r, inv_r = sums.mean_inv(rs_ref, rq_ref, ib, n * U)
                 r_hat = [(r - mean_r) * inv_r for r in rec]
-                # recur.cells.lstm: tanh(s * pre), s = 1/2 on the sigmoid blocks
-                tg = [jnp.tanh((u[g] + r_hat[g] * gh[g] + bh[g]) * (1.0 if g == 2 else 0.5)) for g in range(4)]
-                c = _sigmoid_of(tg[1]) * s["c"] + _sigmoid_of(tg[0]) * tg[2]
+                c, o, tg = gates.forward([u[g] + r_hat[g] * gh[g] + bh[g] for g in range(n)], s["c"], pv)
                 s_c, q_c = _partial_moments([c])
                 sums.put(cs_ref, ib, iu, s_c)
                 sums.put(cq_ref, ib, iu, q_c)
-                mids.append((tg, c, r_hat, inv_r))
+                mids.append((tg, c, o, r_hat, inv_r))
             gave_up = barrier(3 * t + 3, gave_up)
             new_states = []
-            for (ib, iu), (s, p, (u, m)), (tg, c, r_hat, inv_r) in zip(blocks, states, mids):
-                _, _, gc, bc = p
+            for (ib, iu), (s, p, (u, m)), (tg, c, o, r_hat, inv_r) in zip(blocks, states, mids):
+                _, _, gc, bc, _ = p
                 mean_c, inv_c = sums.mean_inv(cs_ref, cq_ref, ib, U)
                 c_hat = (c - mean_c) * inv_c
-                tc = jnp.tanh(c_hat * gc + bc)
-                new = {"h": _sigmoid_of(tg[3]) * tc, "c": c}
+                tc = gates.act(c_hat * gc + bc)
+                new = {"h": o * tc, "c": c}
                 if has_mask:
                     new = {k: jnp.where(m[:, None] != 0, new[k], s[k]) for k in new}
                 new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
@@ -178,7 +171,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
                 hq_ref[t + 1, r, units(iu)] = new["h"].astype(cdt)
                 if keep:
                     c_ref[t, r, units(iu)] = new["c"]
-                    for g in range(4):
+                    for g in range(n):
                         tg_ref[t, r, units(iu, g)] = tg[g]
                         rhat_ref[t, r, units(iu, g)] = r_hat[g]
                     tc_ref[t, r, units(iu)] = tc
@@ -202,20 +195,22 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None):
+                 programs=None, gates=PLAIN):
     """The reverse time loop, as a persistent kernel with three barriers per step.
 
     dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
-    entering each step; dh_T, dc_T [B, H]: the final carry's cotangent. Returns (d pre [T, B, 4H]
-    (= d u), d rec [T, B, 4H] (W_h h's cotangent), d tc [T, B, H] (the cotangent of
-    γ_c LN(c_t) + β_c), d h0, d c0 [B, H]), float32. The product by W_h runs in ``dtype`` with
-    float32 accumulation, its d rec rounded to dtype.
+    entering each step; dh_T, dc_T [B, H]: the final carry's cotangent; ln: the norms' scales and
+    the peepholes. Returns (d pre [T, B, nH] (= d u; with peepholes the gates' d z, from which
+    :func:`backward_fn` sums their gradients), d rec [T, B, nH] (W_h h's cotangent), d tc [T, B, H]
+    (the cotangent of γ_c LN(c_t) + β_c), d h0, d c0 [B, H]), float32. The product by W_h runs in
+    ``dtype`` with float32 accumulation, its d rec rounded to dtype.
     """
     from recur.kernels.persistent import _Grid
 
     T, B, _ = dhs_T.shape
     H = W_h.shape[1]
-    G = 4 * H
+    n = gates.n
+    G = n * H
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     sums = _Sums(grid)
@@ -225,6 +220,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
     inputs = [dhs_T] + [saved[k] for k in SAVED] + [c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]
     inputs += [ln["ln_h_scale"].astype(f32), ln["ln_c_scale"].astype(f32)]
     inputs += [mask_T.astype(jnp.int32)] if has_mask else []
+    inputs += [ln[k].astype(f32) for k in gates.peephole_names]
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((T, B, H), f32)]
     out_shape += [jax.ShapeDtypeStruct((B, H), f32)] * 2 + [sums.shape(B)] * 4
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
@@ -233,6 +229,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
         dhs_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref, cp_ref, w_ref, dhT_ref, dcT_ref = ins[:11]
         gh_ref, gc_ref = ins[11:13]
         mask_ref = ins[13] if has_mask else None
+        p_refs = ins[13 + has_mask:]
         du_ref, drec_ref, dtc_ref, dh0_ref, dc0_ref, a1_ref, a2_ref, b1_ref, b2_ref = outs[:9]
         comm_ref = outs[9] if shared else drec_ref
         blocks = grid.blocks()
@@ -240,8 +237,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
         def step_inputs(t, ib, iu):
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            four = lambda ref: [ref[t, r, units(iu, g)] for g in range(4)]
-            return (four(tg_ref), tc_ref[t, r, u], four(rhat_ref), chat_ref[t, r, u], rinv_ref[t, r][:, None],
+            blocks_of = lambda ref: [ref[t, r, units(iu, g)] for g in range(n)]
+            return (blocks_of(tg_ref), tc_ref[t, r, u], blocks_of(rhat_ref), chat_ref[t, r, u], rinv_ref[t, r][:, None],
                     cinv_ref[t, r][:, None], cp_ref[t, r, u], dhs_ref[t, r, u].astype(f32),
                     mask_ref[t, r] if has_mask else None)
 
@@ -251,7 +248,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
         states = []
         for ib, iu in blocks:
             sums.clear_padding((a1_ref, a2_ref, b1_ref, b2_ref), ib, iu)
-            p = ([gh_ref[units(iu, g)][None, :] for g in range(4)], gc_ref[units(iu)][None, :])
+            p = ([gh_ref[units(iu, g)][None, :] for g in range(n)], gc_ref[units(iu)][None, :],
+                 {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)})
             d = {"h": dhT_ref[rows(ib), units(iu)], "c": dcT_ref[rows(ib), units(iu)]}
             states.append((d, p, step_inputs(T - 1, ib, iu)))
         # (the padding rows' zeros come before the first step's first barrier, and are read after it)
@@ -260,11 +258,11 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
             states, gave_up = carry
             t = T - 1 - i
             firsts = []
-            for (ib, iu), (d, (_, gc), (tg, tc, _, c_hat, _, _, _, dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (d, (_, gc, _), (tg, tc, _, c_hat, _, _, _, dh_out, m)) in zip(blocks, states):
                 if has_mask:  # a padded step passes the carry's cotangent through
                     d = {k: jnp.where(m[:, None] != 0, v, 0.0) for k, v in d.items()}
                 dh = d["h"] + dh_out
-                d_tc = dh * _sigmoid_of(tg[3]) * (1.0 - tc * tc)
+                d_tc = dh * gates.output_gate(tg) * gates.act_grad(tc)
                 write(dtc_ref, t, ib, iu, 0, d_tc, gave_up)
                 dx = d_tc * gc  # LN(c_t)'s d x_hat
                 sums.put(a1_ref, ib, iu, jnp.sum(dx, axis=1))
@@ -272,29 +270,27 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 firsts.append((d, dh, dx))
             gave_up = barrier(3 * i + 1, gave_up)
             seconds = []
-            for (ib, iu), (_, (gh, _), (tg, tc, r_hat, c_hat, _, c_inv, cp, _, _)), (d, dh, dx) in zip(
+            for (ib, iu), (_, (gh, _, pv), (tg, tc, r_hat, c_hat, _, c_inv, cp, _, _)), (d, dh, dx) in zip(
                     blocks, states, firsts):
                 m1, m2 = sums.total(a1_ref, ib) / H, sums.total(a2_ref, ib) / H
                 dc = d["c"] + c_inv * (dx - m1 - c_hat * m2)
-                t_i, t_f, t_g, t_o = tg
-                d_pre = [(0.25 * dc) * t_g * (1.0 - t_i * t_i), (0.25 * dc) * cp * (1.0 - t_f * t_f),
-                         dc * _sigmoid_of(t_i) * (1.0 - t_g * t_g), (0.25 * dh) * tc * (1.0 - t_o * t_o)]
+                d_pre, d_prev = gates.backward(tg, cp, dc, dh * tc, pv)
                 dxr = [dp * g for dp, g in zip(d_pre, gh)]  # LN(W_h h)'s d x_hat
-                for g in range(4):
+                for g in range(n):
                     write(du_ref, t, ib, iu, g, d_pre[g], gave_up)
                 sums.put(b1_ref, ib, iu, sum(jnp.sum(x, axis=1) for x in dxr))
                 sums.put(b2_ref, ib, iu, sum(jnp.sum(x * r, axis=1) for x, r in zip(dxr, r_hat)))
-                seconds.append((dc, dxr))
+                seconds.append((d_prev, dxr))
             gave_up = barrier(3 * i + 2, gave_up)
             passing = []
-            for (ib, iu), (d_in, _, (tg, _, r_hat, _, r_inv, _, _, _, m)), (dc, dxr) in zip(blocks, states, seconds):
+            for (ib, iu), (d_in, _, (_, _, r_hat, _, r_inv, _, _, _, m)), (d_prev, dxr) in zip(blocks, states, seconds):
                 m1, m2 = sums.total(b1_ref, ib) / G, sums.total(b2_ref, ib) / G
-                for g in range(4):
+                for g in range(n):
                     drec = r_inv * (dxr[g] - m1 - r_hat[g] * m2)
                     write(drec_ref, t, ib, iu, g, drec, gave_up)
                     if shared:
                         comm_ref[t, rows(ib), units(iu, g)] = drec.astype(cdt)
-                pas = {"h": jnp.zeros_like(dc), "c": dc * _sigmoid_of(tg[1])}
+                pas = {"h": jnp.zeros_like(d_prev), "c": d_prev}
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}
                 passing.append(pas)
@@ -317,14 +313,18 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
 
 def forward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, :func:`run_forward`'s values."""
+    saved for :func:`backward_fn`, :func:`run_forward`'s values (c_t too, for o's peephole)."""
 
     from recur.kernels.persistent import lstm_results
 
+    gates = gates_of(cell)
+
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
-                                        dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
-        final, hs, carries = lstm_results(hq, hT, cT, saved.pop("c") if keep else None, carry0, cell.dtype)
+                                        dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs,
+                                        gates=gates)
+        c_states = (saved["c"] if "p_o" in gates.peephole_names else saved.pop("c")) if keep else None
+        final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
         return (final, (hs, carries, saved)) if keep else (final, hs)
 
     return forward
@@ -332,19 +332,28 @@ def forward_fn(cell, interpret=False, programs=None):
 
 def backward_fn(cell, interpret=False, programs=None):
     """recur.backprop.deferred_scan's ``backward_fn``: d u, d rec ({"h": W_h h's cotangent}, from
-    which the deferred scan takes d W_h) and the norms' scale and bias gradients, sums over the
-    T * B rows of d pre * r_hat, d pre, d tc * c_hat and d tc."""
+    which the deferred scan takes d W_h) and the step's own parameters' gradients, sums over the
+    T * B rows: the norms' scales and biases (d pre * r_hat, d pre, d tc * c_hat and d tc), the
+    peepholes (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t)."""
+    gates = gates_of(cell)
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         du, drec, dtc, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params, dcarry_T["h"],
                                                dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
-                                               programs=programs)
+                                               programs=programs, gates=gates)
         total = lambda x: jnp.sum(x, axis=(0, 1))
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
         dparams.update(ln_h_scale=total(du * saved["r_hat"]), ln_h_bias=total(du),
                        ln_c_scale=total(dtc * saved["c_hat"]), ln_c_bias=total(dtc))
+        if gates.peepholes:  # the gates' d z by block, against the cell state each peephole reads
+            dz = dict(zip(gates.blocks, jnp.split(du, gates.n, axis=-1)))
+            state = {"i": carries["c"], "f": carries["c"], "o": saved.get("c")}
+            dparams.update({f"p_{g}": total(dz[g] * state[g]) for g in "ifo" if f"p_{g}" in gates.peephole_names})
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
         return d0, du, {"h": drec}, dparams
 
     return backward
+
+
+LN_LSTM = Kernels("lstm_ln", forward_fn, backward_fn)

@@ -1,0 +1,266 @@
+"""Persistent kernels for the LSTM with full gate recurrence (Greff et al.'s FGR, ``lstm:fgr``, with
+the other switches it allows: peepholes, niaf, noaf), as recur.cells.lstm defines it:
+
+    pre = u + W_h h_{t-1} + [R_gates (i, f, o)_{t-1}] on the i, f and o blocks
+    the gates, c_t and h_t as in the LSTM, and the carry keeps (i, f, o)_t for the next step
+
+The gates of step t-1 are a second recurrent source beside h_{t-1}: every program's i, f and o
+feed every program's pre-activations. So the programs (the grid, barrier and slicing of
+recur/kernels/persistent.py) write h_t and their units' i, f, o to one [T + 1, B, 4H] buffer
+(columns h | i | f | o), and after the step's one barrier each reads all of it: two products, W_h h
+(depth H, the four gate blocks of its units) and R_gates (i, f, o) (depth 3H, the three blocks
+that get it). The reverse loop likewise has one barrier: the program's d pre, then its units of
+d h_{t-1} = d pre W_h and of d (i, f, o)_{t-1} = d pre_{i,f,o} R_gates, which flow into step t-1's
+gate derivatives. The weight gradients stay the deferred scan's large matmuls after the loop (d
+W_h from d pre, d R_gates from its i, f, o blocks); the peepholes' are sums after the kernel.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from recur.kernels.persistent import Kernels, _sigmoid_of, gates_of
+
+SOURCES = 4  # the buffer's column blocks: h, i, f, o
+IFO = (0, 1, 3)  # the i, f, o blocks among i, f, g, o
+
+
+def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None,
+                gates=None, peepholes=None):
+    """The FGR LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H] and the gates
+    g0 [B, 3H] (i, f, o); R: R_gates [3H, 3H]; gates: its :class:`persistent.Gates`; peepholes:
+    {p_i, p_f, p_o [H]} where it has them.
+
+    Returns (zq [T + 1, B, 4H] in dtype: (h, i, f, o) entering step 0 then after each step, final
+    {h, c [B, H], gates [B, 3H]}, saved): saved None, or with keep {"c": each step's c_t [T, B, H],
+    "tg": the gate tanh [T, B, 4H] (Gates.forward's t), "tc": act(c_t) [T, B, H]}, float32 (float64
+    for a float64 dtype).
+    """
+    from recur.kernels.persistent import _Grid
+
+    T, B, G = us_T.shape
+    H = G // 4
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    names = gates.peephole_names
+    has_mask = mask_T is not None
+    inputs = [us_T, grid.by_program(W_h, 4), grid.by_program(R, 3), h0.astype(f32), c0.astype(f32), g0.astype(f32)]
+    inputs += ([mask_T.astype(jnp.int32)] if has_mask else []) + [peepholes[k].astype(f32) for k in names]
+    out_shape = [jax.ShapeDtypeStruct((T + 1, B, SOURCES * H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
+    out_shape += [jax.ShapeDtypeStruct((B, 3 * H), f32)]
+    if keep:
+        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in ((T, B, H), (T, B, G), (T, B, H))]
+
+    def kernel(ins, outs, barrier):
+        us_ref, wh_ref, wr_ref, h0_ref, c0_ref, g0_ref = ins[:6]
+        mask_ref = ins[6] if has_mask else None
+        p_refs = ins[6 + has_mask:]
+        zq_ref, hT_ref, cT_ref, gT_ref = outs[:4]
+        c_ref, tg_ref, tc_ref = outs[4:] if keep else (None,) * 3
+        blocks = grid.blocks()
+
+        def put(t, ib, iu, s):
+            """h and the gates of block (ib, iu) into the buffer's row t."""
+            for k, x in enumerate([s["h"]] + s["g"]):
+                zq_ref[t, rows(ib), units(iu, k)] = x.astype(cdt)
+
+        states = []
+        for ib, iu in blocks:
+            r = rows(ib)
+            s = {"h": h0_ref[r, units(iu)], "c": c0_ref[r, units(iu)], "g": [g0_ref[r, units(iu, k)] for k in range(3)]}
+            put(0, ib, iu, s)
+            pv = {k: ref[units(iu)][None, :] for k, ref in zip(names, p_refs)}
+            states.append((s, pv, grid.step_inputs(us_ref, mask_ref, 0, ib, iu, 4)))
+        gave_up = barrier(1, jnp.bool_(False))
+
+        def step(t, carry):
+            states, gave_up = carry
+            new_states = []
+            for (ib, iu), (s, pv, (u, m)) in zip(blocks, states):
+                rec = grid.gate_product(zq_ref, t, ib, iu, wh_ref, H, 4)
+                rec_g = grid.gate_product(zq_ref, t, ib, iu, wr_ref, 3 * H, 3, src_col=H)
+                pre = [u[g] + rec[g] for g in range(4)]
+                for k, g in enumerate(IFO):
+                    pre[g] = pre[g] + rec_g[k]
+                c, o, tg = gates.forward(pre, s["c"], pv)
+                tc = gates.act(c)
+                new = {"h": o * tc, "c": c, "g": [_sigmoid_of(tg[g]) for g in IFO]}
+                if has_mask:
+                    mm = m[:, None] != 0
+                    new = jax.tree.map(lambda a, b: jnp.where(mm, a, b), new, s)
+                new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
+                put(t + 1, ib, iu, new)
+                if keep:
+                    r = rows(ib)
+                    c_ref[t, r, units(iu)] = new["c"]
+                    tc_ref[t, r, units(iu)] = tc
+                    for g in range(4):
+                        tg_ref[t, r, units(iu, g)] = tg[g]
+                new_states.append((new, pv, grid.step_inputs(us_ref, mask_ref, t + 1, ib, iu, 4)))
+            return new_states, barrier(t + 2, gave_up)
+
+        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), (s, _, _) in zip(blocks, states):
+            r = rows(ib)
+            hT_ref[r, units(iu)] = s["h"]
+            cT_ref[r, units(iu)] = s["c"]
+            for k in range(3):
+                gT_ref[r, units(iu, k)] = s["g"][k]
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_fgr_persistent", arrivals=T + 1)
+    zq, hT, cT, gT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:4])
+    final = {"h": hT, "c": cT, "gates": gT}
+    return zq, final, (dict(zip(("c", "tg", "tc"), outs[4:])) if keep else None)
+
+
+def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, interpret=False, programs=None,
+                 gates=None, peepholes=None):
+    """The reverse time loop, as a persistent kernel with one barrier per step.
+
+    dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
+    entering each step; dcarry_T: the final carry's cotangent {h, c [B, H], gates [B, 3H]}. Returns
+    (d pre [T, B, 4H] float32 (the gates' d z: d u, and d rec for both products), d carry0 {h, c,
+    gates}). The products by W_h and R_gates run in ``dtype`` with float32 accumulation, from d pre
+    rounded to dtype.
+    """
+    from recur.kernels.persistent import _Grid
+
+    T, B, _ = dhs_T.shape
+    H = W_h.shape[1]
+    G = 4 * H
+    grid = _Grid(B, H, dtype, programs, interpret)
+    BB, U, nu, rows, units, cdt, f32 = grid.parts()
+    names = gates.peephole_names
+    has_mask = mask_T is not None
+    shared = cdt != jnp.dtype(f32)  # a copy of d pre in dtype for the other programs' products
+    # W_h's [4H, U] column slice per program; R_gates with each program's 3U columns (i, f, o of its
+    # units) together: row k of block b is pre row b * H + k's weights into the program's gates
+    inputs = [dhs_T, saved["tg"], saved["tc"], c_prev, grid.program_slices(W_h), grid.by_program(R.T, 3)]
+    inputs += [dcarry_T["h"].astype(f32), dcarry_T["c"].astype(f32), dcarry_T["gates"].astype(f32)]
+    inputs += ([mask_T.astype(jnp.int32)] if has_mask else []) + [peepholes[k].astype(f32) for k in names]
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
+    out_shape += [jax.ShapeDtypeStruct((B, 3 * H), f32)]
+    out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
+
+    def kernel(ins, outs, barrier):
+        dhs_ref, tg_ref, tc_ref, cp_ref, wh_ref, wr_ref, dhT_ref, dcT_ref, dgT_ref = ins[:9]
+        mask_ref = ins[9] if has_mask else None
+        p_refs = ins[9 + has_mask:]
+        du_ref, dh0_ref, dc0_ref, dg0_ref = outs[:4]
+        comm_ref = outs[4] if shared else du_ref
+        blocks = grid.blocks()
+
+        def step_inputs(t, ib, iu):
+            t = jnp.maximum(t, 0)
+            r, u = rows(ib), units(iu)
+            return ([tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp_ref[t, r, u],
+                    dhs_ref[t, r, u].astype(f32), mask_ref[t, r] if has_mask else None)
+
+        states = []
+        for ib, iu in blocks:
+            r = rows(ib)
+            d = {"h": dhT_ref[r, units(iu)], "c": dcT_ref[r, units(iu)], "g": [dgT_ref[r, units(iu, k)] for k in range(3)]}
+            pv = {k: ref[units(iu)][None, :] for k, ref in zip(names, p_refs)}
+            states.append((d, pv, step_inputs(T - 1, ib, iu)))
+
+        def step(i, carry):
+            states, gave_up = carry
+            t = T - 1 - i
+            passing = []
+            for (ib, iu), (d_in, pv, (tg, tc, cp, dh_out, m)) in zip(blocks, states):
+                d = d_in
+                if has_mask:  # a padded step passes the carry's cotangent through
+                    mm = m[:, None] != 0
+                    d = jax.tree.map(lambda v: jnp.where(mm, v, 0.0), d)
+                dh = d["h"] + dh_out
+                o = gates.output_gate(tg)
+                dc = d["c"] + dh * o * gates.act_grad(tc)
+                dgi, dgf, dgo = d["g"]
+                d_pre, d_prev = gates.backward(tg, cp, dc, dh * tc + dgo, pv, extra={"i": dgi, "f": dgf})
+                for g in range(4):
+                    du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g])
+                    if shared:
+                        comm_ref[t, rows(ib), units(iu, g)] = d_pre[g].astype(cdt)
+                pas = {"h": jnp.zeros_like(dh), "c": d_prev, "g": [jnp.zeros_like(dh)] * 3}
+                if has_mask:
+                    pas = jax.tree.map(lambda a, b: a + jnp.where(mm, 0.0, b), pas, d_in)
+                passing.append((pas, pv, step_inputs(t - 1, ib, iu)))
+            gave_up = barrier(i + 1, gave_up)
+            new_states = []
+            for (ib, iu), (pas, pv, next_inputs) in zip(blocks, passing):
+                (dh_rec,) = grid.product(comm_ref, t, ib, wh_ref, G, [(0, U)], w_row=iu * G)
+                dg = pas["g"]
+                for k, g in enumerate(IFO):  # d (i, f, o)_{t-1} = d pre_{i,f,o} R_gates, one pre block at a time
+                    part = grid.product(comm_ref, t, ib, wr_ref, H, [(iu * 3 * U + j * U, U) for j in range(3)],
+                                        src_col=g * H, w_row=k * H)
+                    dg = [a + b for a, b in zip(dg, part)]
+                new_states.append(({"h": pas["h"] + dh_rec, "c": pas["c"], "g": dg}, pv, next_inputs))
+            return new_states, gave_up
+
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
+        for (ib, iu), (d, _, _) in zip(blocks, states):
+            r = rows(ib)
+            dh0_ref[r, units(iu)] = jnp.where(gave_up, jnp.nan, d["h"])
+            dc0_ref[r, units(iu)] = jnp.where(gave_up, jnp.nan, d["c"])
+            for k in range(3):
+                dg0_ref[r, units(iu, k)] = jnp.where(gave_up, jnp.nan, d["g"][k])
+
+    outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_fgr_persistent_backward", arrivals=T)
+    dh0, dc0, dg0 = (jnp.where(ok, x, jnp.nan) for x in outs[1:4])
+    return outs[0], {"h": dh0, "c": dc0, "gates": dg0}
+
+
+def _ifo(x):
+    """The i, f, o blocks of a [..., 4H] array, joined: [..., 3H]."""
+    i, f, _, o = jnp.split(x, 4, axis=-1)
+    return jnp.concatenate([i, f, o], axis=-1)
+
+
+def forward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c, gates}:
+    h and the gates from the buffer, in the compute dtype the products read) and :func:`run_forward`'s
+    saved values."""
+    gates = gates_of(cell)
+
+    def forward(params, carry0, us_T, mask_T, keep):
+        zq, final, saved = run_forward(us_T, params["W_h"], params["R_gates"], carry0["h"], carry0["c"],
+                                       carry0["gates"], mask_T, dtype=cell.dtype, keep=keep, interpret=interpret,
+                                       programs=programs, gates=gates, peepholes=params)
+        H = cell.hidden_size
+        final = {k: v.astype(carry0[k].dtype) for k, v in final.items()}
+        hs = zq[1:, :, :H].astype(cell.dtype)
+        if not keep:
+            return final, hs
+        c_prev = jnp.concatenate([carry0["c"][None].astype(saved["c"].dtype), saved["c"][:-1]], axis=0)
+        carries = {"h": zq[:-1, :, :H].astype(carry0["h"].dtype), "c": c_prev.astype(carry0["c"].dtype),
+                   "gates": zq[:-1, :, H:].astype(carry0["gates"].dtype)}
+        if "p_o" not in gates.peephole_names:
+            saved.pop("c")
+        return final, (hs, carries, saved)
+
+    return forward
+
+
+def backward_fn(cell, interpret=False, programs=None):
+    """recur.backprop.deferred_scan's ``backward_fn``: d carry0, d u, d rec ({"h": d pre, "gates":
+    its i, f, o blocks}, from which the deferred scan takes d W_h and d R_gates) and the peepholes'
+    gradients (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t summed over the T * B rows)."""
+    gates = gates_of(cell)
+
+    def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
+        du, d0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params["R_gates"], dcarry_T, mask_T,
+                              dtype=cell.dtype, interpret=interpret, programs=programs, gates=gates, peepholes=params)
+        dparams = None
+        if gates.peepholes:
+            total = lambda x: jnp.sum(x, axis=(0, 1))
+            dz = dict(zip("ifgo", jnp.split(du, 4, axis=-1)))
+            state = {"i": carries["c"], "f": carries["c"], "o": saved.get("c")}
+            dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
+            dparams.update({f"p_{g}": total(dz[g] * state[g]).astype(params[f"p_{g}"].dtype) for g in "ifo"})
+        d0 = {k: v.astype(carries[k].dtype) for k, v in d0.items()}
+        return d0, du, {"h": du, "gates": _ifo(du)}, dparams
+
+    return backward
+
+
+FGR_LSTM = Kernels("lstm_fgr", forward_fn, backward_fn)
