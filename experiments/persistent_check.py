@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--input", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--remat", default="none", choices=["none", "step"],
-                   help="step: the backward kernels recompute the gates (the one-barrier cells)")
+                   help="step: the backward kernels recompute the gates")
     a = p.parse_args(argv)
     print(f"backend {jax.default_backend()}, interpret {dispatch.interpret_forced()}, B={a.batch}, T={a.length}, "
           f"I={a.input}, H={a.hidden}, remat {a.remat}")

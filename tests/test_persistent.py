@@ -180,14 +180,15 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert "does not split" in persistent.problem(recur.get_cell("lstm:proj_size=48", H), B)
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
-    # remat="step": the one-barrier kernels recompute the gates in the reverse loop; other remats and
-    # the multi-barrier kernels fall back
+    # remat="step": every persistent kernel recomputes the gates in the reverse loop; other remats fall back
     step = lambda name, remat="step": dispatch.choose(recur.get_cell(name, H), "kernel", B, T, I, remat)[0]
-    assert step("lstm") == step("gru") == step("lstm:cifg") == "persistent"
-    assert step("lstm", "sqrt") == step("gru:cho") == step("lstm:ln") == "sequential"
-    assert "remat" in persistent.problem(recur.get_cell("lstm", H), B, remat=4)
-    why = dispatch.choose(recur.get_cell("gru:cho", H), "kernel", B, T, I, "step")[2]
-    assert "remat='step'" in why and "gru_cho" in why  # the persistent kernel's reason, not the loop kernel's
+    assert step("lstm") == step("gru") == step("lstm:cifg") == step("lstm:fgr") == "persistent"
+    assert step("lstm:ln") == step("lstm:cifg,ln") == "persistent"  # the rows' statistics kept, the rest recomputed
+    assert step("gru:cho") == step("mgu") == step("lstm:proj_size=16") == "persistent"
+    assert step("lstm", "sqrt") == step("gru:cho", 4) == "sequential"
+    assert "remat 'none' or 'step'" in persistent.problem(recur.get_cell("lstm", H), B, remat=4)
+    why = dispatch.choose(recur.get_cell("gru:cho", H), "kernel", B, T, I, "sqrt")[2]
+    assert "remat" in why
 
 
 def test_backward_kernel_matches_the_fused_step_backward_loop():
@@ -375,18 +376,24 @@ def test_layer_norm_kernels_are_the_cells_step_saving_and_step_backward():
               saved["c_inv"][t][:, None]) for t in range(T)]
     dhs = jax.random.normal(jax.random.key(8), (T, B, H_)) * mask[:, :, None]
     dT = {"h": jax.random.normal(jax.random.key(9), (B, H_)), "c": jax.random.normal(jax.random.key(10), (B, H_))}
-    dpre, drec, dtc, dh0, dc0 = persistent_ln.run_backward(dhs, saved, c_prev, params["W_h"], params, dT["h"],
-                                                           dT["c"], mask, dtype=jnp.float32, interpret=True)
-    d = dT
+    dpre, drec, d_norms, dh0, dc0 = persistent_ln.run_backward(dhs, saved, c_prev, params["W_h"], params, dT["h"],
+                                                               dT["c"], mask, dtype=jnp.float32, interpret=True)
+    d, pieces = dT, []
     for t in reversed(range(T)):
         m = mask[t][:, None]
         dnew = {k: jnp.where(m, v, 0.0) for k, v in d.items()}
-        dc, dp, dr, (_, d_tc) = cell.step_backward(params, {"h": hq[t], "c": c_prev[t]}, saves[t], dnew, dhs[t])
-        for want, got in ((dp, dpre[t]), (dr["h"], drec[t]), (d_tc, dtc[t])):
+        dc, dp, dr, piece = cell.step_backward(params, {"h": hq[t], "c": c_prev[t]}, saves[t], dnew, dhs[t])
+        for want, got in ((dp, dpre[t]), (dr["h"], drec[t])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
         d = {"h": dr["h"] @ params["W_h"] + jnp.where(m, 0.0, d["h"]), "c": dc["c"] + jnp.where(m, 0.0, d["c"])}
+        pieces.insert(0, piece)
     np.testing.assert_allclose(np.asarray(dh0), np.asarray(d["h"]), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(dc0), np.asarray(d["c"]), atol=1e-5, rtol=1e-4)
+    # the norms' gradients, each program's sums over its rows and the steps (cell.param_grads: sums of the pieces)
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    want = cell.param_grads(params, stack(saves), stack(pieces))
+    for k, got in d_norms.items():
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want[k]), atol=1e-4, rtol=1e-4)
 
 
 def _kernel_outputs(jaxpr, name):
@@ -404,21 +411,31 @@ def _kernel_outputs(jaxpr, name):
     return found
 
 
-@pytest.mark.parametrize("name,dtype,tol", [("lstm", jnp.float32, 2e-5), ("gru", jnp.bfloat16, 1.5e-2),
-                                            ("lstm:peepholes,cifg", jnp.float32, 2e-5), ("elman", jnp.float32, 2e-5)])
-def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dtype, tol):
+# (cell, dtype, tolerance, the float32 values per row and step that remat="step" does not keep: the
+# saved values of a Rule; the FGR LSTM's and LSTMP's gate tanh and act(c_t); the layer-norm LSTM's
+# gate tanh, act(LN(c_t)), r_hat, c_hat (n H + H + n H + H) less the two means it keeps beside the
+# 1 / std; Cho's GRU's and the MGU's gates and n_t (they keep m_t, which d W_n reads))
+@pytest.mark.parametrize("name,dtype,tol,dropped", [
+    ("lstm", jnp.float32, 2e-5, 5 * H), ("gru", jnp.bfloat16, 1.5e-2, 4 * H),
+    ("lstm:peepholes,cifg", jnp.float32, 2e-5, 3 * H), ("elman", jnp.float32, 2e-5, H),
+    ("lstm:fgr,peepholes,noaf", jnp.bfloat16, 1.5e-2, 5 * H),
+    ("lstm:ln", jnp.float32, 2e-5, 10 * H - 2), ("lstm:peepholes,cifg,ln", jnp.bfloat16, 1.5e-2, 8 * H - 2),
+    ("gru:cho", jnp.float32, 2e-5, 3 * H), ("mgu", jnp.bfloat16, 1.5e-2, 2 * H),
+    ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, 5 * H)])
+def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dtype, tol, dropped):
     """remat="step": the forward kernel keeps only the carries, and the backward kernel recomputes
-    each step's W_h h and gates from them; values and gradients as the sequential scan's (with
+    each step's products and gates from them; values and gradients as the sequential scan's (with
     lengths and reverse reading)."""
     cell, params, xs, carry0 = _setup(dtype, name)
-    kind = persistent.rule_for(cell).name
+    rule = persistent.rule_for(cell)
+    if isinstance(rule, persistent.Rule):
+        assert dropped == H * sum(k for _, k in rule.saved)
     grad = lambda remat: jax.make_jaxpr(jax.grad(lambda p: jnp.sum(recur.scan(
         cell, p, xs, mode="kernel", remat=remat)[0].astype(jnp.float32))))(params)
     size = lambda avals: sum(a.size * a.dtype.itemsize for a in avals)
-    (stored,), (kept,) = (_kernel_outputs(grad(r), f"recur_{kind}_persistent") for r in ("none", "step"))
-    saved = sum(k * H for _, k in persistent.rule_for(cell).saved) * T * B * 4  # float32 [T, B, blocks H]
-    assert size(stored) - size(kept) == saved > 0
-    assert len(_kernel_outputs(grad("step"), f"recur_{kind}_persistent_backward")) == 1
+    (stored,), (kept,) = (_kernel_outputs(grad(r), f"recur_{rule.name}_persistent") for r in ("none", "step"))
+    assert size(stored) - size(kept) == dropped * T * B * 4
+    assert len(_kernel_outputs(grad("step"), f"recur_{rule.name}_persistent_backward")) == 1
     kw = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
     (_, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
     (_, (hg, cg)), gg = _run(cell, "kernel", remat="step", **kw)(params, xs, carry0)
@@ -428,16 +445,20 @@ def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dt
         assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, a.shape
 
 
-@pytest.mark.parametrize("name,dtype", [("lstm", jnp.bfloat16), ("gru", jnp.float32)])
-def test_recomputing_backward_kernels_fit_an_h100_without_spills(name, dtype):
+@pytest.mark.parametrize("name,dtype,spill", [("lstm", jnp.bfloat16, 0), ("gru", jnp.float32, 0),
+                                              ("lstm:fgr,peepholes", jnp.float32, 128), ("lstm:ln", jnp.bfloat16, 0),
+                                              ("gru:cho", jnp.bfloat16, 8), ("lstm:proj_size=512", jnp.bfloat16, 0)])
+def test_recomputing_backward_kernels_fit_an_h100_without_spills(name, dtype, spill):
     """remat="step"'s backward kernel (two products per step: W_h h again, then d rec W_h) at B=64,
     H=1024 compiles for sm_90 at the default settings without spills (the GRU's float32 one holds
-    the most registers: 208 per thread; docs/kernels.md)."""
+    the most registers: 208 per thread; docs/kernels.md); the FGR LSTM's (three products before
+    the barrier, four after it) and Cho's GRU's in bfloat16 spill at most ``spill`` bytes per
+    thread (116 and 8 measured)."""
     pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
     from experiments.triton_compile import compile_sm90, persistent_ir
 
     forward, backward = persistent_ir(1024, dtype, cell=name, remat="step")
     assert backward.count("tt.dot") > persistent_ir(1024, dtype, cell=name)[1].count("tt.dot")
     shared, regs, spill_st, spill_ld = compile_sm90(backward, persistent.NUM_WARPS, persistent.NUM_STAGES)
-    assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
+    assert shared <= 227 * 1024 and spill_st <= spill and spill_ld <= spill and 0 < regs <= 255, (shared, regs, spill_st)
 

@@ -179,10 +179,7 @@ CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:
          "lstm:proj_size=16", "lstm:proj_size=64", "lstm:fgr,peepholes"]
 
 
-ONE_BARRIER = ["lstm", "gru", "elman", "lstm:peepholes,cifg"]  # the kernels that take remat="step"
-
-
-@pytest.mark.parametrize("name,remat", [(c, "none") for c in CELLS] + [(c, "step") for c in ONE_BARRIER])
+@pytest.mark.parametrize("name,remat", [(c, r) for r in ("none", "step") for c in CELLS])
 def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_barriers(monkeypatch, name, remat):
     """Every persistent kernel of a training step (forward with what the backward reads, then the
     backward; remat="step": the recomputing backward), with lengths, eagerly with logged refs."""

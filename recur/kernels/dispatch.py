@@ -10,7 +10,7 @@ Implementations (see docs/kernels.md for the table per cell):
   Greff's variants, with layer norm, with gate recurrence, with a projection), the GRU (both forms), the MGU and the Elman RNN, W_h split across a
   grid of programs that meet at a
   barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets, remat "none"
-  or "step" (the one-barrier cells recompute the gates); the weight gradients stay the deferred
+  or "step" (the reverse loop recomputes the gates); the weight gradients stay the deferred
   scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
   not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.

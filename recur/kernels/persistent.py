@@ -109,9 +109,6 @@ def problem(cell, B, *, resets=False, remat="none", backward="deferred"):
         return "the persistent kernel takes no resets"
     if backward != "deferred" or remat not in ("none", "step"):
         return "the persistent kernel runs under the deferred backward pass, with remat 'none' or 'step'"
-    if remat == "step" and not isinstance(rule, Rule):
-        return (f"remat='step' (the gates recomputed) is for the one-barrier persistent kernels; {cell.name} runs "
-                f"the {rule.name} kernel, which takes remat 'none' only")
     why = layout(B, cell.hidden_size, sm_count())
     if isinstance(why, str):
         return why
@@ -286,7 +283,7 @@ class Kernels:
     interpret, programs) -> recur.backprop.deferred_scan's forward_fn / backward_fn."""
 
     name: str
-    forward_fn: Callable
+    forward_fn: Callable  # (cell, interpret, programs, remat)
     backward_fn: Callable
 
 
@@ -809,10 +806,8 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
     reads (the cell's step_saving value, stacked over time; W_h h for the LSTM variants). With
     remat="step" only the carries: :func:`backward_fn` recomputes the rest (saved is {})."""
     rule = _rule(cell)
-    if not isinstance(rule, Rule):  # Cho's GRU, the MGU, the layer-norm LSTM: a kernel of their own
-        if remat != "none":
-            raise ValueError(f"recur.kernels.persistent: {problem(cell, 16, remat=remat)}")
-        return rule.forward_fn(cell, interpret, programs)
+    if not isinstance(rule, Rule):  # Cho's GRU, the MGU, the layer-norm LSTM, ...: kernels of their own
+        return rule.forward_fn(cell, interpret, programs, _check_remat(remat))
     save = _check_remat(remat) == "none"
 
     def forward(params, carry0, us_T, mask_T, keep):
@@ -853,9 +848,7 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
     cell with a Rule)."""
     rule = _rule(cell)
     if not isinstance(rule, Rule):
-        if remat != "none":
-            raise ValueError(f"recur.kernels.persistent: {problem(cell, 16, remat=remat)}")
-        return rule.backward_fn(cell, interpret, programs)
+        return rule.backward_fn(cell, interpret, programs, _check_remat(remat))
     recompute = _check_remat(remat) == "step"
     if not (BACKWARD or recompute):
         return None

@@ -23,10 +23,14 @@ from recur.kernels.persistent import Kernels, _sigmoid_of, gates_of
 
 SOURCES = 4  # the buffer's column blocks: h, i, f, o
 IFO = (0, 1, 3)  # the i, f, o blocks among i, f, g, o
+# the recomputing reverse loop's (remat="step") dots: with K_BLOCK = 128 its kernel spills 216 bytes per
+# thread in float32, 44 in bfloat16, at 64 116 and 20 (B = 64, H = 1024, lstm:fgr,peepholes, sm_90, 8 warps,
+# 3 stages; 32: 88 and 16)
+RECOMPUTE_KB = 64
 
 
-def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None,
-                gates=None, peepholes=None):
+def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
+                programs=None, gates=None, peepholes=None):
     """The FGR LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H] and the gates
     g0 [B, 3H] (i, f, o); R: R_gates [3H, 3H]; gates: its :class:`persistent.Gates`; peepholes:
     {p_i, p_f, p_o [H]} where it has them.
@@ -34,7 +38,8 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, int
     Returns (zq [T + 1, B, 4H] in dtype: (h, i, f, o) entering step 0 then after each step, final
     {h, c [B, H], gates [B, 3H]}, saved): saved None, or with keep {"c": each step's c_t [T, B, H],
     "tg": the gate tanh [T, B, 4H] (Gates.forward's t), "tc": act(c_t) [T, B, H]}, float32 (float64
-    for a float64 dtype).
+    for a float64 dtype); with keep and not save, "c" only (remat="step": the reverse loop
+    recomputes the rest).
     """
     from recur.kernels.persistent import _Grid
 
@@ -48,15 +53,15 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, int
     inputs += ([mask_T.astype(jnp.int32)] if has_mask else []) + [peepholes[k].astype(f32) for k in names]
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, SOURCES * H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
     out_shape += [jax.ShapeDtypeStruct((B, 3 * H), f32)]
-    if keep:
-        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in ((T, B, H), (T, B, G), (T, B, H))]
+    kept = (("c", H), ("tg", G), ("tc", H))[:(3 if save else 1) if keep else 0]
+    out_shape += [jax.ShapeDtypeStruct((T, B, width), f32) for _, width in kept]
 
     def kernel(ins, outs, barrier):
         us_ref, wh_ref, wr_ref, h0_ref, c0_ref, g0_ref = ins[:6]
         mask_ref = ins[6] if has_mask else None
         p_refs = ins[6 + has_mask:]
         zq_ref, hT_ref, cT_ref, gT_ref = outs[:4]
-        c_ref, tg_ref, tc_ref = outs[4:] if keep else (None,) * 3
+        c_ref, tg_ref, tc_ref = (list(outs[4:]) + [None] * 3)[:3]
         blocks = grid.blocks()
 
         def put(t, ib, iu, s):
@@ -77,22 +82,17 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, int
             states, gave_up = carry
             new_states = []
             for (ib, iu), (s, pv, (u, m)) in zip(blocks, states):
-                rec = grid.gate_product(zq_ref, t, ib, iu, wh_ref, H, 4)
-                rec_g = grid.gate_product(zq_ref, t, ib, iu, wr_ref, 3 * H, 3, src_col=H)
-                pre = [u[g] + rec[g] for g in range(4)]
-                for k, g in enumerate(IFO):
-                    pre[g] = pre[g] + rec_g[k]
-                c, o, tg = gates.forward(pre, s["c"], pv)
-                tc = gates.act(c)
-                new = {"h": o * tc, "c": c, "g": [_sigmoid_of(tg[g]) for g in IFO]}
+                c, tg, tc = _gates(grid, u, (zq_ref, 0, wh_ref), (zq_ref, H, wr_ref), t, ib, iu, s["c"], pv, gates)
+                new = {"h": gates.output_gate(tg) * tc, "c": c, "g": [_sigmoid_of(tg[g]) for g in IFO]}
                 if has_mask:
                     mm = m[:, None] != 0
                     new = jax.tree.map(lambda a, b: jnp.where(mm, a, b), new, s)
                 new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
                 put(t + 1, ib, iu, new)
-                if keep:
-                    r = rows(ib)
+                r = rows(ib)
+                if c_ref is not None:
                     c_ref[t, r, units(iu)] = new["c"]
+                if tg_ref is not None:
                     tc_ref[t, r, units(iu)] = tc
                     for g in range(4):
                         tg_ref[t, r, units(iu, g)] = tg[g]
@@ -110,15 +110,19 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, int
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_fgr_persistent", arrivals=T + 1)
     zq, hT, cT, gT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:4])
     final = {"h": hT, "c": cT, "gates": gT}
-    return zq, final, (dict(zip(("c", "tg", "tc"), outs[4:])) if keep else None)
+    return zq, final, ({name: x for (name, _), x in zip(kept, outs[4:])} if keep else None)
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, interpret=False, programs=None,
-                 gates=None, peepholes=None):
+                 gates=None, peepholes=None, recompute=None):
     """The reverse time loop, as a persistent kernel with one barrier per step.
 
     dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
-    entering each step; dcarry_T: the final carry's cotangent {h, c [B, H], gates [B, 3H]}. Returns
+    entering each step; dcarry_T: the final carry's cotangent {h, c [B, H], gates [B, 3H]};
+    recompute (remat="step", saved without "tg" and "tc"): (us_T, h, gates), the projected inputs
+    and the h [T, B, H] and gates [T, B, 3H] entering each step, from which each step's products,
+    gates and act(c_t) are formed again (the forward's own values: the same products of the same
+    operands, inputs of this launch, so no barrier). Returns
     (d pre [T, B, 4H] float32 (the gates' d z: d u, and d rec for both products), d carry0 {h, c,
     gates}). The products by W_h and R_gates run in ``dtype`` with float32 accumulation, from d pre
     rounded to dtype.
@@ -135,39 +139,59 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
     shared = cdt != jnp.dtype(f32)  # a copy of d pre in dtype for the other programs' products
     # W_h's [4H, U] column slice per program; R_gates with each program's 3U columns (i, f, o of its
     # units) together: row k of block b is pre row b * H + k's weights into the program's gates
-    inputs = [dhs_T, saved["tg"], saved["tc"], c_prev, grid.program_slices(W_h), grid.by_program(R.T, 3)]
+    inputs = [dhs_T, c_prev, grid.program_slices(W_h), grid.by_program(R.T, 3)]
     inputs += [dcarry_T["h"].astype(f32), dcarry_T["c"].astype(f32), dcarry_T["gates"].astype(f32)]
     inputs += ([mask_T.astype(jnp.int32)] if has_mask else []) + [peepholes[k].astype(f32) for k in names]
+    n_fixed = len(inputs)
+    if recompute is None:
+        inputs += [saved["tg"], saved["tc"]]
+    else:  # the forward's operands: W_h^T and R_gates^T by program, h and the gates in the compute dtype
+        us_T, h_T, g_T = recompute
+        inputs += [us_T, h_T.astype(cdt), g_T.astype(cdt), grid.by_program(W_h, 4), grid.by_program(R, 3)]
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
     out_shape += [jax.ShapeDtypeStruct((B, 3 * H), f32)]
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
 
     def kernel(ins, outs, barrier):
-        dhs_ref, tg_ref, tc_ref, cp_ref, wh_ref, wr_ref, dhT_ref, dcT_ref, dgT_ref = ins[:9]
-        mask_ref = ins[9] if has_mask else None
-        p_refs = ins[9 + has_mask:]
+        dhs_ref, cp_ref, wh_ref, wr_ref, dhT_ref, dcT_ref, dgT_ref = ins[:7]
+        mask_ref = ins[7] if has_mask else None
+        p_refs = ins[7 + has_mask:n_fixed]
+        more = ins[n_fixed:]
         du_ref, dh0_ref, dc0_ref, dg0_ref = outs[:4]
         comm_ref = outs[4] if shared else du_ref
         blocks = grid.blocks()
 
-        def step_inputs(t, ib, iu):
+        late = recompute is not None
+
+        def step_inputs(t, ib, iu, pv):
+            """What step t's derivative reads, loaded (or recomputed) before the barrier that
+            precedes it; t = -1: nothing left, step 0's again."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            return ([tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp_ref[t, r, u],
-                    dhs_ref[t, r, u].astype(f32), mask_ref[t, r] if has_mask else None)
+            cp = cp_ref[t, r, u]
+            if recompute is None:
+                tg_ref, tc_ref = more
+                tg, tc = [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u]
+            else:
+                us_ref, h_ref, g_ref, wfh_ref, wfr_ref = more
+                _, tg, tc = _step(grid, us_ref, h_ref, g_ref, wfh_ref, wfr_ref, t, ib, iu, cp, pv, gates)
+            return tg, tc, cp, dhs_ref[t, r, u].astype(f32), mask_ref[t, r] if has_mask else None
 
         states = []
         for ib, iu in blocks:
             r = rows(ib)
             d = {"h": dhT_ref[r, units(iu)], "c": dcT_ref[r, units(iu)], "g": [dgT_ref[r, units(iu, k)] for k in range(3)]}
             pv = {k: ref[units(iu)][None, :] for k, ref in zip(names, p_refs)}
-            states.append((d, pv, step_inputs(T - 1, ib, iu)))
+            # stored values are loaded a step ahead, before the barrier; recomputed ones at the step
+            # itself (computed ahead they would be live across the products: spills)
+            states.append((d, pv, None if late else step_inputs(T - 1, ib, iu, pv)))
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             passing = []
-            for (ib, iu), (d_in, pv, (tg, tc, cp, dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (d_in, pv, ahead) in zip(blocks, states):
+                tg, tc, cp, dh_out, m = step_inputs(t, ib, iu, pv) if late else ahead
                 d = d_in
                 if has_mask:  # a padded step passes the carry's cotangent through
                     mm = m[:, None] != 0
@@ -184,7 +208,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
                 pas = {"h": jnp.zeros_like(dh), "c": d_prev, "g": [jnp.zeros_like(dh)] * 3}
                 if has_mask:
                     pas = jax.tree.map(lambda a, b: a + jnp.where(mm, 0.0, b), pas, d_in)
-                passing.append((pas, pv, step_inputs(t - 1, ib, iu)))
+                passing.append((pas, pv, None if late else step_inputs(t - 1, ib, iu, pv)))
             gave_up = barrier(i + 1, gave_up)
             new_states = []
             for (ib, iu), (pas, pv, next_inputs) in zip(blocks, passing):
@@ -210,22 +234,46 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
     return outs[0], {"h": dh0, "c": dc0, "gates": dg0}
 
 
+def _gates(grid, u, h_src, g_src, t, ib, iu, c_prev, pv, gates, fresh=True, kb=None):
+    """(c_t, the gate tanh (4 blocks), act(c_t)) of block (ib, iu) at step t: u its projected
+    inputs; h_src, g_src: (ref, first column, W by program) of h and of the gates (i, f, o)
+    entering the step, for the products W_h h (depth H) and R_gates (i, f, o) (depth 3H)."""
+    H = grid.H
+    (h_ref, h_col, wh_ref), (g_ref, g_col, wr_ref) = h_src, g_src
+    rec = grid.gate_product(h_ref, t, ib, iu, wh_ref, H, 4, src_col=h_col, fresh=fresh, kb=kb)
+    rec_g = grid.gate_product(g_ref, t, ib, iu, wr_ref, 3 * H, 3, src_col=g_col, fresh=fresh, kb=kb)
+    pre = [u[g] + rec[g] for g in range(4)]
+    for k, g in enumerate(IFO):
+        pre[g] = pre[g] + rec_g[k]
+    c, _, tg = gates.forward(pre, c_prev, pv)
+    return c, tg, gates.act(c)
+
+
+def _step(grid, us_ref, h_ref, g_ref, wh_ref, wr_ref, t, ib, iu, c_prev, pv, gates):
+    """:func:`_gates` from the launch's inputs (the reverse loop recomputing step t: read through
+    the caches, in dots of at most RECOMPUTE_KB columns)."""
+    u = [us_ref[t, grid.rows(ib), grid.units(iu, g)].astype(grid.acc) for g in range(4)]
+    return _gates(grid, u, (h_ref, 0, wh_ref), (g_ref, 0, wr_ref), t, ib, iu, c_prev, pv, gates, fresh=False,
+                  kb=min(grid.KB, RECOMPUTE_KB))
+
+
 def _ifo(x):
     """The i, f, o blocks of a [..., 4H] array, joined: [..., 3H]."""
     i, f, _, o = jnp.split(x, 4, axis=-1)
     return jnp.concatenate([i, f, o], axis=-1)
 
 
-def forward_fn(cell, interpret=False, programs=None):
+def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c, gates}:
     h and the gates from the buffer, in the compute dtype the products read) and :func:`run_forward`'s
-    saved values."""
+    saved values (with remat="step" none but c_t for o's peephole)."""
     gates = gates_of(cell)
+    save = remat == "none"
 
     def forward(params, carry0, us_T, mask_T, keep):
         zq, final, saved = run_forward(us_T, params["W_h"], params["R_gates"], carry0["h"], carry0["c"],
-                                       carry0["gates"], mask_T, dtype=cell.dtype, keep=keep, interpret=interpret,
-                                       programs=programs, gates=gates, peepholes=params)
+                                       carry0["gates"], mask_T, dtype=cell.dtype, keep=keep, save=save,
+                                       interpret=interpret, programs=programs, gates=gates, peepholes=params)
         H = cell.hidden_size
         final = {k: v.astype(carry0[k].dtype) for k, v in final.items()}
         hs = zq[1:, :, :H].astype(cell.dtype)
@@ -241,15 +289,18 @@ def forward_fn(cell, interpret=False, programs=None):
     return forward
 
 
-def backward_fn(cell, interpret=False, programs=None):
+def backward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn``: d carry0, d u, d rec ({"h": d pre, "gates":
     its i, f, o blocks}, from which the deferred scan takes d W_h and d R_gates) and the peepholes'
-    gradients (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t summed over the T * B rows)."""
+    gradients (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t summed over the T * B rows). With
+    remat="step" the reverse loop recomputes each step's gates from the carries."""
     gates = gates_of(cell)
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
+        again = None if remat == "none" else (us_T, carries["h"], carries["gates"])
         du, d0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params["R_gates"], dcarry_T, mask_T,
-                              dtype=cell.dtype, interpret=interpret, programs=programs, gates=gates, peepholes=params)
+                              dtype=cell.dtype, interpret=interpret, programs=programs, gates=gates, peepholes=params,
+                              recompute=again)
         dparams = None
         if gates.peepholes:
             total = lambda x: jnp.sum(x, axis=(0, 1))

@@ -18,7 +18,9 @@ combined as Chan et al.'s parallel variance, so no E[x^2] - E[x]^2 cancellation)
 c_t's partial statistics; LN(c_t) and h_t. The reverse loop likewise: LN(c_t)'s backward sums
 (mean of d x_hat and of d x_hat * x_hat); the gates' d pre and LN(W_h h)'s sums; d rec, then
 d h_{t-1} = d rec W_h after the barrier. The weight gradients stay large matmuls after the loops
-(the deferred scan's d W_h from d rec), the norms' scales and biases are sums over (t, b) here.
+(the deferred scan's d W_h from d rec), the norms' scales and biases are sums over (t, b) in the
+reverse loop. With remat="step" the forward keeps only the rows' statistics, and the reverse
+loop recomputes W_h h, the gates and LN(c_t) from them.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from recur.kernels.persistent import PLAIN, Kernels, gates_of
 
 EPS = 1e-5  # recur.cells.base.normalised's
 SAVED = ("tg", "tc", "r_hat", "c_hat", "r_inv", "c_inv")  # what the reverse loop reads, besides c_{t-1}
+STATS = ("r_mean", "r_inv", "c_mean", "c_inv")  # what it reads instead with remat="step" (it recomputes the rest)
+# the recomputing reverse loop's dots (remat="step"): with K_BLOCK = 128 its kernel spills 28 bytes per thread in
+# bfloat16 (B = 64, H = 1024, sm_90, 8 warps, 3 stages), with 64 none (lstm:ln, lstm:peepholes,cifg,ln)
+RECOMPUTE_KB = 64
 
 
 class _Sums:
@@ -84,8 +90,8 @@ def _partial_moments(blocks):
     return s, sum(jnp.sum(jnp.square(b - mean[:, None]), axis=1) for b in blocks)
 
 
-def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None,
-                gates=PLAIN):
+def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
+                programs=None, gates=PLAIN):
     """The layer-norm LSTM (the variant ``gates``, n gate blocks) over time-major projected inputs
     us_T [T, B, nH] from h0, c0 [B, H]; ln: {ln_h_scale, ln_h_bias [nH], ln_c_scale, ln_c_bias [H]}
     and the peepholes {p_i, p_f, p_o [H]} the variant has.
@@ -94,7 +100,8 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
     or with keep {"c": each step's c_t [T, B, H], "tg": the gate tanh [T, B, nH] (Gates.forward's t),
     "tc": act(LN(c_t)) [T, B, H], "r_hat": LN(W_h h)'s normalised values [T, B, nH], "c_hat":
     LN(c_t)'s [T, B, H], "r_inv", "c_inv": their 1 / std [T, B]} in float32 (float64 for a float64
-    dtype).
+    dtype); with keep and not save (remat="step"), {"c", and the rows' statistics "r_mean",
+    "r_inv", "c_mean", "c_inv" [T, B]}: the reverse loop recomputes the rest.
     """
     from recur.kernels.persistent import _Grid
 
@@ -112,16 +119,16 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
     inputs += peeps
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt)] + [jax.ShapeDtypeStruct((B, H), f32)] * 2
     out_shape += [sums.shape(B)] * 4  # W_h h's and c_t's sums and squared deviations
-    if keep:
-        th, t4, tb = ((T, B, H), (T, B, G), (T, B))
-        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in (th, t4, th, t4, th, tb, tb)]
+    kept = (("c",) + SAVED if save else ("c",) + STATS) if keep else ()
+    width = {"tg": (G,), "r_hat": (G,), "c": (H,), "tc": (H,), "c_hat": (H,)}
+    out_shape += [jax.ShapeDtypeStruct((T, B) + width.get(k, ()), f32) for k in kept]
 
     def kernel(ins, outs, barrier):
         us_ref, w_ref, h0_ref, c0_ref, gh_ref, bh_ref, gc_ref, bc_ref = ins[:8]
         mask_ref = ins[8] if has_mask else None
         p_refs = ins[8 + has_mask:]
         hq_ref, hT_ref, cT_ref, rs_ref, rq_ref, cs_ref, cq_ref = outs[:7]
-        c_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref = outs[7:] if keep else (None,) * 7
+        out = dict(zip(kept, outs[7:]))
         blocks = grid.blocks()
 
         step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, n)
@@ -155,10 +162,10 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
                 s_c, q_c = _partial_moments([c])
                 sums.put(cs_ref, ib, iu, s_c)
                 sums.put(cq_ref, ib, iu, q_c)
-                mids.append((tg, c, o, r_hat, inv_r))
+                mids.append((tg, c, o, r_hat, (mean_r, inv_r)))
             gave_up = barrier(3 * t + 3, gave_up)
             new_states = []
-            for (ib, iu), (s, p, (u, m)), (tg, c, o, r_hat, inv_r) in zip(blocks, states, mids):
+            for (ib, iu), (s, p, (u, m)), (tg, c, o, r_hat, (mean_r, inv_r)) in zip(blocks, states, mids):
                 _, _, gc, bc, _ = p
                 mean_c, inv_c = sums.mean_inv(cs_ref, cq_ref, ib, U)
                 c_hat = (c - mean_c) * inv_c
@@ -169,16 +176,13 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
                 new["h"] = jnp.where(gave_up, jnp.nan, new["h"])
                 r = rows(ib)
                 hq_ref[t + 1, r, units(iu)] = new["h"].astype(cdt)
-                if keep:
-                    c_ref[t, r, units(iu)] = new["c"]
-                    for g in range(n):
-                        tg_ref[t, r, units(iu, g)] = tg[g]
-                        rhat_ref[t, r, units(iu, g)] = r_hat[g]
-                    tc_ref[t, r, units(iu)] = tc
-                    chat_ref[t, r, units(iu)] = c_hat
-                    # every program of the row block writes the same values
-                    rinv_ref[t, r] = inv_r[:, 0]
-                    cinv_ref[t, r] = inv_c[:, 0]
+                values = {"c": [new["c"]], "tg": tg, "r_hat": r_hat, "tc": [tc], "c_hat": [c_hat]}
+                for k in kept:
+                    if k in values:
+                        for g, v in enumerate(values[k]):
+                            out[k][t, r, units(iu, g)] = v
+                    else:  # a row's statistics: every program of the row block writes the same values
+                        out[k][t, r] = {"r_mean": mean_r, "r_inv": inv_r, "c_mean": mean_c, "c_inv": inv_c}[k][:, 0]
                 new_states.append((new, p, step_inputs(t + 1, ib, iu)))
             return new_states, barrier(3 * t + 4, gave_up)
 
@@ -191,19 +195,23 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, interp
     hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
     if not keep:
         return hq, hT, cT, None
-    return hq, hT, cT, dict(zip(("c",) + SAVED, outs[7:]))
+    return hq, hT, cT, dict(zip(kept, outs[7:]))
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None, gates=PLAIN):
+                 programs=None, gates=PLAIN, recompute=None):
     """The reverse time loop, as a persistent kernel with three barriers per step.
 
     dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
     entering each step; dh_T, dc_T [B, H]: the final carry's cotangent; ln: the norms' scales and
-    the peepholes. Returns (d pre [T, B, nH] (= d u; with peepholes the gates' d z, from which
-    :func:`backward_fn` sums their gradients), d rec [T, B, nH] (W_h h's cotangent), d tc [T, B, H]
-    (the cotangent of γ_c LN(c_t) + β_c), d h0, d c0 [B, H]), float32. The product by W_h runs in
-    ``dtype`` with float32 accumulation, its d rec rounded to dtype.
+    biases and the peepholes; recompute (remat="step", saved holding the rows' statistics only):
+    (us_T, hq_T), the projected inputs and the h [T, B, H] entering each step in the compute dtype,
+    from which each step's W_h h, gates and LN(c_t) are formed again with the forward's statistics
+    (operands of this launch: no barrier). Returns (d pre [T, B, nH] (= d u; with peepholes the
+    gates' d z, from which :func:`backward_fn` sums their gradients), d rec [T, B, nH] (W_h h's
+    cotangent), the norms' gradients {ln_h_scale, ln_h_bias [nH], ln_c_scale, ln_c_bias [H]} (sums
+    over the rows and steps, each program's in registers), d h0, d c0 [B, H]), float32. The
+    product by W_h runs in ``dtype`` with float32 accumulation, its d rec rounded to dtype.
     """
     from recur.kernels.persistent import _Grid
 
@@ -214,64 +222,93 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
     grid = _Grid(B, H, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     sums = _Sums(grid)
-    w = grid.program_slices(W_h)
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # a copy of d rec in dtype for the other programs' products
-    inputs = [dhs_T] + [saved[k] for k in SAVED] + [c_prev, w, dh_T.astype(f32), dc_T.astype(f32)]
-    inputs += [ln["ln_h_scale"].astype(f32), ln["ln_c_scale"].astype(f32)]
+    late = recompute is not None  # what a step reads is recomputed at the step, not loaded a step ahead
+    norms = [ln[k].astype(f32) for k in ("ln_h_scale", "ln_h_bias", "ln_c_scale", "ln_c_bias")]
+    inputs = [dhs_T, c_prev, grid.program_slices(W_h), dh_T.astype(f32), dc_T.astype(f32)] + norms
     inputs += [mask_T.astype(jnp.int32)] if has_mask else []
     inputs += [ln[k].astype(f32) for k in gates.peephole_names]
-    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((T, B, H), f32)]
-    out_shape += [jax.ShapeDtypeStruct((B, H), f32)] * 2 + [sums.shape(B)] * 4
+    n_fixed = len(inputs)
+    if late:  # the forward's operands: the inputs, h in the compute dtype, W_h^T by program
+        inputs += [recompute[0], recompute[1].astype(cdt), grid.by_program(W_h, n)] + [saved[k] for k in STATS]
+    else:
+        inputs += [saved[k] for k in SAVED]
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((B, H), f32)] * 2
+    out_shape += [sums.shape(B)] * 4
+    # each row block's sums of the norms' cotangents (γ_h, β_h, γ_c, β_c), added up after the kernel
+    out_shape += [jax.ShapeDtypeStruct((grid.nb, G), f32)] * 2 + [jax.ShapeDtypeStruct((grid.nb, H), f32)] * 2
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
 
     def kernel(ins, outs, barrier):
-        dhs_ref, tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref, cp_ref, w_ref, dhT_ref, dcT_ref = ins[:11]
-        gh_ref, gc_ref = ins[11:13]
-        mask_ref = ins[13] if has_mask else None
-        p_refs = ins[13 + has_mask:]
-        du_ref, drec_ref, dtc_ref, dh0_ref, dc0_ref, a1_ref, a2_ref, b1_ref, b2_ref = outs[:9]
-        comm_ref = outs[9] if shared else drec_ref
+        dhs_ref, cp_ref, w_ref, dhT_ref, dcT_ref, gh_ref, bh_ref, gc_ref, bc_ref = ins[:9]
+        mask_ref = ins[9] if has_mask else None
+        p_refs = ins[9 + has_mask:n_fixed]
+        more = ins[n_fixed:]
+        du_ref, drec_ref, dh0_ref, dc0_ref, a1_ref, a2_ref, b1_ref, b2_ref = outs[:8]
+        norm_refs = outs[8:12]
+        comm_ref = outs[12] if shared else drec_ref
         blocks = grid.blocks()
 
-        def step_inputs(t, ib, iu):
+        def step_inputs(t, ib, iu, p):
+            """(gate tanh, act(LN(c_t)), r_hat, c_hat, 1 / std of W_h h and of c_t, c_{t-1}, the
+            outputs' cotangent, the mask) of step t (t = -1: step 0's again), loaded, or recomputed
+            from the forward's operands and statistics."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            blocks_of = lambda ref: [ref[t, r, units(iu, g)] for g in range(n)]
-            return (blocks_of(tg_ref), tc_ref[t, r, u], blocks_of(rhat_ref), chat_ref[t, r, u], rinv_ref[t, r][:, None],
-                    cinv_ref[t, r][:, None], cp_ref[t, r, u], dhs_ref[t, r, u].astype(f32),
-                    mask_ref[t, r] if has_mask else None)
+            cp, dh_out = cp_ref[t, r, u], dhs_ref[t, r, u].astype(f32)
+            m = mask_ref[t, r] if has_mask else None
+            row = lambda ref: ref[t, r][:, None]
+            if not late:
+                tg_ref, tc_ref, rhat_ref, chat_ref, rinv_ref, cinv_ref = more
+                blocks_of = lambda ref: [ref[t, r, units(iu, g)] for g in range(n)]
+                return (blocks_of(tg_ref), tc_ref[t, r, u], blocks_of(rhat_ref), chat_ref[t, r, u], row(rinv_ref),
+                        row(cinv_ref), cp, dh_out, m)
+            us_ref, hq_ref, wf_ref, rmean_ref, rinv_ref, cmean_ref, cinv_ref = more
+            gh, bh, gc, bc, pv = p
+            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, H, n, fresh=False, kb=min(grid.KB, RECOMPUTE_KB))
+            r_inv, c_inv = row(rinv_ref), row(cinv_ref)
+            r_hat = [(x - row(rmean_ref)) * r_inv for x in rec]
+            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)]
+            c, _, tg = gates.forward([uv[g] + r_hat[g] * gh[g] + bh[g] for g in range(n)], cp, pv)
+            c_hat = (c - row(cmean_ref)) * c_inv
+            return tg, gates.act(c_hat * gc + bc), r_hat, c_hat, r_inv, c_inv, cp, dh_out, m
 
         def write(ref, t, ib, iu, g, value, gave_up):
             ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value)
 
+        colsum = lambda x: jnp.sum(x, axis=0)
         states = []
         for ib, iu in blocks:
             sums.clear_padding((a1_ref, a2_ref, b1_ref, b2_ref), ib, iu)
-            p = ([gh_ref[units(iu, g)][None, :] for g in range(n)], gc_ref[units(iu)][None, :],
-                 {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)})
+            vec = lambda ref, g=0: ref[units(iu, g)][None, :]
+            p = ([vec(gh_ref, g) for g in range(n)], [vec(bh_ref, g) for g in range(n)], vec(gc_ref), vec(bc_ref),
+                 {k: vec(ref) for k, ref in zip(gates.peephole_names, p_refs)})
             d = {"h": dhT_ref[rows(ib), units(iu)], "c": dcT_ref[rows(ib), units(iu)]}
-            states.append((d, p, step_inputs(T - 1, ib, iu)))
+            zeros = jnp.zeros((U,), f32)
+            acc = ([zeros] * n, [zeros] * n, zeros, zeros)  # d γ_h, d β_h (per block), d γ_c, d β_c
+            states.append((d, p, acc, None if late else step_inputs(T - 1, ib, iu, p)))
         # (the padding rows' zeros come before the first step's first barrier, and are read after it)
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             firsts = []
-            for (ib, iu), (d, (_, gc, _), (tg, tc, _, c_hat, _, _, _, dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (d, p, _, ahead) in zip(blocks, states):
+                inputs_t = step_inputs(t, ib, iu, p) if late else ahead
+                tg, tc, _, c_hat, _, _, _, dh_out, m = inputs_t
                 if has_mask:  # a padded step passes the carry's cotangent through
                     d = {k: jnp.where(m[:, None] != 0, v, 0.0) for k, v in d.items()}
                 dh = d["h"] + dh_out
                 d_tc = dh * gates.output_gate(tg) * gates.act_grad(tc)
-                write(dtc_ref, t, ib, iu, 0, d_tc, gave_up)
-                dx = d_tc * gc  # LN(c_t)'s d x_hat
+                dx = d_tc * p[2]  # LN(c_t)'s d x_hat
                 sums.put(a1_ref, ib, iu, jnp.sum(dx, axis=1))
                 sums.put(a2_ref, ib, iu, jnp.sum(dx * c_hat, axis=1))
-                firsts.append((d, dh, dx))
+                firsts.append((inputs_t, d, dh, dx, d_tc))
             gave_up = barrier(3 * i + 1, gave_up)
             seconds = []
-            for (ib, iu), (_, (gh, _, pv), (tg, tc, r_hat, c_hat, _, c_inv, cp, _, _)), (d, dh, dx) in zip(
-                    blocks, states, firsts):
+            for (ib, iu), (_, (gh, _, _, _, pv), acc, _), (inputs_t, d, dh, dx, d_tc) in zip(blocks, states, firsts):
+                tg, tc, r_hat, c_hat, _, c_inv, cp, _, _ = inputs_t
                 m1, m2 = sums.total(a1_ref, ib) / H, sums.total(a2_ref, ib) / H
                 dc = d["c"] + c_inv * (dx - m1 - c_hat * m2)
                 d_pre, d_prev = gates.backward(tg, cp, dc, dh * tc, pv)
@@ -280,10 +317,14 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                     write(du_ref, t, ib, iu, g, d_pre[g], gave_up)
                 sums.put(b1_ref, ib, iu, sum(jnp.sum(x, axis=1) for x in dxr))
                 sums.put(b2_ref, ib, iu, sum(jnp.sum(x * r, axis=1) for x, r in zip(dxr, r_hat)))
-                seconds.append((d_prev, dxr))
+                d_gh, d_bh, d_gc, d_bc = acc
+                acc = ([a + colsum(dp * r) for a, dp, r in zip(d_gh, d_pre, r_hat)],
+                       [a + colsum(dp) for a, dp in zip(d_bh, d_pre)], d_gc + colsum(d_tc * c_hat), d_bc + colsum(d_tc))
+                seconds.append((d_prev, dxr, acc))
             gave_up = barrier(3 * i + 2, gave_up)
             passing = []
-            for (ib, iu), (d_in, _, (_, _, r_hat, _, r_inv, _, _, _, m)), (d_prev, dxr) in zip(blocks, states, seconds):
+            for (ib, iu), (d_in, p, _, _), (inputs_t, *_), (d_prev, dxr, acc) in zip(blocks, states, firsts, seconds):
+                _, _, r_hat, _, r_inv, _, _, _, m = inputs_t
                 m1, m2 = sums.total(b1_ref, ib) / G, sums.total(b2_ref, ib) / G
                 for g in range(n):
                     drec = r_inv * (dxr[g] - m1 - r_hat[g] * m2)
@@ -293,27 +334,34 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 pas = {"h": jnp.zeros_like(d_prev), "c": d_prev}
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}
-                passing.append(pas)
+                passing.append((pas, None if late else step_inputs(t - 1, ib, iu, p)))
             gave_up = barrier(3 * i + 3, gave_up)
             new_states = []
-            for (ib, iu), (_, p, _), pas in zip(blocks, states, passing):
+            for (ib, iu), (_, p, _, _), (pas, ahead), (_, _, acc) in zip(blocks, states, passing, seconds):
                 (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
-                new_states.append((dict(pas, h=pas["h"] + dh_rec), p, step_inputs(t - 1, ib, iu)))
+                new_states.append((dict(pas, h=pas["h"] + dh_rec), p, acc, ahead))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
-        for (ib, iu), (d, _, _) in zip(blocks, states):
+        for (ib, iu), (d, _, acc, _) in zip(blocks, states):
             dh0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["h"])
             dc0_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, d["c"])
+            d_gh, d_bh, d_gc, d_bc = acc
+            for ref, blocks_ in zip(norm_refs, (d_gh, d_bh, [d_gc], [d_bc])):
+                for g, v in enumerate(blocks_):
+                    ref[ib, units(iu, g)] = jnp.where(gave_up, jnp.nan, v)
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent_backward", arrivals=3 * T)
-    dh0, dc0 = (jnp.where(ok, x, jnp.nan) for x in outs[3:5])
-    return outs[0], outs[1], outs[2], dh0, dc0
+    dh0, dc0 = (jnp.where(ok, x, jnp.nan) for x in outs[2:4])
+    d_norms = {k: jnp.where(ok, jnp.sum(x, axis=0), jnp.nan)
+               for k, x in zip(("ln_h_scale", "ln_h_bias", "ln_c_scale", "ln_c_bias"), outs[8:12])}
+    return outs[0], outs[1], d_norms, dh0, dc0
 
 
-def forward_fn(cell, interpret=False, programs=None):
+def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, :func:`run_forward`'s values (c_t too, for o's peephole)."""
+    saved for :func:`backward_fn`, :func:`run_forward`'s values (c_t too, for o's peephole; with
+    remat="step" the rows' statistics only)."""
 
     from recur.kernels.persistent import lstm_results
 
@@ -321,8 +369,8 @@ def forward_fn(cell, interpret=False, programs=None):
 
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
-                                        dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs,
-                                        gates=gates)
+                                        dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
+                                        programs=programs, gates=gates)
         c_states = (saved["c"] if "p_o" in gates.peephole_names else saved.pop("c")) if keep else None
         final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
         return (final, (hs, carries, saved)) if keep else (final, hs)
@@ -330,21 +378,23 @@ def forward_fn(cell, interpret=False, programs=None):
     return forward
 
 
-def backward_fn(cell, interpret=False, programs=None):
+def backward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn``: d u, d rec ({"h": W_h h's cotangent}, from
-    which the deferred scan takes d W_h) and the step's own parameters' gradients, sums over the
-    T * B rows: the norms' scales and biases (d pre * r_hat, d pre, d tc * c_hat and d tc), the
-    peepholes (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t)."""
+    which the deferred scan takes d W_h) and the step's own parameters' gradients: the norms'
+    scales and biases (the kernel's sums of d pre * r_hat, d pre, d tc * c_hat and d tc), the
+    peepholes (d z_i * c_{t-1}, d z_f * c_{t-1}, d z_o * c_t summed over the T * B rows here). With
+    remat="step" the reverse loop recomputes each step's W_h h, gates and LN(c_t)."""
     gates = gates_of(cell)
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
-        du, drec, dtc, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params, dcarry_T["h"],
-                                               dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
-                                               programs=programs, gates=gates)
+        # h entering each step in the compute dtype: the forward buffer's values, exactly
+        again = None if remat == "none" else (us_T, carries["h"].astype(cell.dtype))
+        du, drec, d_norms, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params, dcarry_T["h"],
+                                                   dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
+                                                   programs=programs, gates=gates, recompute=again)
         total = lambda x: jnp.sum(x, axis=(0, 1))
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
-        dparams.update(ln_h_scale=total(du * saved["r_hat"]), ln_h_bias=total(du),
-                       ln_c_scale=total(dtc * saved["c_hat"]), ln_c_bias=total(dtc))
+        dparams.update(d_norms)
         if gates.peepholes:  # the gates' d z by block, against the cell state each peephole reads
             dz = dict(zip(gates.blocks, jnp.split(du, gates.n, axis=-1)))
             state = {"i": carries["c"], "f": carries["c"], "o": saved.get("c")}

@@ -35,11 +35,11 @@ class ProjectedLSTM:
         why = proj_blocks(cell.proj_size, nu)
         return why if isinstance(why, str) else None
 
-    def forward_fn(self, cell, interpret=False, programs=None):
-        return forward_fn(cell, interpret, programs)
+    def forward_fn(self, cell, interpret=False, programs=None, remat="none"):
+        return forward_fn(cell, interpret, programs, remat)
 
-    def backward_fn(self, cell, interpret=False, programs=None):
-        return backward_fn(cell, interpret, programs)
+    def backward_fn(self, cell, interpret=False, programs=None, remat="none"):
+        return backward_fn(cell, interpret, programs, remat)
 
 
 LSTMP = ProjectedLSTM()
@@ -67,12 +67,14 @@ def _grid_and_blocks(B, H, P, dtype, programs, interpret):
     return grid, lay[0], lay[1], _pow2_divisor(P, K_BLOCK)
 
 
-def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
+def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
+                programs=None):
     """The LSTMP over time-major projected inputs us_T [T, B, 4H] from h0 [B, P], c0 [B, H].
 
     Returns (hq [T + 1, B, P] in dtype: h0 then each step's h, h_T [B, P], c_T [B, H], m [T, B, H]
     in dtype, saved): saved None, or with keep {"c": c_t [T, B, H], "tg": the gate tanh
-    [T, B, 4H], "tc": tanh(c_t) [T, B, H]}, float32 (float64 for a float64 dtype).
+    [T, B, 4H], "tc": tanh(c_t) [T, B, H]}, float32 (float64 for a float64 dtype); with keep and
+    not save (remat="step"), {"c"} only.
     """
     from recur.kernels.persistent import _lstm_forward
 
@@ -87,14 +89,14 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
     inputs = [us_T, w, wp, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, P), cdt), jax.ShapeDtypeStruct((B, P), f32),
                  jax.ShapeDtypeStruct((B, H), f32), jax.ShapeDtypeStruct((T, B, H), cdt)]
-    if keep:
-        out_shape += [jax.ShapeDtypeStruct(s, f32) for s in ((T, B, H), (T, B, G), (T, B, H))]
+    kept = (("c", H), ("tg", G), ("tc", H))[:(3 if save else 1) if keep else 0]
+    out_shape += [jax.ShapeDtypeStruct((T, B, width), f32) for _, width in kept]
 
     def kernel(ins, outs, barrier):
         us_ref, w_ref, wp_ref, h0_ref, c0_ref = ins[:5]
         mask_ref = ins[5] if has_mask else None
         hq_ref, hT_ref, cT_ref, mq_ref = outs[:4]
-        c_ref, tg_ref, tc_ref = outs[4:] if keep else (None,) * 3
+        c_ref, tg_ref, tc_ref = (list(outs[4:]) + [None] * 3)[:3]
         blocks = grid.blocks()
         pcols = lambda iu: jax.lax.rem(iu, nup) * UP  # the program's P block's first column
         pblock = lambda iu: pl.ds(pcols(iu), UP)
@@ -118,8 +120,9 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
                 # NaN once this program gave up: another that shares its P block of h could
                 # overwrite its NaN h, but every program's next product reads m_t
                 mq_ref[t, rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, new["h"]).astype(cdt)
-                if keep:
+                if c_ref is not None:
                     c_ref[t, rows(ib), units(iu)] = c_new
+                if tg_ref is not None:
                     for g in range(4):
                         tg_ref[t, rows(ib), units(iu, g)] = saved["tg"][g]
                     tc_ref[t, rows(ib), units(iu)] = saved["tc"][0]
@@ -142,21 +145,24 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, inter
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent", arrivals=2 * T + 1)
     hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
-    saved = dict(zip(("c", "tg", "tc"), outs[4:])) if keep else None
+    saved = {name: x for (name, _), x in zip(kept, outs[4:])} if keep else None
     return hq, hT, cT, outs[3], saved
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None):
+                 programs=None, recompute=None):
     """The reverse time loop, as a persistent kernel with two barriers per step.
 
     dhs_T [T, B, P]: the outputs' cotangent; saved: :func:`run_forward`'s (tg, tc); c_prev
-    [T, B, H]: the c entering each step; dh_T [B, P], dc_T [B, H]: the final carry's cotangent.
+    [T, B, H]: the c entering each step; dh_T [B, P], dc_T [B, H]: the final carry's cotangent;
+    recompute (remat="step", saved without tg and tc): (us_T, the h [T, B, P] entering each step),
+    from which each step's gates are formed again (the forward's product of the forward's
+    operands, inputs of this launch: no extra barrier).
     Returns (d pre [T, B, 4H], d h_t [T, B, P] (the whole cotangent of each step's h_t, for
     d W_p), d h0 [B, P], d c0 [B, H]), float32. The products run in ``dtype`` with float32
     accumulation, their left operands rounded to dtype.
     """
-    from recur.kernels.persistent import _lstm_backward
+    from recur.kernels.persistent import _lstm_backward, _lstm_forward
 
     T, B, _ = dhs_T.shape
     P, H = W_p.shape
@@ -165,16 +171,23 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # copies in dtype of d pre and d h for the other programs' products
-    inputs = [dhs_T, saved["tg"], saved["tc"], c_prev, W_p.astype(cdt), W_h.astype(cdt), dh_T.astype(f32),
+    inputs = [dhs_T, c_prev, W_p.astype(cdt), W_h.astype(cdt), dh_T.astype(f32),
               dc_T.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    n_fixed = len(inputs)
+    late = recompute is not None  # what a step reads is recomputed at the step, not loaded a step ahead
+    if late:  # the forward's operands: the inputs, h in the compute dtype, W_h^T by program
+        inputs += [recompute[0], recompute[1].astype(cdt), grid.by_program(W_h, 4)]
+    else:
+        inputs += [saved["tg"], saved["tc"]]
     # d h_t, row t + 1 (row 0: what the last pass writes, unread)
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32), jax.ShapeDtypeStruct((T + 1, B, P), f32),
                  jax.ShapeDtypeStruct((B, P), f32), jax.ShapeDtypeStruct((B, H), f32)]
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt), jax.ShapeDtypeStruct((T + 1, B, P), cdt)] if shared else []
 
     def kernel(ins, outs, barrier):
-        dhs_ref, tg_ref, tc_ref, cp_ref, wp_ref, wh_ref, dhT_ref, dcT_ref = ins[:8]
-        mask_ref = ins[8] if has_mask else None
+        dhs_ref, cp_ref, wp_ref, wh_ref, dhT_ref, dcT_ref = ins[:6]
+        mask_ref = ins[6] if has_mask else None
+        more = ins[n_fixed:]
         du_ref, dh_ref, dh0_ref, dc0_ref = outs[:4]
         du_comm, dh_comm = outs[4:] if shared else (du_ref, dh_ref)
         blocks = grid.blocks()
@@ -197,21 +210,32 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             return jnp.where(m, 0.0, dcarry) if has_mask else jnp.zeros_like(dcarry)
 
         def step_inputs(t, ib, iu):
+            """(gate tanh, tanh(c_t), c_{t-1}, the mask) of step t (t = -1: step 0's again), loaded or
+            recomputed."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            return [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp_ref[t, r, u], live(t, ib)
+            cp = cp_ref[t, r, u]
+            if not late:
+                tg_ref, tc_ref = more
+                return [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp, live(t, ib)
+            us_ref, hq_ref, wf_ref = more
+            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(4)]
+            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, P, 4, kb=KBP, fresh=False)
+            _, sv = _lstm_forward(uv, rec, {"c": cp}, None)
+            return sv["tg"], sv["tc"][0], cp, live(t, ib)
 
         states = []
         for ib, iu in blocks:
             passing = put_dh(T - 1, ib, iu, dhT_ref[rows(ib), pblock(iu)], jnp.bool_(False))
-            states.append((passing, dcT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu)))
+            states.append((passing, dcT_ref[rows(ib), units(iu)], None if late else step_inputs(T - 1, ib, iu)))
         gave_up = barrier(1, jnp.bool_(False))
 
         def step(i, carry):  # carry: the states, gave_up and the last d carry of h (d h0 at the end)
             states, gave_up, _ = carry
             t = T - 1 - i
             firsts = []
-            for (ib, iu), (passing, dc, (tg, tc, cp, m)) in zip(blocks, states):
+            for (ib, iu), (passing, dc, ahead) in zip(blocks, states):
+                tg, tc, cp, m = step_inputs(t, ib, iu) if late else ahead
                 # d m_t for this program's units: every P column of d h_t times W_p's columns of them
                 (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
                 d_c = jnp.where(m, dc, 0.0) if has_mask else dc
@@ -227,7 +251,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 # this program's P block of d h_{t-1} = d pre_t W_h, then step t - 1's whole d h
                 (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), UP)])
                 dcarries.append(dh + passing)
-                new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev, step_inputs(t - 1, ib, iu)))
+                new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev,
+                                   None if late else step_inputs(t - 1, ib, iu)))
             return new_states, barrier(2 * i + 3, gave_up), dcarries
 
         zeros = [jnp.zeros((BB, UP), f32) for _ in blocks]
@@ -241,29 +266,32 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
     return outs[0], outs[1][1:], dh0, dc0
 
 
-def forward_fn(cell, interpret=False, programs=None):
+def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, the gates, tanh(c_t) and m_t."""
+    saved for :func:`backward_fn`, the gates, tanh(c_t) and m_t (remat="step": m_t only)."""
 
     from recur.kernels.persistent import lstm_results
 
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, cT, mq, saved = run_forward(us_T, params["W_h"], params["W_p"], carry0["h"], carry0["c"], mask_T,
-                                            dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
+                                            dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
+                                            programs=programs)
         final, hs, carries = lstm_results(hq, hT, cT, saved.pop("c") if keep else None, carry0, cell.dtype)
         return (final, (hs, carries, dict(saved, mq=mq))) if keep else (final, hs)
 
     return forward
 
 
-def backward_fn(cell, interpret=False, programs=None):
+def backward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn``: d u (= d rec: the deferred scan takes d W_h
-    from it) and d W_p = sum over (t, b) of d h_t^T m_t, one matmul."""
+    from it) and d W_p = sum over (t, b) of d h_t^T m_t, one matmul. With remat="step" the reverse
+    loop recomputes the gates."""
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
+        again = None if remat == "none" else (us_T, carries["h"])  # h: the forward buffer's values, exactly
         du, dh, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params["W_p"], dcarry_T["h"],
                                         dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
-                                        programs=programs)
+                                        programs=programs, recompute=again)
         acc = jnp.promote_types(du.dtype, jnp.float32)
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
         dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh, saved["mq"].astype(acc)).astype(params["W_p"].dtype)

@@ -34,11 +34,11 @@ class ResetBefore:
     def mgu(self) -> bool:
         return self.name == "mgu"
 
-    def forward_fn(self, cell, interpret=False, programs=None):
-        return forward_fn(self, cell, interpret, programs)
+    def forward_fn(self, cell, interpret=False, programs=None, remat="none"):
+        return forward_fn(self, cell, interpret, programs, remat)
 
-    def backward_fn(self, cell, interpret=False, programs=None):
-        return backward_fn(self, cell, interpret, programs)
+    def backward_fn(self, cell, interpret=False, programs=None, remat="none"):
+        return backward_fn(self, cell, interpret, programs, remat)
 
 
 CHO = ResetBefore("gru_cho", 2, "b_h")
@@ -54,12 +54,14 @@ def _gates(spec, pre):
     return r, z, [r, z]
 
 
-def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, interpret=False, programs=None):
+def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
+                programs=None):
     """The cell over time-major projected inputs us_T [T, B, (k + 1) H] from h0 [B, H].
 
     Returns (hq [T + 1, B, H] in dtype: h0 then each step's h, h_T [B, H], saved): saved None, or
     with keep {"mq": m_t [T, B, H] in dtype, "gates": [T, B, k H], "n": [T, B, H], and "h" (the h
-    entering each step, float32) where hq is rounded}; float32 (float64 for a float64 dtype).
+    entering each step, float32) where hq is rounded}; float32 (float64 for a float64 dtype). With
+    keep and not save (remat="step") no "gates" and "n": the reverse loop recomputes them.
     """
     from recur.kernels.persistent import _Grid
 
@@ -79,9 +81,8 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
     inputs += [mask_T.astype(jnp.int32)] if has_mask else []
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, H), cdt), jax.ShapeDtypeStruct((B, H), f32),
                  jax.ShapeDtypeStruct((T, B, H), cdt)]
-    if keep:
-        out_shape += [jax.ShapeDtypeStruct((T, B, k * H), f32), jax.ShapeDtypeStruct((T, B, H), f32)]
-        out_shape += [jax.ShapeDtypeStruct((T, B, H), f32)] if own_h else []
+    kept = ((("gates", k * H), ("n", H)) if save else ()) + ((("h", H),) if own_h else ()) if keep else ()
+    out_shape += [jax.ShapeDtypeStruct((T, B, width), f32) for _, width in kept]
 
     def kernel(ins, outs, barrier):
         us_ref, wg_ref, wn_ref, h0_ref = ins[:4]
@@ -120,13 +121,11 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
                     h_new = jnp.where(m[:, None] != 0, h_new, h)
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
                 hq_ref[t + 1, rows(ib), units(iu)] = h_new.astype(cdt)
-                if keep:
-                    gates_ref, n_ref = outs[3:5]
-                    for g, v in enumerate(gate_values):
-                        gates_ref[t, rows(ib), units(iu, g)] = v
-                    n_ref[t, rows(ib), units(iu)] = n
-                    if own_h:
-                        outs[5][t, rows(ib), units(iu)] = h
+                out = dict(zip((name for name, _ in kept), outs[3:]))
+                values = {"gates": gate_values, "n": [n], "h": [h]}
+                for name in out:
+                    for g, v in enumerate(values[name]):
+                        out[name][t, rows(ib), units(iu, g)] = v
                 new_states.append((h_new, bias, step_inputs(t + 1, ib, iu)))
             return new_states, barrier(2 * t + 3, gave_up)
 
@@ -138,17 +137,18 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, int
     hq, hT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:2])
     if not keep:
         return hq, hT, None
-    saved = {"mq": outs[2], "gates": outs[3], "n": outs[4]}
-    if own_h:
-        saved["h"] = outs[5]
-    return hq, hT, saved
+    return hq, hT, dict(mq=outs[2], **{name: x for (name, _), x in zip(kept, outs[3:])})
 
 
-def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, interpret=False, programs=None):
+def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, interpret=False, programs=None,
+                 recompute=None):
     """The reverse time loop, as a persistent kernel with two barriers per step.
 
-    dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s (gates, n); h_prev
-    [T, B, H]: the h entering each step (float32); dh_T [B, H]: the final carry's cotangent.
+    dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s (gates, n, and m_t); h_prev
+    [T, B, H]: the h entering each step (float32); dh_T [B, H]: the final carry's cotangent;
+    recompute (remat="step", saved without gates and n): (us_T, b_h or None), from which, with
+    h_prev and m_t, each step's gates and n_t are formed again (the forward's products of the
+    forward's operands, inputs of this launch: no extra barrier).
     Returns (d u [T, B, (k + 1) H] float32: the gates' d pre, then the candidate's, d h0 [B, H]).
     """
     from recur.kernels.persistent import _Grid
@@ -164,37 +164,58 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
     wg = grid.program_slices(W[:k * H])
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # a copy of d u in dtype for the other programs' products
-    inputs = [dhs_T, saved["gates"], saved["n"], h_prev.astype(f32), wn, wg, dh_T.astype(f32)]
+    inputs = [dhs_T, h_prev.astype(f32), wn, wg, dh_T.astype(f32)]
     inputs += [mask_T.astype(jnp.int32)] if has_mask else []
+    n_fixed = len(inputs)
+    late = recompute is not None  # what a step reads is recomputed at the step, not loaded a step ahead
+    if late:  # the forward's operands and layouts: h in the compute dtype, m_t, W_g^T by program, W_n^T
+        us_T, b_h = recompute
+        inputs += [us_T, h_prev.astype(cdt), saved["mq"], grid.by_program(W[:k * H], k), jnp.transpose(wn)]
+        inputs += [b_h.astype(f32)] if b_h is not None else []
+    else:
+        inputs += [saved["gates"], saved["n"]]
     out_shape = [jax.ShapeDtypeStruct((T, B, G), f32), jax.ShapeDtypeStruct((B, H), f32)]
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
 
     def kernel(ins, outs, barrier):
-        dhs_ref, gates_ref, n_ref, hp_ref, wn_ref, wg_ref, dhT_ref = ins[:7]
-        mask_ref = ins[7] if has_mask else None
+        dhs_ref, hp_ref, wn_ref, wg_ref, dhT_ref = ins[:5]
+        mask_ref = ins[5] if has_mask else None
+        more = ins[n_fixed:]
         du_ref, dh0_ref = outs[:2]
         comm_ref = outs[2] if shared else du_ref
         blocks = grid.blocks()
 
         def step_inputs(t, ib, iu):
+            """(gate values, n_t, h_{t-1}, the output's cotangent, the mask) of step t (t = -1: step
+            0's again), loaded, or recomputed from the forward's operands."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
-            gates = [gates_ref[t, r, units(iu, g)] for g in range(k)]
-            return (gates, n_ref[t, r, u], hp_ref[t, r, u], dhs_ref[t, r, u].astype(f32),
-                    mask_ref[t, r] if has_mask else None)
+            if not late:
+                gates_ref, n_ref = more
+                gates, n = [gates_ref[t, r, units(iu, g)] for g in range(k)], n_ref[t, r, u]
+            else:
+                us_ref, hq_ref, mq_ref, wgf_ref, wnf_ref = more[:5]
+                bias = (lambda g: more[5][units(iu, g)][None, :]) if len(more) > 5 else (lambda g: 0.0)
+                uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(k + 1)]
+                pre = grid.gate_product(hq_ref, t, ib, iu, wgf_ref, H, k, fresh=False)
+                _, _, gates = _gates(spec, [uv[g] + p + bias(g) for g, p in enumerate(pre)])
+                (rec_n,) = grid.product(mq_ref, t, ib, wnf_ref, H, [(iu * U, U)], fresh=False)
+                n = jnp.tanh(uv[k] + (rec_n + bias(k)))  # the forward's order
+            return gates, n, hp_ref[t, r, u], dhs_ref[t, r, u].astype(f32), mask_ref[t, r] if has_mask else None
 
         def write(t, ib, iu, g, value, gave_up):
             du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value)
             if shared:
                 comm_ref[t, rows(ib), units(iu, g)] = value.astype(cdt)
 
-        states = [(dhT_ref[rows(ib), units(iu)], step_inputs(T - 1, ib, iu)) for ib, iu in blocks]
+        states = [(dhT_ref[rows(ib), units(iu)], None if late else step_inputs(T - 1, ib, iu)) for ib, iu in blocks]
 
         def step(i, carry):
             states, gave_up = carry
             t = T - 1 - i
             firsts = []
-            for (ib, iu), (dc, (gates, n, h, dh_out, m)) in zip(blocks, states):
+            for (ib, iu), (dc, ahead) in zip(blocks, states):
+                gates, n, h, dh_out, m = step_inputs(t, ib, iu) if late else ahead
                 d = dc
                 if has_mask:  # a padded step passes the carry's cotangent through
                     d = jnp.where(m[:, None] != 0, dc, 0.0)
@@ -202,10 +223,10 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
                 z = 1.0 - gates[0] if spec.mgu else gates[1]
                 write(t, ib, iu, k, d * (1.0 - z) * (1.0 - n * n), gave_up)  # d pre_n
                 passing = d * z + (jnp.where(m[:, None] != 0, 0.0, dc) if has_mask else 0.0)
-                firsts.append((d * (h - n), passing))
+                firsts.append((d * (h - n), passing, (gates, h)))
             gave_up = barrier(2 * i + 1, gave_up)
             seconds = []
-            for (ib, iu), (_, (gates, n, h, _, _)), (dz, passing) in zip(blocks, states, firsts):
+            for (ib, iu), (dz, passing, (gates, h)) in zip(blocks, firsts):
                 # d m for this program's units: every unit's d pre_n times W_n's columns of them
                 (dm,) = grid.product(comm_ref, t, ib, wn_ref, H, [(iu * U, U)], src_col=k * H)
                 if spec.mgu:  # f is the reset gate and 1 - z
@@ -220,7 +241,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             new_states = []
             for (ib, iu), passing in zip(blocks, seconds):
                 (dh_rec,) = grid.product(comm_ref, t, ib, wg_ref, k * H, [(0, U)], w_row=iu * k * H)
-                new_states.append((passing + dh_rec, step_inputs(t - 1, ib, iu)))
+                new_states.append((passing + dh_rec, None if late else step_inputs(t - 1, ib, iu)))
             return new_states, gave_up
 
         states, gave_up = jax.lax.fori_loop(0, T, step, (states, jnp.bool_(False)))
@@ -231,13 +252,14 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
     return outs[0], jnp.where(ok, outs[1], jnp.nan)
 
 
-def forward_fn(spec, cell, interpret=False, programs=None):
+def forward_fn(spec, cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step (h, float32)
-    and, saved for :func:`backward_fn`, m_t, the gates and n_t."""
+    and, saved for :func:`backward_fn`, m_t, the gates and n_t (remat="step": m_t only)."""
 
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, saved = run_forward(spec, us_T, params["W_h"], params[spec.bias] if spec.bias else None, carry0,
-                                    mask_T, dtype=cell.dtype, keep=keep, interpret=interpret, programs=programs)
+                                    mask_T, dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
+                                    programs=programs)
         final, hs = hT.astype(carry0.dtype), hq[1:].astype(cell.dtype)
         if not keep:
             return final, hs
@@ -247,16 +269,18 @@ def forward_fn(spec, cell, interpret=False, programs=None):
     return forward
 
 
-def backward_fn(spec, cell, interpret=False, programs=None):
+def backward_fn(spec, cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn``: d u, d rec (the gates' d pre: the cotangent
     of ``cell.recurrent``'s output) and the candidate's weight gradients, d W_n = sum_t,b d pre_n^T
-    m_t (and Cho's d b_hn), as one matmul over the T * B rows."""
+    m_t (and Cho's d b_hn), as one matmul over the T * B rows. With remat="step" the reverse loop
+    recomputes the gates and n_t."""
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         W_h = params["W_h"]
         kH = spec.k * W_h.shape[1]
+        again = None if remat == "none" else (us_T, params[spec.bias] if spec.bias else None)
         du, dh0 = run_backward(spec, dhs_T, saved, carries, W_h, dcarry_T, mask_T, dtype=cell.dtype,
-                               interpret=interpret, programs=programs)
+                               interpret=interpret, programs=programs, recompute=again)
         d_pre_n = du[..., kH:]
         acc = jnp.promote_types(du.dtype, jnp.float32)
         dW_n = jnp.einsum("tbi,tbj->ij", d_pre_n, saved["mq"].astype(acc))
