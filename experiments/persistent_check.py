@@ -46,7 +46,10 @@ def check(name, dtype, B, T, I, H, remat="none"):
     for option, kw in (("plain", {}), ("lengths, reverse", {"lengths": jnp.arange(B) % (T + 1), "reverse": True})):
         want, got = run("sequential", **kw), run("kernel", remat=remat, **kw)
         errs = []
-        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        # ((loss, (hs, carry)), grads): not the loss, a sum that nearly cancels (its relative error is
+        # the sum's, not the kernel's)
+        leaves = lambda r: jax.tree.leaves((r[0][1], r[1]))
+        for a, b in zip(leaves(want), leaves(got)):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             errs.append(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30)))
         errors[option] = max(errs)

@@ -30,7 +30,7 @@ B, T, I, H = 32, 3, 8, 32  # 2 row blocks x 2 unit blocks of 16
 
 class _Log:
     def __init__(self):
-        self.interval, self.block, self.events = 0, None, []
+        self.interval, self.block, self.events, self.fresh = 0, None, [], 0
 
 
 def _index(shape, idx):
@@ -79,7 +79,9 @@ class _Ref:
 
     def __getitem__(self, idx):
         view, region = self._resolve(idx)
-        self.log.events.append((self.log.interval, self.log.block, "get", self.name, region, None))
+        # a read's last field: "fresh" within persistent._load_fresh (a volatile load on a GPU)
+        self.log.events.append((self.log.interval, self.log.block, "get", self.name, region,
+                                "fresh" if self.log.fresh else None))
         value = self.storage[self._slices(view)]
         return jnp.asarray(np.squeeze(value, axis=tuple(k for k, v in enumerate(view) if not v[2])))
 
@@ -162,8 +164,30 @@ def races(events):
     return found
 
 
+def stale_reads(events):
+    """(buffer, reading block, writing block) of every read that is not a fresh (volatile) load of
+    a region another block wrote in the same launch: on a GPU it could be served from a copy in
+    the reading SM's L1 from before the writer's store (the barrier orders the store, not the
+    reader's cache)."""
+    writes = {}
+    for e in events:
+        if e[2] == "put":
+            writes.setdefault(e[3], []).append(e)
+    return sorted({(e[3], e[1], p[1]) for e in events if e[2] == "get" and e[5] != "fresh"
+                   for p in writes.get(e[3], ()) if p[1] != e[1] and _overlap(p[4], e[4])})
+
+
 def _run(monkeypatch, fn, drop=None):
     log = _Log()
+
+    def fresh(ref, interpret):
+        log.fresh += 1
+        try:
+            return ref[...]
+        finally:
+            log.fresh -= 1
+
+    monkeypatch.setattr(persistent, "_load_fresh", fresh)
     monkeypatch.setattr(persistent._Grid, "launch", _eager_launch(log, drop))
     blocks = persistent._Grid.blocks
     monkeypatch.setattr(persistent._Grid, "blocks", lambda self: _Blocks(blocks(self), log))
@@ -179,11 +203,16 @@ CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:
          "lstm:proj_size=16", "lstm:proj_size=64", "lstm:fgr,peepholes"]
 
 
-@pytest.mark.parametrize("name,remat", [(c, r) for r in ("none", "step") for c in CELLS])
-def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_barriers(monkeypatch, name, remat):
+# bfloat16: the reverse loops share d rec through a separate copy in the compute dtype
+@pytest.mark.parametrize("name,remat,dtype", [(c, r, jnp.float32) for r in ("none", "step") for c in CELLS] + [
+    (c, "none", jnp.bfloat16) for c in ("lstm", "gru:cho", "lstm:peepholes,cifg,ln", "lstm:proj_size=64",
+                                        "lstm:fgr,peepholes")])
+def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_barriers(monkeypatch, name, remat,
+                                                                                      dtype):
     """Every persistent kernel of a training step (forward with what the backward reads, then the
-    backward; remat="step": the recomputing backward), with lengths, eagerly with logged refs."""
-    cell = recur.get_cell(name, H)
+    backward; remat="step": the recomputing backward), with lengths, eagerly with logged refs; and
+    every read of what another program wrote in the launch is a fresh (volatile) load."""
+    cell = recur.get_cell(name, H, dtype=dtype)
     assert persistent.problem(cell, B, remat=remat) is None
     params = cell.init(jax.random.key(0), I)
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
@@ -194,6 +223,7 @@ def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_bar
     gets = {(e[3], e[1]) for e in events if e[2] == "get"}
     assert len({b for _, b in gets}) == 4  # every block read something (the log sees the kernels' work)
     assert not races(events), races(events)[:5]
+    assert not stale_reads(events), stale_reads(events)[:5]
 
 
 def test_the_detector_finds_a_missing_or_misplaced_barrier(monkeypatch):
@@ -217,6 +247,24 @@ def test_the_detector_finds_a_missing_or_misplaced_barrier(monkeypatch):
                   drop=lambda k: k == 1)  # the first step's first barrier
     # the sum and squared deviation of W_h h
     assert {e[1] for e in races(events)} == {"recur_lstm_ln_persistent:out3", "recur_lstm_ln_persistent:out4"}
+
+
+def test_the_detector_finds_a_plain_read_of_another_programs_writes(monkeypatch):
+    """The FGR LSTM's forward kernel with its gates' product read through the caches (fresh=False):
+    the blocks read the other blocks' i, f, o of the step before with plain loads."""
+    from recur.kernels import persistent_fgr
+
+    cell = recur.get_cell("lstm:fgr", H)
+    params = cell.init(jax.random.key(0), I)
+    us = cell.project(params, jax.random.normal(jax.random.key(1), (T, B, I)))
+    z = jnp.zeros((B, H))
+    run = lambda: persistent_fgr.run_forward(us, params["W_h"], params["R_gates"], z, z, jnp.zeros((B, 3 * H)),
+                                             dtype=jnp.float32, interpret=True)
+    assert not stale_reads(_run(monkeypatch, run))
+    gate_product = persistent._Grid.gate_product
+    monkeypatch.setattr(persistent._Grid, "gate_product", lambda self, *a, **kw: gate_product(
+        self, *a, **dict(kw, fresh=kw.get("src_col", 0) == 0)))  # the second product's loads plain
+    assert {s[0] for s in stale_reads(_run(monkeypatch, run))} == {"recur_lstm_fgr_persistent:out0"}
 
 
 def test_what_counts_as_a_race():

@@ -7,8 +7,8 @@ Implementations (see docs/kernels.md for the table per cell):
   time loops as kernels; the weight gradients stay one large matmul after the loop).
 - ``persistent``: recur/kernels/persistent.py (and persistent_reset.py, persistent_ln.py,
   persistent_fgr.py, persistent_proj.py), the forward and reverse time loops of the LSTM (plain,
-  Greff's variants, with layer norm, with gate recurrence, with a projection), the GRU (both forms), the MGU and the Elman RNN, W_h split across a
-  grid of programs that meet at a
+  Greff's variants, with layer norm, with gate recurrence, with a projection), the GRU (both
+  forms), the MGU and the Elman RNN, W_h split across a grid of programs that meet at a
   barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets, remat "none"
   or "step" (the reverse loop recomputes the gates); the weight gradients stay the deferred
   scan's large matmuls). Not measured on a GPU yet, so ``auto`` does

@@ -64,6 +64,11 @@ DEFAULT_SMS = 132  # an H100 SXM / H200; the device's own count is used when it 
 # (experiments/gpu_explore.py --parts persistent)
 NUM_WARPS = 8
 NUM_STAGES = 3
+# the dots' depth where a reverse loop recomputes the forward's products (remat="step") in the kernels
+# with several products per step: at K_BLOCK's 128 the backward kernels of the FGR LSTM (216 bytes per
+# thread in float32, 44 in bfloat16), the layer-norm LSTM (28 in bfloat16) and Cho's GRU (12 in
+# bfloat16) spill at B = 64, H = 1024 on sm_90; at 64 only the FGR LSTM's does (116, 20)
+RECOMPUTE_KB = 64
 
 
 def _pow2_divisor(n, cap):
@@ -701,7 +706,7 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
                     if own_drec:
                         drec_ref[t, r, units(iu, g)] = jnp.where(gave_up, jnp.nan, drec[g])
                     if shared:
-                        comm_ref[t, r, units(iu, g)] = drec[g].astype(cdt)
+                        comm_ref[t, r, units(iu, g)] = jnp.where(gave_up, jnp.nan, drec[g]).astype(cdt)
                 pas = {k: jnp.zeros_like(d[k]) if pas.get(k) is None else pas[k] for k in rule.state}
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(mm, 0.0, dc_[k]) for k in rule.state}

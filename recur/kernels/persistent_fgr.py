@@ -19,18 +19,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from recur.kernels.persistent import Kernels, _sigmoid_of, gates_of
+from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, _sigmoid_of, gates_of
 
 SOURCES = 4  # the buffer's column blocks: h, i, f, o
 IFO = (0, 1, 3)  # the i, f, o blocks among i, f, g, o
-# the recomputing reverse loop's (remat="step") dots: with K_BLOCK = 128 its kernel spills 216 bytes per
-# thread in float32, 44 in bfloat16, at 64 116 and 20 (B = 64, H = 1024, lstm:fgr,peepholes, sm_90, 8 warps,
-# 3 stages; 32: 88 and 16)
-RECOMPUTE_KB = 64
 
 
 def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
-                programs=None, gates=None, peepholes=None):
+                programs=None, gates=PLAIN, peepholes=None):
     """The FGR LSTM over time-major projected inputs us_T [T, B, 4H] from h0, c0 [B, H] and the gates
     g0 [B, 3H] (i, f, o); R: R_gates [3H, 3H]; gates: its :class:`persistent.Gates`; peepholes:
     {p_i, p_f, p_o [H]} where it has them.
@@ -114,7 +110,7 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, sav
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, interpret=False, programs=None,
-                 gates=None, peepholes=None, recompute=None):
+                 gates=PLAIN, peepholes=None, recompute=None):
     """The reverse time loop, as a persistent kernel with one barrier per step.
 
     dhs_T [T, B, H]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
@@ -180,7 +176,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
         states = []
         for ib, iu in blocks:
             r = rows(ib)
-            d = {"h": dhT_ref[r, units(iu)], "c": dcT_ref[r, units(iu)], "g": [dgT_ref[r, units(iu, k)] for k in range(3)]}
+            d = {"h": dhT_ref[r, units(iu)], "c": dcT_ref[r, units(iu)],
+                 "g": [dgT_ref[r, units(iu, k)] for k in range(3)]}
             pv = {k: ref[units(iu)][None, :] for k, ref in zip(names, p_refs)}
             # stored values are loaded a step ahead, before the barrier; recomputed ones at the step
             # itself (computed ahead they would be live across the products: spills)
@@ -204,7 +201,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
                 for g in range(4):
                     du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g])
                     if shared:
-                        comm_ref[t, rows(ib), units(iu, g)] = d_pre[g].astype(cdt)
+                        comm_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g]).astype(cdt)
                 pas = {"h": jnp.zeros_like(dh), "c": d_prev, "g": [jnp.zeros_like(dh)] * 3}
                 if has_mask:
                     pas = jax.tree.map(lambda a, b: a + jnp.where(mm, 0.0, b), pas, d_in)

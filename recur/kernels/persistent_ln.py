@@ -29,14 +29,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from recur.cells import base
-from recur.kernels.persistent import PLAIN, Kernels, gates_of
+from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, gates_of
 
 EPS = 1e-5  # recur.cells.base.normalised's
 SAVED = ("tg", "tc", "r_hat", "c_hat", "r_inv", "c_inv")  # what the reverse loop reads, besides c_{t-1}
 STATS = ("r_mean", "r_inv", "c_mean", "c_inv")  # what it reads instead with remat="step" (it recomputes the rest)
-# the recomputing reverse loop's dots (remat="step"): with K_BLOCK = 128 its kernel spills 28 bytes per thread in
-# bfloat16 (B = 64, H = 1024, sm_90, 8 warps, 3 stages), with 64 none (lstm:ln, lstm:peepholes,cifg,ln)
-RECOMPUTE_KB = 64
 
 
 class _Sums:
@@ -330,7 +327,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                     drec = r_inv * (dxr[g] - m1 - r_hat[g] * m2)
                     write(drec_ref, t, ib, iu, g, drec, gave_up)
                     if shared:
-                        comm_ref[t, rows(ib), units(iu, g)] = drec.astype(cdt)
+                        comm_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, drec).astype(cdt)
                 pas = {"h": jnp.zeros_like(d_prev), "c": d_prev}
                 if has_mask:
                     pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}

@@ -243,7 +243,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 for g in range(4):
                     du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g])
                     if shared:
-                        du_comm[t, rows(ib), units(iu, g)] = d_pre[g].astype(cdt)
+                        du_comm[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g]).astype(cdt)
                 firsts.append(pas["c"] + (jnp.where(m, 0.0, dc) if has_mask else 0.0))
             gave_up = barrier(2 * i + 2, gave_up)
             new_states, dcarries = [], []

@@ -151,7 +151,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
     forward's operands, inputs of this launch: no extra barrier).
     Returns (d u [T, B, (k + 1) H] float32: the gates' d pre, then the candidate's, d h0 [B, H]).
     """
-    from recur.kernels.persistent import _Grid
+    from recur.kernels.persistent import RECOMPUTE_KB, _Grid
 
     T, B, _ = dhs_T.shape
     k, H = spec.k, W_h.shape[1]
@@ -197,16 +197,17 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
                 us_ref, hq_ref, mq_ref, wgf_ref, wnf_ref = more[:5]
                 bias = (lambda g: more[5][units(iu, g)][None, :]) if len(more) > 5 else (lambda g: 0.0)
                 uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(k + 1)]
-                pre = grid.gate_product(hq_ref, t, ib, iu, wgf_ref, H, k, fresh=False)
+                kb = min(grid.KB, RECOMPUTE_KB)
+                pre = grid.gate_product(hq_ref, t, ib, iu, wgf_ref, H, k, fresh=False, kb=kb)
                 _, _, gates = _gates(spec, [uv[g] + p + bias(g) for g, p in enumerate(pre)])
-                (rec_n,) = grid.product(mq_ref, t, ib, wnf_ref, H, [(iu * U, U)], fresh=False)
+                (rec_n,) = grid.product(mq_ref, t, ib, wnf_ref, H, [(iu * U, U)], fresh=False, kb=kb)
                 n = jnp.tanh(uv[k] + (rec_n + bias(k)))  # the forward's order
             return gates, n, hp_ref[t, r, u], dhs_ref[t, r, u].astype(f32), mask_ref[t, r] if has_mask else None
 
         def write(t, ib, iu, g, value, gave_up):
             du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value)
             if shared:
-                comm_ref[t, rows(ib), units(iu, g)] = value.astype(cdt)
+                comm_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, value).astype(cdt)
 
         states = [(dhT_ref[rows(ib), units(iu)], None if late else step_inputs(T - 1, ib, iu)) for ib, iu in blocks]
 
