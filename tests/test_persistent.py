@@ -68,9 +68,7 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True),
     ("lstm:proj_size=16", jnp.float32, 2e-5, True), ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,cifg,ln", jnp.float32, 2e-5, True), ("lstm:nig,nog,niaf,noaf,ln", jnp.bfloat16, 1.5e-2, True),
-    ("lstm:peepholes,nfg,ln", jnp.float32, 2e-5, True), ("lstm:peepholes,ln", jnp.float32, 2e-5, True),
-    ("lstm:fgr,peepholes", jnp.float32, 2e-5, True),
-    ("lstm:fgr,niaf,noaf", jnp.bfloat16, 1.5e-2, True)])
+    ("lstm:peepholes,ln", jnp.float32, 2e-5, True), ("lstm:fgr,peepholes", jnp.float32, 2e-5, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
     """Outputs, final carry and the gradients for the weights, inputs and initial carry, with
     lengths (one of them 0) and reading backwards, against the sequential scan; the reverse loop
@@ -272,7 +270,7 @@ def test_a_program_that_gives_up_writes_nan(interpret, monkeypatch):
 
 @pytest.mark.parametrize("name,dtype", [("gru:cho", jnp.float32), ("mgu", jnp.float32), ("lstm:ln", jnp.float32),
                                         ("lstm:proj_size=16", jnp.float32), ("lstm:fgr,peepholes", jnp.float32),
-                                        ("lstm:fgr,peepholes", jnp.bfloat16), ("lstm:peepholes,ln", jnp.bfloat16)])
+                                        ("lstm:fgr,peepholes", jnp.bfloat16)])
 def test_multi_barrier_steps_that_give_up_write_nan(interpret, monkeypatch, name, dtype):
     """The kernels with two (reset-before cells, the projection) or three (layer norm) barriers per
     step, and the FGR LSTM's (a second recurrent source), end in NaN too, forward and backward (in
@@ -423,10 +421,9 @@ def _kernel_outputs(jaxpr, name):
 # 1 / std; Cho's GRU's and the MGU's gates and n_t (they keep m_t, which d W_n reads))
 @pytest.mark.parametrize("name,dtype,tol,dropped", [
     ("lstm", jnp.float32, 2e-5, 5 * H), ("gru", jnp.bfloat16, 1.5e-2, 4 * H),
-    ("lstm:peepholes,cifg", jnp.float32, 2e-5, 3 * H), ("elman", jnp.float32, 2e-5, H),
-    ("lstm:fgr,peepholes,noaf", jnp.bfloat16, 1.5e-2, 5 * H),
+    ("lstm:peepholes,cifg", jnp.float32, 2e-5, 3 * H), ("lstm:fgr,peepholes,noaf", jnp.bfloat16, 1.5e-2, 5 * H),
     ("lstm:ln", jnp.float32, 2e-5, 10 * H - 2), ("lstm:peepholes,cifg,ln", jnp.bfloat16, 1.5e-2, 8 * H - 2),
-    ("gru:cho", jnp.float32, 2e-5, 3 * H), ("mgu", jnp.bfloat16, 1.5e-2, 2 * H),
+    ("gru:cho", jnp.float32, 2e-5, 3 * H),
     ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, 5 * H)])
 def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dtype, tol, dropped):
     """remat="step": the forward kernel keeps only the carries, and the backward kernel recomputes
@@ -453,7 +450,7 @@ def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dt
 
 @pytest.mark.parametrize("name,dtype,spill", [("lstm", jnp.bfloat16, 0), ("gru", jnp.float32, 0),
                                               ("lstm:fgr,peepholes", jnp.float32, 128), ("lstm:ln", jnp.bfloat16, 0),
-                                              ("gru:cho", jnp.bfloat16, 0), ("lstm:proj_size=512", jnp.bfloat16, 0)])
+                                              ("gru:cho", jnp.bfloat16, 0)])
 def test_recomputing_backward_kernels_fit_an_h100_without_spills(name, dtype, spill):
     """remat="step"'s backward kernel (two products per step: W_h h again, then d rec W_h) at B=64,
     H=1024 compiles for sm_90 at the default settings without spills (the GRU's float32 one holds
