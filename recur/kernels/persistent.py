@@ -316,6 +316,19 @@ class Gates:
     def peephole_names(self):
         return tuple(f"p_{g}" for g in "ifo" if self.peepholes and g in self.blocks)
 
+    @property
+    def reads_c_t(self):
+        """o's peephole reads c_t: its gradient needs each step's c_t after the kernel."""
+        return "p_o" in self.peephole_names
+
+    def peephole_grads(self, d_pre, c_prev, c_t):
+        """{p_i, p_f, p_o: [H]} (those present): the gates' d z (d_pre [T, B, n H], the kernels' d u)
+        against the cell state each peephole reads (c_{t-1} for i and f, c_t for o), summed over
+        (t, b)."""
+        dz = dict(zip(self.blocks, jnp.split(d_pre, self.n, axis=-1)))
+        state = {"i": c_prev, "f": c_prev, "o": c_t}
+        return {name: jnp.sum(dz[name[2:]] * state[name[2:]], axis=(0, 1)) for name in self.peephole_names}
+
     def forward(self, pre, c_prev, p):
         """(c_t, o, t): pre: the n [rows, U] pre-activation blocks (without the peepholes); p:
         {p_i, p_f, p_o: [1, U]} (the peepholes present); t: per block tanh(z / 2) for a sigmoid

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, _sigmoid_of, gates_of
+from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, _sigmoid_of, gates_of, lstm_results
 
 SOURCES = 4  # the buffer's column blocks: h, i, f, o
 IFO = (0, 1, 3)  # the i, f, o blocks among i, f, g, o
@@ -165,7 +165,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
             cp = cp_ref[t, r, u]
-            if recompute is None:
+            if not late:
                 tg_ref, tc_ref = more
                 tg, tc = [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u]
             else:
@@ -272,15 +272,12 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
                                        carry0["gates"], mask_T, dtype=cell.dtype, keep=keep, save=save,
                                        interpret=interpret, programs=programs, gates=gates, peepholes=params)
         H = cell.hidden_size
-        final = {k: v.astype(carry0[k].dtype) for k, v in final.items()}
-        hs = zq[1:, :, :H].astype(cell.dtype)
+        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
+        final_hc, hs, carries = lstm_results(zq[:, :, :H], final["h"], final["c"], c_states, carry0, cell.dtype)
+        final = dict(final_hc, gates=final["gates"].astype(carry0["gates"].dtype))
         if not keep:
             return final, hs
-        c_prev = jnp.concatenate([carry0["c"][None].astype(saved["c"].dtype), saved["c"][:-1]], axis=0)
-        carries = {"h": zq[:-1, :, :H].astype(carry0["h"].dtype), "c": c_prev.astype(carry0["c"].dtype),
-                   "gates": zq[:-1, :, H:].astype(carry0["gates"].dtype)}
-        if "p_o" not in gates.peephole_names:
-            saved.pop("c")
+        carries["gates"] = zq[:-1, :, H:].astype(carry0["gates"].dtype)
         return final, (hs, carries, saved)
 
     return forward
@@ -300,11 +297,9 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
                               recompute=again)
         dparams = None
         if gates.peepholes:
-            total = lambda x: jnp.sum(x, axis=(0, 1))
-            dz = dict(zip("ifgo", jnp.split(du, 4, axis=-1)))
-            state = {"i": carries["c"], "f": carries["c"], "o": saved.get("c")}
             dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
-            dparams.update({f"p_{g}": total(dz[g] * state[g]).astype(params[f"p_{g}"].dtype) for g in "ifo"})
+            dparams.update({k: v.astype(params[k].dtype)
+                            for k, v in gates.peephole_grads(du, carries["c"], saved.get("c")).items()})
         d0 = {k: v.astype(carries[k].dtype) for k, v in d0.items()}
         return d0, du, {"h": du, "gates": _ifo(du)}, dparams
 

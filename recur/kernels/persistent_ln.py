@@ -368,7 +368,7 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
         hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
                                         dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
                                         programs=programs, gates=gates)
-        c_states = (saved["c"] if "p_o" in gates.peephole_names else saved.pop("c")) if keep else None
+        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
         final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
         return (final, (hs, carries, saved)) if keep else (final, hs)
 
@@ -389,13 +389,9 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
         du, drec, d_norms, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params, dcarry_T["h"],
                                                    dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
                                                    programs=programs, gates=gates, recompute=again)
-        total = lambda x: jnp.sum(x, axis=(0, 1))
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
         dparams.update(d_norms)
-        if gates.peepholes:  # the gates' d z by block, against the cell state each peephole reads
-            dz = dict(zip(gates.blocks, jnp.split(du, gates.n, axis=-1)))
-            state = {"i": carries["c"], "f": carries["c"], "o": saved.get("c")}
-            dparams.update({f"p_{g}": total(dz[g] * state[g]) for g in "ifo" if f"p_{g}" in gates.peephole_names})
+        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c")))
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
         return d0, du, {"h": drec}, dparams
