@@ -66,7 +66,7 @@ def test_layout_splits_w_h_over_at_most_the_given_programs():
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, True), ("lstm:peepholes", jnp.float32, 2e-5, False),
     ("lstm:nfg,niaf,noaf", jnp.bfloat16, 1.5e-2, True), ("gru:cho", jnp.float32, 2e-5, True),
     ("mgu", jnp.bfloat16, 1.5e-2, True), ("lstm:ln", jnp.float32, 2e-5, True), ("lstm:ln", jnp.bfloat16, 1.5e-2, True),
-    ("lstm:proj_size=16", jnp.float32, 2e-5, True), ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, True),
+    ("lstm:proj_size=16,peepholes", jnp.float32, 2e-5, True), ("lstm:proj_size=64,cifg", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,cifg,ln", jnp.float32, 2e-5, True), ("lstm:nig,nog,niaf,noaf,ln", jnp.bfloat16, 1.5e-2, True),
     ("lstm:peepholes,ln", jnp.float32, 2e-5, True), ("lstm:fgr,peepholes", jnp.float32, 2e-5, True)])
 def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, monkeypatch):
@@ -82,7 +82,7 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
     assert f"recur_{kind}_persistent" in jaxpr and (f"recur_{kind}_persistent_backward" in jaxpr) == backward
     with_lengths = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
     # the kernels without a mask once (the float32 LSTM, LSTMP); the others with lengths, which cover more
-    plain_too = {("lstm", jnp.float32, True), ("lstm:proj_size=16", jnp.float32, True),
+    plain_too = {("lstm", jnp.float32, True), ("lstm:proj_size=16,peepholes", jnp.float32, True),
                  ("lstm:peepholes,ln", jnp.float32, True), ("lstm:fgr,peepholes", jnp.float32, True)}
     for kw in ([{}, with_lengths] if (name, dtype, backward) in plain_too else [with_lengths]):
         (lw, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
@@ -177,6 +177,7 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert choose("lstm:fgr", B_=24) != "persistent"  # rows not a multiple of 16
     # LSTMP: proj_size in power-of-2 blocks of >= 16 columns, at most one per unit block (2 here)
     assert choose("lstm:proj_size=16") == choose("lstm:proj_size=64") == "persistent"
+    assert choose("lstm:proj_size=16,peepholes") == choose("lstm:proj_size=16,cifg,noaf") == "persistent"  # Gates
     assert "does not split" in persistent.problem(recur.get_cell("lstm:proj_size=48", H), B)
     # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
@@ -226,7 +227,7 @@ def test_forward_and_backward_fn_replace_the_lax_scan_loops_of_projected_inputs(
         deferred_scan(cell, loop=dispatch.loop_fn(B, True), forward_fn=fn)
     with pytest.raises(ValueError, match="give both"):
         deferred_scan(cell, backward_fn=bwd)
-    for name in ("lstm:ln,proj_size=16", "lstm:fgr,ln", "indrnn", "clockwork"):
+    for name in ("lstm:ln,proj_size=16", "lstm:fgr,ln", "lstm:fgr,proj_size=16", "indrnn", "clockwork"):
         cell = recur.get_cell(name, H)
         with pytest.raises(ValueError, match=f"not {cell.name}"):
             persistent.forward_fn(cell)
@@ -307,7 +308,7 @@ def test_a_counter_that_does_not_end_where_it_should_turns_the_outputs_to_nan(in
 
 CELLS_DTYPES = [("lstm", jnp.float32), ("lstm", jnp.bfloat16), ("gru", jnp.bfloat16), ("elman", jnp.float32),
                 ("lstm:peepholes,cifg", jnp.bfloat16), ("gru:cho", jnp.float32), ("mgu", jnp.bfloat16),
-                ("lstm:ln", jnp.bfloat16), ("lstm:peepholes,cifg,ln", jnp.bfloat16), ("lstm:proj_size=512", jnp.float32),
+                ("lstm:ln", jnp.bfloat16), ("lstm:peepholes,cifg,ln", jnp.bfloat16), ("lstm:proj_size=512,peepholes", jnp.float32),
                 ("lstm:proj_size=512", jnp.bfloat16), ("lstm:fgr,peepholes", jnp.bfloat16),
                 ("lstm:fgr,peepholes", jnp.float32)]
 
@@ -424,7 +425,7 @@ def _kernel_outputs(jaxpr, name):
     ("lstm:peepholes,cifg", jnp.float32, 2e-5, 3 * H), ("lstm:fgr,peepholes,noaf", jnp.bfloat16, 1.5e-2, 5 * H),
     ("lstm:ln", jnp.float32, 2e-5, 10 * H - 2), ("lstm:peepholes,cifg,ln", jnp.bfloat16, 1.5e-2, 8 * H - 2),
     ("gru:cho", jnp.float32, 2e-5, 3 * H),
-    ("lstm:proj_size=64", jnp.bfloat16, 1.5e-2, 5 * H)])
+    ("lstm:proj_size=64,peepholes,nig", jnp.bfloat16, 1.5e-2, 4 * H)])
 def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dtype, tol, dropped):
     """remat="step": the forward kernel keeps only the carries, and the backward kernel recomputes
     each step's products and gates from them; values and gradients as the sequential scan's (with

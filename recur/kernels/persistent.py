@@ -505,8 +505,7 @@ def rule_for(cell):
         return persistent_ln.LN_LSTM
     if isinstance(cell, LSTM) and cell.full_gate_recurrence and not (cell.layer_norm or cell.proj_size):
         return persistent_fgr.FGR_LSTM
-    if (isinstance(cell, LSTM) and cell.proj_size and not (cell.layer_norm or cell.peepholes or cell.full_gate_recurrence)
-            and cell.blocks == ("i", "f", "g", "o") and cell.input_activation and cell.output_activation):
+    if isinstance(cell, LSTM) and cell.proj_size and not (cell.layer_norm or cell.full_gate_recurrence):
         return persistent_proj.LSTMP
     if isinstance(cell, GRU) and cell.reset_after:
         return GRU_RULE
@@ -516,8 +515,8 @@ def rule_for(cell):
         return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the LSTM (layer norm or gate recurrence without a projection, a "
-            f"projection with the plain gates only), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
+    return (f"the persistent kernels run the LSTM (with one of layer norm, gate recurrence or a projection, "
+            f"not two), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):

@@ -1,6 +1,8 @@
-"""Persistent kernels for the LSTM with a projection (LSTMP, Sak et al. 2014; ``lstm:proj_size=P``,
-the plain gates): the recurrence reads the projected h_t = W_p m_t, m_t = o_t ⊙ tanh(c_t), of P
-values per row, W_h is [4H, P] and W_p [P, H].
+"""Persistent kernels for the LSTM with a projection (LSTMP, Sak et al. 2014; ``lstm:proj_size=P``
+with any of the Greff variant switches, e.g. ``lstm:proj_size=P,peepholes``, Sak's own form): the
+recurrence reads the projected h_t = W_p m_t, m_t = o_t ⊙ act(c_t), of P values per row; W_h is
+[nH, P] (n gate blocks) and W_p [P, H]. The gate math is recur/kernels/persistent.py's
+:class:`Gates`, applied to each program's units.
 
 h_t needs every unit's m_t, so a step is two phases on the grid of recur/kernels/persistent.py
 (programs (row block, unit block), each owning U of the H units), each ending in a barrier: the
@@ -68,25 +70,30 @@ def _grid_and_blocks(B, H, P, dtype, programs, interpret):
 
 
 def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
-                programs=None):
-    """The LSTMP over time-major projected inputs us_T [T, B, 4H] from h0 [B, P], c0 [B, H].
+                programs=None, gates=None, peepholes=None):
+    """The LSTMP (the variant ``gates``, n gate blocks; default the plain four) over time-major
+    projected inputs us_T [T, B, nH] from h0 [B, P], c0 [B, H]; peepholes: {p_i, p_f, p_o [H]},
+    those the variant has.
 
     Returns (hq [T + 1, B, P] in dtype: h0 then each step's h, h_T [B, P], c_T [B, H], m [T, B, H]
     in dtype, saved): saved None, or with keep {"c": c_t [T, B, H], "tg": the gate tanh
-    [T, B, 4H], "tc": tanh(c_t) [T, B, H]}, float32 (float64 for a float64 dtype); with keep and
-    not save (remat="step"), {"c"} only.
+    [T, B, nH] (Gates.forward's t), "tc": act(c_t) [T, B, H]}, float32 (float64 for a float64
+    dtype); with keep and not save (remat="step"), {"c"} only.
     """
-    from recur.kernels.persistent import _lstm_forward
+    from recur.kernels.persistent import PLAIN
 
+    gates = gates or PLAIN
+    n = gates.n
     T, B, G = us_T.shape
-    H, P = G // 4, W_h.shape[1]
+    H, P = G // n, W_h.shape[1]
     grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h^T [P, 4H] with each program's 4 U columns together; W_p^T [H, P]
-    w = grid.by_program(W_h, 4)
+    w = grid.by_program(W_h, n)
     wp = jnp.transpose(W_p.astype(cdt))
     has_mask = mask_T is not None
     inputs = [us_T, w, wp, h0.astype(f32), c0.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    inputs += [peepholes[k].astype(f32) for k in gates.peephole_names]
     out_shape = [jax.ShapeDtypeStruct((T + 1, B, P), cdt), jax.ShapeDtypeStruct((B, P), f32),
                  jax.ShapeDtypeStruct((B, H), f32), jax.ShapeDtypeStruct((T, B, H), cdt)]
     kept = (("c", H), ("tg", G), ("tc", H))[:(3 if save else 1) if keep else 0]
@@ -95,13 +102,15 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
     def kernel(ins, outs, barrier):
         us_ref, w_ref, wp_ref, h0_ref, c0_ref = ins[:5]
         mask_ref = ins[5] if has_mask else None
+        p_refs = ins[5 + has_mask:]
         hq_ref, hT_ref, cT_ref, mq_ref = outs[:4]
         c_ref, tg_ref, tc_ref = (list(outs[4:]) + [None] * 3)[:3]
         blocks = grid.blocks()
         pcols = lambda iu: jax.lax.rem(iu, nup) * UP  # the program's P block's first column
         pblock = lambda iu: pl.ds(pcols(iu), UP)
 
-        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, 4)
+        step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, n)
+        peeps = lambda iu: {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)}
 
         states = []
         for ib, iu in blocks:
@@ -114,18 +123,19 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
             states, gave_up = carry
             mids = []
             for (ib, iu), ((h, c), (u, m)) in zip(blocks, states):
-                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, 4, kb=KBP)
-                new, saved = _lstm_forward(list(u), rec, {"c": c}, None)
-                c_new = jnp.where(m[:, None] != 0, new["c"], c) if has_mask else new["c"]
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, n, kb=KBP)
+                c_t, o, tg = gates.forward([a + b for a, b in zip(u, rec)], c, peeps(iu))
+                tc = gates.act(c_t)
+                c_new = jnp.where(m[:, None] != 0, c_t, c) if has_mask else c_t
                 # NaN once this program gave up: another that shares its P block of h could
                 # overwrite its NaN h, but every program's next product reads m_t
-                mq_ref[t, rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, new["h"]).astype(cdt)
+                mq_ref[t, rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, o * tc).astype(cdt)
                 if c_ref is not None:
                     c_ref[t, rows(ib), units(iu)] = c_new
                 if tg_ref is not None:
-                    for g in range(4):
-                        tg_ref[t, rows(ib), units(iu, g)] = saved["tg"][g]
-                    tc_ref[t, rows(ib), units(iu)] = saved["tc"][0]
+                    for g in range(n):
+                        tg_ref[t, rows(ib), units(iu, g)] = tg[g]
+                    tc_ref[t, rows(ib), units(iu)] = tc
                 mids.append(c_new)
             gave_up = barrier(2 * t + 2, gave_up)
             new_states = []
@@ -150,33 +160,37 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
 
 
 def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dtype, interpret=False,
-                 programs=None, recompute=None):
+                 programs=None, recompute=None, gates=None, peepholes=None):
     """The reverse time loop, as a persistent kernel with two barriers per step.
 
     dhs_T [T, B, P]: the outputs' cotangent; saved: :func:`run_forward`'s (tg, tc); c_prev
     [T, B, H]: the c entering each step; dh_T [B, P], dc_T [B, H]: the final carry's cotangent;
     recompute (remat="step", saved without tg and tc): (us_T, the h [T, B, P] entering each step),
     from which each step's gates are formed again (the forward's product of the forward's
-    operands, inputs of this launch: no extra barrier).
-    Returns (d pre [T, B, 4H], d h_t [T, B, P] (the whole cotangent of each step's h_t, for
-    d W_p), d h0 [B, P], d c0 [B, H]), float32. The products run in ``dtype`` with float32
+    operands, inputs of this launch: no extra barrier); gates, peepholes: as :func:`run_forward`'s.
+    Returns (d pre [T, B, nH] (= d u; with peepholes the gates' d z, from which the peepholes'
+    gradients are summed), d h_t [T, B, P] (the whole cotangent of each step's h_t, for d W_p),
+    d h0 [B, P], d c0 [B, H]), float32. The products run in ``dtype`` with float32
     accumulation, their left operands rounded to dtype.
     """
-    from recur.kernels.persistent import _lstm_backward, _lstm_forward
+    from recur.kernels.persistent import PLAIN
 
+    gates = gates or PLAIN
     T, B, _ = dhs_T.shape
     P, H = W_p.shape
-    G = 4 * H
+    n = gates.n
+    G = n * H
     grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # copies in dtype of d pre and d h for the other programs' products
     inputs = [dhs_T, c_prev, W_p.astype(cdt), W_h.astype(cdt), dh_T.astype(f32),
               dc_T.astype(f32)] + ([mask_T.astype(jnp.int32)] if has_mask else [])
+    inputs += [peepholes[k].astype(f32) for k in gates.peephole_names]
     n_fixed = len(inputs)
     late = recompute is not None  # what a step reads is recomputed at the step, not loaded a step ahead
     if late:  # the forward's operands: the inputs, h in the compute dtype, W_h^T by program
-        inputs += [recompute[0], recompute[1].astype(cdt), grid.by_program(W_h, 4)]
+        inputs += [recompute[0], recompute[1].astype(cdt), grid.by_program(W_h, n)]
     else:
         inputs += [saved["tg"], saved["tc"]]
     # d h_t, row t + 1 (row 0: what the last pass writes, unread)
@@ -187,6 +201,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
     def kernel(ins, outs, barrier):
         dhs_ref, cp_ref, wp_ref, wh_ref, dhT_ref, dcT_ref = ins[:6]
         mask_ref = ins[6] if has_mask else None
+        p_refs = ins[6 + has_mask:n_fixed]
         more = ins[n_fixed:]
         du_ref, dh_ref, dh0_ref, dc0_ref = outs[:4]
         du_comm, dh_comm = outs[4:] if shared else (du_ref, dh_ref)
@@ -209,25 +224,26 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 dh_comm[at] = jnp.where(gave_up, jnp.nan, d).astype(cdt)
             return jnp.where(m, 0.0, dcarry) if has_mask else jnp.zeros_like(dcarry)
 
-        def step_inputs(t, ib, iu):
-            """(gate tanh, tanh(c_t), c_{t-1}, the mask) of step t (t = -1: step 0's again), loaded or
+        def step_inputs(t, ib, iu, pv):
+            """(gate tanh, act(c_t), c_{t-1}, the mask) of step t (t = -1: step 0's again), loaded or
             recomputed."""
             t = jnp.maximum(t, 0)
             r, u = rows(ib), units(iu)
             cp = cp_ref[t, r, u]
             if not late:
                 tg_ref, tc_ref = more
-                return [tg_ref[t, r, units(iu, g)] for g in range(4)], tc_ref[t, r, u], cp, live(t, ib)
+                return [tg_ref[t, r, units(iu, g)] for g in range(n)], tc_ref[t, r, u], cp, live(t, ib)
             us_ref, hq_ref, wf_ref = more
-            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(4)]
-            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, P, 4, kb=KBP, fresh=False)
-            _, sv = _lstm_forward(uv, rec, {"c": cp}, None)
-            return sv["tg"], sv["tc"][0], cp, live(t, ib)
+            uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)]
+            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, P, n, kb=KBP, fresh=False)
+            c_t, _, tg = gates.forward([a + b for a, b in zip(uv, rec)], cp, pv)
+            return tg, gates.act(c_t), cp, live(t, ib)
 
+        peeps = lambda iu: {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)}
         states = []
         for ib, iu in blocks:
             passing = put_dh(T - 1, ib, iu, dhT_ref[rows(ib), pblock(iu)], jnp.bool_(False))
-            states.append((passing, dcT_ref[rows(ib), units(iu)], None if late else step_inputs(T - 1, ib, iu)))
+            states.append((passing, dcT_ref[rows(ib), units(iu)], None if late else step_inputs(T - 1, ib, iu, peeps(iu))))
         gave_up = barrier(1, jnp.bool_(False))
 
         def step(i, carry):  # carry: the states, gave_up and the last d carry of h (d h0 at the end)
@@ -235,16 +251,18 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             t = T - 1 - i
             firsts = []
             for (ib, iu), (passing, dc, ahead) in zip(blocks, states):
-                tg, tc, cp, m = step_inputs(t, ib, iu) if late else ahead
+                pv = peeps(iu)
+                tg, tc, cp, m = step_inputs(t, ib, iu, pv) if late else ahead
                 # d m_t for this program's units: every P column of d h_t times W_p's columns of them
                 (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
                 d_c = jnp.where(m, dc, 0.0) if has_mask else dc
-                d_pre, _, pas, _ = _lstm_backward({"tg": tg, "tc": [tc]}, {"c": cp}, {"h": dm, "c": d_c}, None, None)
-                for g in range(4):
+                d_c = d_c + dm * gates.output_gate(tg) * gates.act_grad(tc)
+                d_pre, d_prev = gates.backward(tg, cp, d_c, dm * tc, pv)
+                for g in range(n):
                     du_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g])
                     if shared:
                         du_comm[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, d_pre[g]).astype(cdt)
-                firsts.append(pas["c"] + (jnp.where(m, 0.0, dc) if has_mask else 0.0))
+                firsts.append(d_prev + (jnp.where(m, 0.0, dc) if has_mask else 0.0))
             gave_up = barrier(2 * i + 2, gave_up)
             new_states, dcarries = [], []
             for (ib, iu), (passing, _, _), dc_prev in zip(blocks, states, firsts):
@@ -252,7 +270,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), UP)])
                 dcarries.append(dh + passing)
                 new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev,
-                                   None if late else step_inputs(t - 1, ib, iu)))
+                                   None if late else step_inputs(t - 1, ib, iu, peeps(iu))))
             return new_states, barrier(2 * i + 3, gave_up), dcarries
 
         zeros = [jnp.zeros((BB, UP), f32) for _ in blocks]
@@ -268,15 +286,19 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
 
 def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, the gates, tanh(c_t) and m_t (remat="step": m_t only)."""
+    saved for :func:`backward_fn`, the gates, act(c_t) and m_t (remat="step": m_t only), and c_t
+    for o's peephole."""
 
-    from recur.kernels.persistent import lstm_results
+    from recur.kernels.persistent import gates_of, lstm_results
+
+    gates = gates_of(cell)
 
     def forward(params, carry0, us_T, mask_T, keep):
         hq, hT, cT, mq, saved = run_forward(us_T, params["W_h"], params["W_p"], carry0["h"], carry0["c"], mask_T,
                                             dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
-                                            programs=programs)
-        final, hs, carries = lstm_results(hq, hT, cT, saved.pop("c") if keep else None, carry0, cell.dtype)
+                                            programs=programs, gates=gates, peepholes=params)
+        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
+        final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
         return (final, (hs, carries, dict(saved, mq=mq))) if keep else (final, hs)
 
     return forward
@@ -284,17 +306,23 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
 
 def backward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``backward_fn``: d u (= d rec: the deferred scan takes d W_h
-    from it) and d W_p = sum over (t, b) of d h_t^T m_t, one matmul. With remat="step" the reverse
-    loop recomputes the gates."""
+    from it), d W_p = sum over (t, b) of d h_t^T m_t, one matmul, and the peepholes' gradients (d z
+    against the cell state each reads, summed). With remat="step" the reverse loop recomputes the
+    gates."""
+    from recur.kernels.persistent import gates_of
+
+    gates = gates_of(cell)
 
     def backward(params, carries, saved, us_T, dhs_T, mask_T, dcarry_T):
         again = None if remat == "none" else (us_T, carries["h"])  # h: the forward buffer's values, exactly
         du, dh, dh0, dc0 = run_backward(dhs_T, saved, carries["c"], params["W_h"], params["W_p"], dcarry_T["h"],
                                         dcarry_T["c"], mask_T, dtype=cell.dtype, interpret=interpret,
-                                        programs=programs, recompute=again)
+                                        programs=programs, recompute=again, gates=gates, peepholes=params)
         acc = jnp.promote_types(du.dtype, jnp.float32)
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
-        dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh, saved["mq"].astype(acc)).astype(params["W_p"].dtype)
+        dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh, saved["mq"].astype(acc))
+        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c")))
+        dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
         return d0, du, None, dparams
 
