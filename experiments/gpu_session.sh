@@ -12,8 +12,8 @@
 #                                             # against the sequential scan and cuDNN, then the LSTM's
 #                                             # Triton settings (~9 min)
 #   bash experiments/gpu_session.sh variants  # the persistent kernels of the LSTM with gate recurrence,
-#                                             # Greff's variants with layer norm and Sak's LSTMP with
-#                                             # peepholes, H=1024 (~4 min)
+#                                             # Greff's variants with layer norm, Sak's LSTMP with
+#                                             # peepholes and LSTMP with layer norm, H=1024 (~5 min)
 # with .whl carried (the ml_collections and tensorboardX wheels; see docs/benchmarks.md). Each part
 # has its own time limit and writes its table under $OUT as it goes, so a part that runs long
 # loses only its own unmeasured rows. On a CPU (tiny checks): OUT=runs/gpu PY=.venv/bin/python ...
@@ -82,7 +82,7 @@ case $plan in
     part 80 $E --parts persistent --hidden 1024 --repeats 5 \
       --persist-configs 128/8/3,128/4/1,256/8/1,128/8/3/x --out "$OUT/sweep" ;;
   variants)
-    part 240 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:nig,noaf,ln,lstm:proj_size=512,peepholes --modes sequential,kernel \
+    part 280 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:nig,noaf,ln,lstm:proj_size=512,peepholes,lstm:ln,proj_size=512 --modes sequential,kernel \
       --baselines none --repeats 5 --parts cells --out "$OUT/variants2" ;;
   *) echo "plan must be table, kernels, explore, remaining, persistent or variants, got $plan" >&2; exit 2 ;;
 esac

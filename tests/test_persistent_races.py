@@ -199,13 +199,13 @@ def _run(monkeypatch, fn, drop=None):
 
 
 # lstmp: 16 columns of h (one P block, computed by both unit blocks) and 64 (two of 32)
-CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln", "lstm:peepholes,cifg,ln",
+CELLS = ["lstm", "gru", "elman", "lstm:peepholes,cifg", "gru:cho", "mgu", "lstm:ln", "lstm:peepholes,cifg,ln,proj_size=64",
          "lstm:proj_size=16", "lstm:proj_size=64,peepholes,cifg", "lstm:fgr,peepholes"]
 
 
 # bfloat16: the reverse loops share d rec through a separate copy in the compute dtype
 @pytest.mark.parametrize("name,remat,dtype", [(c, r, jnp.float32) for r in ("none", "step") for c in CELLS] + [
-    (c, "none", jnp.bfloat16) for c in ("lstm", "gru:cho", "lstm:peepholes,cifg,ln", "lstm:proj_size=64,peepholes,cifg",
+    (c, "none", jnp.bfloat16) for c in ("lstm", "gru:cho", "lstm:peepholes,cifg,ln,proj_size=16", "lstm:proj_size=64,peepholes,cifg",
                                         "lstm:fgr,peepholes")])
 def test_no_program_reads_or_overwrites_what_another_writes_between_the_same_barriers(monkeypatch, name, remat,
                                                                                       dtype):

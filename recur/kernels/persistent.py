@@ -34,7 +34,7 @@ A cell fits a :class:`Rule` when its step, given W_h h, is element-wise in the h
 GRU and the MGU multiply a gate times h by W_n: a second barrier per step (persistent_reset.py).
 Layer norm's statistics run over all units: partial sums across the programs, three barriers per
 step (persistent_ln.py). A projection, h_t = W_p m_t, needs every unit's m_t: two barriers per step
-(persistent_proj.py). Gate recurrence, R_gates (i, f, o)_{t-1}, is a second recurrent source in
+(persistent_proj.py; four with layer norm, in persistent_ln.py). Gate recurrence, R_gates (i, f, o)_{t-1}, is a second recurrent source in
 the one barrier's buffer (persistent_fgr.py).
 
 In Pallas' interpret mode (CPU tests) the programs would run one after another and could not meet
@@ -290,6 +290,7 @@ class Kernels:
     name: str
     forward_fn: Callable  # (cell, interpret, programs, remat)
     backward_fn: Callable
+    layout_problem: Callable | None = None  # (cell, B, unit blocks) -> None or why the grid does not fit
 
 
 def _sigmoid_of(t):  # sigmoid(x) = (1 + tanh(x / 2)) / 2, from t = tanh(x / 2)
@@ -501,7 +502,7 @@ def rule_for(cell):
         return LSTM_RULE
     if isinstance(cell, LSTM) and not (cell.layer_norm or cell.full_gate_recurrence or cell.proj_size):
         return _lstm_variant_rule(cell)
-    if isinstance(cell, LSTM) and cell.layer_norm and not (cell.full_gate_recurrence or cell.proj_size):
+    if isinstance(cell, LSTM) and cell.layer_norm and not cell.full_gate_recurrence:
         return persistent_ln.LN_LSTM
     if isinstance(cell, LSTM) and cell.full_gate_recurrence and not (cell.layer_norm or cell.proj_size):
         return persistent_fgr.FGR_LSTM
@@ -515,8 +516,8 @@ def rule_for(cell):
         return persistent_reset.MGU
     if isinstance(cell, Elman) and cell.fused_backward:
         return _elman_rule(cell)
-    return (f"the persistent kernels run the LSTM (with one of layer norm, gate recurrence or a projection, "
-            f"not two), the GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
+    return (f"the persistent kernels run the LSTM (gate recurrence without layer norm or a projection), the "
+            f"GRU (both forms), the MGU and the Elman RNN, not {cell.name}")
 
 
 def _groups(n):

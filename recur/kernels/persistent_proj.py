@@ -33,9 +33,7 @@ class ProjectedLSTM:
     name: str = "lstmp"
 
     def layout_problem(self, cell, B, nu):
-        """None if proj_size splits over nu unit blocks, else why not."""
-        why = proj_blocks(cell.proj_size, nu)
-        return why if isinstance(why, str) else None
+        return layout_problem(cell, B, nu)
 
     def forward_fn(self, cell, interpret=False, programs=None, remat="none"):
         return forward_fn(cell, interpret, programs, remat)
@@ -59,14 +57,51 @@ def proj_blocks(P, nu):
     return UP, P // UP
 
 
+def layout_problem(cell, B, nu):
+    """None if the cell has no projection or its proj_size splits over nu unit blocks, else why not."""
+    why = proj_blocks(cell.proj_size, nu) if cell.proj_size else None
+    return why if isinstance(why, str) else None
+
+
+class Projection:
+    """proj_size P over a grid's unit blocks (recur/kernels/persistent.py's _Grid): program iu's
+    block of h is P columns [cols(iu), cols(iu) + UP) (block iu mod P / UP), dots over P are KB deep."""
+
+    def __init__(self, grid, P):
+        from recur.kernels.persistent import K_BLOCK, _pow2_divisor
+
+        lay = proj_blocks(P, grid.nu)
+        if isinstance(lay, str):
+            raise ValueError(f"recur.kernels.persistent_proj: {lay}")
+        self.grid, self.P, (self.UP, self.nup), self.KB = grid, P, lay, _pow2_divisor(P, K_BLOCK)
+
+    def cols(self, iu):
+        return jax.lax.rem(iu, self.nup) * self.UP
+
+    def block(self, iu):
+        return pl.ds(self.cols(iu), self.UP)
+
+    def put_dh(self, dhs_ref, dh_ref, dh_comm, m, t, ib, iu, dcarry, gave_up):
+        """Step t's whole d h_t for program iu's P block into row t + 1 of dh_ref (and of its copy
+        in the compute dtype dh_comm, if any): the outputs' cotangent dhs_ref[t] and the part of
+        the cotangent of the carry after the step that a live step takes (m: the step's mask
+        [BB, 1], or None); returns the part passed through (t = -1: the last pass, row 0, unread)."""
+        g = self.grid
+        d = dhs_ref[jnp.maximum(t, 0), g.rows(ib), self.block(iu)].astype(g.acc)
+        d = d + (dcarry if m is None else jnp.where(m, dcarry, 0.0))
+        at = (jnp.maximum(t, -1) + 1, g.rows(ib), self.block(iu))
+        dh_ref[at] = jnp.where(gave_up, jnp.nan, d)
+        if dh_comm is not None:
+            dh_comm[at] = jnp.where(gave_up, jnp.nan, d).astype(g.cdt)
+        return jnp.zeros_like(dcarry) if m is None else jnp.where(m, 0.0, dcarry)
+
+
 def _grid_and_blocks(B, H, P, dtype, programs, interpret):
-    from recur.kernels.persistent import K_BLOCK, _Grid, _pow2_divisor
+    from recur.kernels.persistent import _Grid
 
     grid = _Grid(B, H, dtype, programs, interpret)
-    lay = proj_blocks(P, grid.nu)
-    if isinstance(lay, str):
-        raise ValueError(f"recur.kernels.persistent_proj: {lay}")
-    return grid, lay[0], lay[1], _pow2_divisor(P, K_BLOCK)
+    proj = Projection(grid, P)
+    return grid, proj, proj.KB
 
 
 def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=True, interpret=False,
@@ -86,7 +121,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
     n = gates.n
     T, B, G = us_T.shape
     H, P = G // n, W_h.shape[1]
-    grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
+    grid, proj, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     # W_h^T [P, 4H] with each program's 4 U columns together; W_p^T [H, P]
     w = grid.by_program(W_h, n)
@@ -106,8 +141,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
         hq_ref, hT_ref, cT_ref, mq_ref = outs[:4]
         c_ref, tg_ref, tc_ref = (list(outs[4:]) + [None] * 3)[:3]
         blocks = grid.blocks()
-        pcols = lambda iu: jax.lax.rem(iu, nup) * UP  # the program's P block's first column
-        pblock = lambda iu: pl.ds(pcols(iu), UP)
+        pcols, pblock = proj.cols, proj.block
 
         step_inputs = lambda t, ib, iu: grid.step_inputs(us_ref, mask_ref, t, ib, iu, n)
         peeps = lambda iu: {k: ref[units(iu)][None, :] for k, ref in zip(gates.peephole_names, p_refs)}
@@ -140,7 +174,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
             gave_up = barrier(2 * t + 2, gave_up)
             new_states = []
             for (ib, iu), ((h, _), (u, m)), c_new in zip(blocks, states, mids):
-                (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(pcols(iu), UP)])
+                (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(pcols(iu), proj.UP)])
                 if has_mask:
                     h_new = jnp.where(m[:, None] != 0, h_new, h)
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
@@ -173,14 +207,14 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
     d h0 [B, P], d c0 [B, H]), float32. The products run in ``dtype`` with float32
     accumulation, their left operands rounded to dtype.
     """
-    from recur.kernels.persistent import PLAIN
+    from recur.kernels.persistent import PLAIN, RECOMPUTE_KB
 
     gates = gates or PLAIN
     T, B, _ = dhs_T.shape
     P, H = W_p.shape
     n = gates.n
     G = n * H
-    grid, UP, nup, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
+    grid, proj, KBP = _grid_and_blocks(B, H, P, dtype, programs, interpret)
     BB, U, nu, rows, units, cdt, f32 = grid.parts()
     has_mask = mask_T is not None
     shared = cdt != jnp.dtype(f32)  # copies in dtype of d pre and d h for the other programs' products
@@ -206,23 +240,13 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
         du_ref, dh_ref, dh0_ref, dc0_ref = outs[:4]
         du_comm, dh_comm = outs[4:] if shared else (du_ref, dh_ref)
         blocks = grid.blocks()
-        pcols = lambda iu: jax.lax.rem(iu, nup) * UP
-        pblock = lambda iu: pl.ds(pcols(iu), UP)
+        pcols, pblock = proj.cols, proj.block
 
         def live(t, ib):
             return (mask_ref[jnp.maximum(t, 0), rows(ib)] != 0)[:, None] if has_mask else None
 
         def put_dh(t, ib, iu, dcarry, gave_up):
-            """Step t's whole d h_t for this program's P block, from the cotangent of the carry
-            after it: the part a live step takes (row t + 1); returns the part passed through."""
-            m = live(t, ib)
-            d = dhs_ref[jnp.maximum(t, 0), rows(ib), pblock(iu)].astype(f32)
-            d = d + (jnp.where(m, dcarry, 0.0) if has_mask else dcarry)
-            at = (jnp.maximum(t, -1) + 1, rows(ib), pblock(iu))
-            dh_ref[at] = jnp.where(gave_up, jnp.nan, d)
-            if shared:
-                dh_comm[at] = jnp.where(gave_up, jnp.nan, d).astype(cdt)
-            return jnp.where(m, 0.0, dcarry) if has_mask else jnp.zeros_like(dcarry)
+            return proj.put_dh(dhs_ref, dh_ref, dh_comm if shared else None, live(t, ib), t, ib, iu, dcarry, gave_up)
 
         def step_inputs(t, ib, iu, pv):
             """(gate tanh, act(c_t), c_{t-1}, the mask) of step t (t = -1: step 0's again), loaded or
@@ -235,7 +259,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 return [tg_ref[t, r, units(iu, g)] for g in range(n)], tc_ref[t, r, u], cp, live(t, ib)
             us_ref, hq_ref, wf_ref = more
             uv = [us_ref[t, r, units(iu, g)].astype(f32) for g in range(n)]
-            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, P, n, kb=KBP, fresh=False)
+            rec = grid.gate_product(hq_ref, t, ib, iu, wf_ref, P, n, kb=min(KBP, RECOMPUTE_KB), fresh=False)
             c_t, _, tg = gates.forward([a + b for a, b in zip(uv, rec)], cp, pv)
             return tg, gates.act(c_t), cp, live(t, ib)
 
@@ -267,13 +291,13 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             new_states, dcarries = [], []
             for (ib, iu), (passing, _, _), dc_prev in zip(blocks, states, firsts):
                 # this program's P block of d h_{t-1} = d pre_t W_h, then step t - 1's whole d h
-                (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), UP)])
+                (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), proj.UP)])
                 dcarries.append(dh + passing)
                 new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev,
                                    None if late else step_inputs(t - 1, ib, iu, peeps(iu))))
             return new_states, barrier(2 * i + 3, gave_up), dcarries
 
-        zeros = [jnp.zeros((BB, UP), f32) for _ in blocks]
+        zeros = [jnp.zeros((BB, proj.UP), f32) for _ in blocks]
         states, gave_up, dh0 = jax.lax.fori_loop(0, T, step, (states, gave_up, zeros))
         for (ib, iu), (_, dc, _), d in zip(blocks, states, dh0):
             dh0_ref[rows(ib), pblock(iu)] = jnp.where(gave_up, jnp.nan, d)
