@@ -319,14 +319,15 @@ class Gates:
 
     @property
     def reads_c_t(self):
-        """o's peephole reads c_t: its gradient needs each step's c_t after the kernel."""
+        """o's peephole reads c_t: its gradient needs the last c_T besides the c entering each step."""
         return "p_o" in self.peephole_names
 
-    def peephole_grads(self, d_pre, c_prev, c_t):
+    def peephole_grads(self, d_pre, c_prev, c_last):
         """{p_i, p_f, p_o: [H]} (those present): the gates' d z (d_pre [T, B, n H], the kernels' d u)
-        against the cell state each peephole reads (c_{t-1} for i and f, c_t for o), summed over
-        (t, b)."""
+        against the cell state each peephole reads (c_{t-1} for i and f: c_prev [T, B, H], the c
+        entering each step; c_t for o: c_prev one step on, then c_last [B, H]), summed over (t, b)."""
         dz = dict(zip(self.blocks, jnp.split(d_pre, self.n, axis=-1)))
+        c_t = jnp.concatenate([c_prev[1:], c_last[None].astype(c_prev.dtype)]) if self.reads_c_t else None
         state = {"i": c_prev, "f": c_prev, "o": c_t}
         return {name: jnp.sum(dz[name[2:]] * state[name[2:]], axis=(0, 1)) for name in self.peephole_names}
 

@@ -272,12 +272,14 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
                                        carry0["gates"], mask_T, dtype=cell.dtype, keep=keep, save=save,
                                        interpret=interpret, programs=programs, gates=gates, peepholes=params)
         H = cell.hidden_size
-        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
+        c_states = saved.pop("c") if keep else None
         final_hc, hs, carries = lstm_results(zq[:, :, :H], final["h"], final["c"], c_states, carry0, cell.dtype)
         final = dict(final_hc, gates=final["gates"].astype(carry0["gates"].dtype))
         if not keep:
             return final, hs
         carries["gates"] = zq[:-1, :, H:].astype(carry0["gates"].dtype)
+        if gates.reads_c_t:  # o's peephole reads c_t: the carries' c one step on, then c_T
+            saved["c_last"] = final["c"]
         return final, (hs, carries, saved)
 
     return forward
@@ -299,7 +301,7 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
         if gates.peepholes:
             dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
             dparams.update({k: v.astype(params[k].dtype)
-                            for k, v in gates.peephole_grads(du, carries["c"], saved.get("c")).items()})
+                            for k, v in gates.peephole_grads(du, carries["c"], saved.get("c_last")).items()})
         d0 = {k: v.astype(carries[k].dtype) for k, v in d0.items()}
         return d0, du, {"h": du, "gates": _ifo(du)}, dparams
 

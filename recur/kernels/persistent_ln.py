@@ -436,8 +436,10 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
         hq, hT, cT, saved = run_forward(us_T, params["W_h"], params, carry0["h"], carry0["c"], mask_T,
                                         dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
                                         programs=programs, gates=gates, W_p=params.get("W_p"))
-        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
+        c_states = saved.pop("c") if keep else None
         final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
+        if keep and gates.reads_c_t:  # o's peephole reads c_t: the carries' c one step on, then c_T
+            saved["c_last"] = final["c"]
         return (final, (hs, carries, saved)) if keep else (final, hs)
 
     return forward
@@ -461,7 +463,7 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
         dparams.update(d_norms)
         if dh:  # d W_p = sum over (t, b) of d h_t^T m_t, one matmul
             dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh[0], saved["mq"].astype(dh[0].dtype))
-        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c")))
+        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c_last")))
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
         return d0, du, {"h": drec}, dparams

@@ -321,8 +321,10 @@ def forward_fn(cell, interpret=False, programs=None, remat="none"):
         hq, hT, cT, mq, saved = run_forward(us_T, params["W_h"], params["W_p"], carry0["h"], carry0["c"], mask_T,
                                             dtype=cell.dtype, keep=keep, save=remat == "none", interpret=interpret,
                                             programs=programs, gates=gates, peepholes=params)
-        c_states = (saved["c"] if gates.reads_c_t else saved.pop("c")) if keep else None
+        c_states = saved.pop("c") if keep else None
         final, hs, carries = lstm_results(hq, hT, cT, c_states, carry0, cell.dtype)
+        if keep and gates.reads_c_t:  # o's peephole reads c_t: the carries' c one step on, then c_T
+            saved["c_last"] = final["c"]
         return (final, (hs, carries, dict(saved, mq=mq))) if keep else (final, hs)
 
     return forward
@@ -345,7 +347,7 @@ def backward_fn(cell, interpret=False, programs=None, remat="none"):
         acc = jnp.promote_types(du.dtype, jnp.float32)
         dparams = {k: jnp.zeros_like(v) for k, v in params.items()}
         dparams["W_p"] = jnp.einsum("tbp,tbh->ph", dh, saved["mq"].astype(acc))
-        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c")))
+        dparams.update(gates.peephole_grads(du, carries["c"], saved.get("c_last")))
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         d0 = {"h": dh0.astype(carries["h"].dtype), "c": dc0.astype(carries["c"].dtype)}
         return d0, du, None, dparams
