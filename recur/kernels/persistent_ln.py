@@ -425,8 +425,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
 
 def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, :func:`run_forward`'s values (c_t too, for o's peephole; with
-    remat="step" the rows' statistics only)."""
+    saved for :func:`backward_fn`, :func:`run_forward`'s values (with remat="step" the rows'
+    statistics only; c_T for o's peephole, whose c_t are the carries' c one step on)."""
 
     from recur.kernels.persistent import lstm_results
 

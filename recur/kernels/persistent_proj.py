@@ -310,7 +310,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
 
 def forward_fn(cell, interpret=False, programs=None, remat="none"):
     """recur.backprop.deferred_scan's ``forward_fn``: the carries entering each step ({h, c}) and,
-    saved for :func:`backward_fn`, the gates, act(c_t) and m_t (remat="step": m_t only), and c_t
+    saved for :func:`backward_fn`, the gates, act(c_t) and m_t (remat="step": m_t only), and c_T
     for o's peephole."""
 
     from recur.kernels.persistent import gates_of, lstm_results
