@@ -60,7 +60,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", nargs="+", default=["lstm", "gru", "elman", "elman:relu", "lstm:peepholes",
                                                    "lstm:cifg", "lstm:nig,noaf", "gru:cho", "mgu", "lstm:ln",
-                                                   "lstm:proj_size=16"])
+                                                   "lstm:cifg,ln", "lstm:fgr,peepholes", "lstm:proj_size=16",
+                                                   "lstm:proj_size=16,peepholes", "lstm:ln,proj_size=16"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=7)
