@@ -325,7 +325,9 @@ class Gates:
     def peephole_grads(self, d_pre, c_prev, c_last):
         """{p_i, p_f, p_o: [H]} (those present): the gates' d z (d_pre [T, B, n H], the kernels' d u)
         against the cell state each peephole reads (c_{t-1} for i and f: c_prev [T, B, H], the c
-        entering each step; c_t for o: c_prev one step on, then c_last [B, H]), summed over (t, b)."""
+        entering each step; c_t for o: c_prev one step on, then c_last [B, H]), summed over (t, b).
+        At a padded step c_prev one step on is the carried c, not the step's own c_t; recur.scan
+        zeroes the outputs of padded steps, so no cotangent reaches d z there and it is exact."""
         dz = dict(zip(self.blocks, jnp.split(d_pre, self.n, axis=-1)))
         c_t = jnp.concatenate([c_prev[1:], c_last[None].astype(c_prev.dtype)]) if self.reads_c_t else None
         state = {"i": c_prev, "f": c_prev, "o": c_t}
@@ -606,10 +608,11 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
                 new_states.append((new, (bias, pv), step_inputs(t + 1, ib, iu)))
             return new_states, barrier(t + 2, gave_up)
 
-        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        # the final state NaN once given up (c_T too: a state computed from a step's stale reads)
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
         for (ib, iu), (s, _, _) in zip(blocks, states):
             for k, ref in zip(rule.state, final_refs):
-                ref[rows(ib), units(iu)] = s[k]
+                ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, s[k])
 
     outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{rule.name}_persistent", arrivals=T + 1)
     hq, *finals = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:1 + ns])

@@ -95,13 +95,13 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, sav
                 new_states.append((new, pv, grid.step_inputs(us_ref, mask_ref, t + 1, ib, iu, 4)))
             return new_states, barrier(t + 2, gave_up)
 
-        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
-        for (ib, iu), (s, _, _) in zip(blocks, states):
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), (s, _, _) in zip(blocks, states):  # NaN once given up, as the Rule kernels'
             r = rows(ib)
-            hT_ref[r, units(iu)] = s["h"]
-            cT_ref[r, units(iu)] = s["c"]
+            hT_ref[r, units(iu)] = jnp.where(gave_up, jnp.nan, s["h"])
+            cT_ref[r, units(iu)] = jnp.where(gave_up, jnp.nan, s["c"])
             for k in range(3):
-                gT_ref[r, units(iu, k)] = s["g"][k]
+                gT_ref[r, units(iu, k)] = jnp.where(gave_up, jnp.nan, s["g"][k])
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_fgr_persistent", arrivals=T + 1)
     zq, hT, cT, gT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:4])

@@ -210,10 +210,10 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=T
                     hq_ref[t + 1, rows(ib), hcols(iu)] = new["h"].astype(cdt)
             return new_states, barrier(per * t + per + 1, gave_up)
 
-        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
-        for (ib, iu), (s, _, _) in zip(blocks, states):
-            hT_ref[rows(ib), hcols(iu)] = s["h"]
-            cT_ref[rows(ib), units(iu)] = s["c"]
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), (s, _, _) in zip(blocks, states):  # NaN once given up, as the Rule kernels'
+            hT_ref[rows(ib), hcols(iu)] = jnp.where(gave_up, jnp.nan, s["h"])
+            cT_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, s["c"])
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstm_ln_persistent", arrivals=per * T + 1)
     hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])
@@ -230,7 +230,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
     dhs_T [T, B, P]: the outputs' cotangent; saved: :func:`run_forward`'s; c_prev [T, B, H]: the c
     entering each step; dh_T [B, P], dc_T [B, H]: the final carry's cotangent; ln: the norms' scales and
     biases and the peepholes; recompute (remat="step", saved holding the rows' statistics only):
-    (us_T, hq_T), the projected inputs and the h [T, B, H] entering each step in the compute dtype,
+    (us_T, hq_T), the projected inputs and the h [T, B, P] entering each step in the compute dtype,
     from which each step's W_h h, gates and LN(c_t) are formed again with the forward's statistics
     (operands of this launch: no barrier). Returns (d pre [T, B, nH] (= d u; with peepholes the
     gates' d z, from which :func:`backward_fn` sums their gradients), d rec [T, B, nH] (W_h h's
@@ -349,8 +349,9 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 if proj:  # d m_t for this program's units: every P column of d h_t times W_p's columns of them
                     (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
                     d = {"h": dm, "c": d["c"]}
-                if has_mask:  # a padded step passes the carry's cotangent through
-                    d = {k: jnp.where(m[:, None] != 0, v, 0.0) for k, v in d.items()}
+                if has_mask:  # a padded step passes the carry's cotangent through (with W_p, d m_t
+                    # holds only the live part of h's already, and the outputs' cotangent: not masked)
+                    d = {k: v if proj and k == "h" else jnp.where(m[:, None] != 0, v, 0.0) for k, v in d.items()}
                 dh = d["h"] if dh_out is None else d["h"] + dh_out
                 d_tc = dh * gates.output_gate(tg) * gates.act_grad(tc)
                 dx = d_tc * p[2]  # LN(c_t)'s d x_hat

@@ -182,10 +182,10 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
                 new_states.append(((h_new, c_new), step_inputs(t + 1, ib, iu)))
             return new_states, barrier(2 * t + 3, gave_up)
 
-        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
-        for (ib, iu), ((h, c), _) in zip(blocks, states):
-            hT_ref[rows(ib), pblock(iu)] = h
-            cT_ref[rows(ib), units(iu)] = c
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        for (ib, iu), ((h, c), _) in zip(blocks, states):  # NaN once given up, as the Rule kernels'
+            hT_ref[rows(ib), pblock(iu)] = jnp.where(gave_up, jnp.nan, h)
+            cT_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, c)
 
     outs, ok = grid.launch(kernel, inputs, out_shape, "recur_lstmp_persistent", arrivals=2 * T + 1)
     hq, hT, cT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:3])

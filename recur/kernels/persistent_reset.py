@@ -129,9 +129,9 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, sav
                 new_states.append((h_new, bias, step_inputs(t + 1, ib, iu)))
             return new_states, barrier(2 * t + 3, gave_up)
 
-        states, _ = jax.lax.fori_loop(0, T, step, (states, gave_up))
+        states, gave_up = jax.lax.fori_loop(0, T, step, (states, gave_up))
         for (ib, iu), (h, _, _) in zip(blocks, states):
-            hT_ref[rows(ib), units(iu)] = h
+            hT_ref[rows(ib), units(iu)] = jnp.where(gave_up, jnp.nan, h)
 
     outs, ok = grid.launch(kernel, inputs, out_shape, f"recur_{spec.name}_persistent", arrivals=2 * T + 1)
     hq, hT = (jnp.where(ok, x, jnp.nan).astype(x.dtype) for x in outs[:2])
