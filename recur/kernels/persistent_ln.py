@@ -268,11 +268,11 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
         inputs += [recompute[0], recompute[1].astype(cdt), grid.by_program(W_h, n)] + [saved[k] for k in STATS]
     else:
         inputs += [saved[k] for k in SAVED]
-    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((B, H), f32)] * 2
+    out_shape = [jax.ShapeDtypeStruct((T, B, G), f32)] * 2 + [jax.ShapeDtypeStruct((B, P), f32),
+                                                             jax.ShapeDtypeStruct((B, H), f32)]
     out_shape += [sums.shape(B)] * 4
     # each row block's sums of the norms' cotangents (γ_h, β_h, γ_c, β_c), added up after the kernel
     out_shape += [jax.ShapeDtypeStruct((grid.nb, G), f32)] * 2 + [jax.ShapeDtypeStruct((grid.nb, H), f32)] * 2
-    out_shape[2] = jax.ShapeDtypeStruct((B, P), f32)  # d h0
     out_shape += [jax.ShapeDtypeStruct((T, B, G), cdt)] if shared else []
     # with W_p: d h_t, row t + 1 (row 0: what the last pass writes, unread), and its copy in dtype
     out_shape += ([jax.ShapeDtypeStruct((T + 1, B, P), f32)] + ([jax.ShapeDtypeStruct((T + 1, B, P), cdt)]
@@ -385,10 +385,8 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                     if shared:
                         comm_ref[t, rows(ib), units(iu, g)] = jnp.where(gave_up, jnp.nan, drec).astype(cdt)
                 pas = {"h": jnp.zeros_like(d_in["h"]), "c": d_prev}
-                if has_mask:
+                if has_mask:  # (with W_p, d_in's h is what put_dh passed through: 0 at a live step already)
                     pas = {k: pas[k] + jnp.where(m[:, None] != 0, 0.0, d_in[k]) for k in pas}
-                if proj:  # h: the P block passed through, already masked by put_dh
-                    pas["h"] = d_in["h"]
                 passing.append((pas, None if late else step_inputs(t - 1, ib, iu, p)))
             gave_up = barrier(per * i + off + 3, gave_up)
             new_states = []
