@@ -31,6 +31,17 @@ B, T, I, H = 32, 3, 8, 32  # 2 row blocks x 2 unit blocks of 16
 class _Log:
     def __init__(self):
         self.interval, self.block, self.events, self.fresh = 0, None, [], 0
+        # a give-up (see _eager_launch): the block that gave up, the launch's first event, the
+        # stale reads served and each launch's barrier count
+        self.giver, self.start, self.stale, self.arrivals = None, 0, 0, {}
+
+
+class _GaveUp:
+    """The gave_up flag a barrier returns to the program that gives up: true only while that
+    block's code runs (the eager kernel runs every block's in turn); jnp.where, patched, reads it."""
+
+    def __init__(self, block):
+        self.block = block
 
 
 def _index(shape, idx):
@@ -79,11 +90,17 @@ class _Ref:
 
     def __getitem__(self, idx):
         view, region = self._resolve(idx)
+        log = self.log
         # a read's last field: "fresh" within persistent._load_fresh (a volatile load on a GPU)
-        self.log.events.append((self.log.interval, self.log.block, "get", self.name, region,
-                                "fresh" if self.log.fresh else None))
+        log.events.append((log.interval, log.block, "get", self.name, region, "fresh" if log.fresh else None))
         value = self.storage[self._slices(view)]
-        return jnp.asarray(np.squeeze(value, axis=tuple(k for k, v in enumerate(view) if not v[2])))
+        value = jnp.asarray(np.squeeze(value, axis=tuple(k for k, v in enumerate(view) if not v[2])))
+        if log.giver is not None and log.block == log.giver and any(
+                e[2] == "put" and e[3] == self.name and e[1] != log.block and _overlap(e[4], region)
+                for e in log.events[log.start:]):
+            log.stale += 1  # a program that gave up may read another's value from before its store
+            value = value + jnp.asarray(0.5, value.dtype)
+        return value
 
     def __setitem__(self, idx, value):
         view, region = self._resolve(idx)
@@ -116,10 +133,14 @@ class _Blocks(list):
             yield b
 
 
-def _eager_launch(log, drop=None):
-    """_Grid.launch, eagerly on logged NumPy refs; drop(k): the k-th barrier call (from 0) is not one."""
+def _eager_launch(log, drop=None, give_up=None):
+    """_Grid.launch, eagerly on logged NumPy refs; drop(k): the k-th barrier call (from 0) is not one.
+    give_up (launch name's ending, k, block): in that launch, the block gives up at the k-th
+    barrier call: the barrier returns it a _GaveUp, and its reads of what other blocks wrote in the
+    launch are stale from then on."""
     def launch(self, kernel, inputs, out_shape, name, arrivals):
         log.interval += 1  # a launch boundary orders everything before it
+        log.start, log.arrivals[name] = len(log.events), arrivals
         ins = [_Ref(f"{name}:in{j}", np.array(x), log) for j, x in enumerate(inputs)]
         outs = [_Ref(f"{name}:out{j}", np.zeros(s.shape, s.dtype), log) for j, s in enumerate(out_shape)]
 
@@ -130,10 +151,14 @@ def _eager_launch(log, drop=None):
             assert n == len(calls), (name, calls)  # the k-th barrier waits for k arrivals per program
             if drop is None or not drop(len(calls) - 1):
                 log.interval += 1
+            if give_up is not None and name.endswith(give_up[0]) and len(calls) > give_up[1]:
+                log.giver = give_up[2]
+                return _GaveUp(log.giver)
             return gave_up
 
         start = log.interval
         kernel(ins, outs, barrier)
+        log.giver = None
         assert len(calls) == arrivals, (name, len(calls), arrivals)  # the launch's barrier count
         assert drop is not None or log.interval - start == arrivals
         return [jnp.asarray(o.storage) for o in outs], jnp.bool_(True)
@@ -178,8 +203,8 @@ def stale_reads(events):
                    for p in writes.get(e[3], ()) if p[1] != e[1] and _overlap(p[4], e[4])})
 
 
-def _run(monkeypatch, fn, drop=None):
-    log = _Log()
+def _run(monkeypatch, fn, drop=None, give_up=None, log=None):
+    log = log or _Log()
 
     def fresh(ref, interpret):
         log.fresh += 1
@@ -189,7 +214,10 @@ def _run(monkeypatch, fn, drop=None):
             log.fresh -= 1
 
     monkeypatch.setattr(persistent, "_load_fresh", fresh)
-    monkeypatch.setattr(persistent._Grid, "launch", _eager_launch(log, drop))
+    monkeypatch.setattr(persistent._Grid, "launch", _eager_launch(log, drop, give_up))
+    where = jnp.where
+    monkeypatch.setattr(jnp, "where", lambda c, *a: where(
+        jnp.bool_(log.block == c.block) if isinstance(c, _GaveUp) else c, *a))
     blocks = persistent._Grid.blocks
     monkeypatch.setattr(persistent._Grid, "blocks", lambda self: _Blocks(blocks(self), log))
     monkeypatch.setattr(jax.lax, "fori_loop",
@@ -278,3 +306,48 @@ def test_what_counts_as_a_race():
     assert not races([get(0, 0, 1, 2), put(0, 0, 0, 4)])  # read, then written: program order
     assert not races([put(0, 0, 0, 4), put(0, 1, 2, 6)])  # the same values from two blocks
     assert races([put(0, 0, 0, 4), put(0, 1, 2, 6, b"b")])
+
+
+@pytest.mark.parametrize("name,remat", [(c, "none") for c in CELLS] + [("lstm:fgr,peepholes", "step")])
+def test_a_program_that_gives_up_leaves_nan_never_a_wrong_number(monkeypatch, name, remat):
+    """On a GPU a program gives up at a grid barrier after MAX_SPINS polls without the others
+    arriving; from then on, what it reads of their values may be stale. Here one program gives up
+    at each barrier of a middle step (each guards other reads: W_h h, layer norm's statistics, m_t,
+    d m_t, ...) of the forward kernel, then of the backward kernel, and
+    its reads of what the others wrote in that launch are off by 0.5 from then on: every result
+    of the training step (outputs, final carry, the gradients of the weights, inputs and initial
+    carry) is NaN or what it is without the give-up, never a finite wrong number, and some are NaN."""
+    cell = recur.get_cell(name, H)
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    c0 = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), cell.initial_carry(B))
+    lengths = jnp.arange(B) % (T + 1)
+    w = jax.random.normal(jax.random.key(2), (B, T, cell.output_size))
+
+    def loss(p, x, c):  # linear in the outputs: their cotangent is w even where they are NaN
+        hs, carry = recur.scan(cell, p, x, initial_carry=c, lengths=lengths, mode="kernel", remat=remat)
+        return jnp.sum(hs * w) + sum(jnp.sum(v) for v in jax.tree.leaves(carry)), (hs, carry)
+
+    def step(give_up=None):
+        log, out = _Log(), []
+        run = lambda: out.append(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, c0))
+        _run(monkeypatch, run, give_up=give_up, log=log)
+        return jax.tree.leaves(out), log
+
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
+    want, log = step()
+    launches = sorted(log.arrivals)
+    assert len(launches) == 2 and launches[1].endswith("_backward"), launches
+    for launch in launches:
+        n = log.arrivals[launch]
+        per = n // T  # the barriers per step (and one before the first, or none)
+        nan = stale = 0
+        for k in range(n - 2 * per, n - per):  # the last step but one's
+            got, run_log = step((launch, k, (0, 1)))
+            stale += run_log.stale
+            for a, b in zip(want, got):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                wrong = ~np.isnan(b) & ~np.isclose(a, b, rtol=1e-5, atol=1e-6)
+                assert not wrong.any(), (launch, k, int(wrong.sum()), b.shape)
+                nan += int(np.isnan(b).sum())
+        assert stale and nan, (launch, stale, nan)

@@ -22,7 +22,8 @@ design in Pallas:
 - then a grid barrier: ``debug_barrier`` (bar.sync, so every thread's stores come before),
   one acq_rel atomic add on a counter, a spin on the counter until every program has arrived,
   ``debug_barrier`` again. The spin is bounded (MAX_SPINS polls): a program that gives up (the
-  grid was not resident, say) writes NaN from then on instead of hanging.
+  grid was not resident, say) goes on instead of hanging, and its reads of the other programs'
+  values are NaN from then on (:func:`stale`), so that what it computes from them is NaN too.
 
 With ``keep=True`` the forward kernel also writes what the cell's fused backward step reads (its
 step_saving values); :func:`run_backward` runs the reverse loop on the same grid (d u and d rec for
@@ -182,13 +183,16 @@ class _Grid:
         u = tuple(us_ref[t, self.rows(ib), self.units(iu, g)].astype(self.acc) for g in range(gates))
         return u, (None if mask_ref is None else mask_ref[t, self.rows(ib)])
 
-    def product(self, src_ref, t, ib, w_ref, depth, windows, *, src_col=0, w_row=0, fresh=True, kb=None):
+    def product(self, src_ref, t, ib, w_ref, depth, windows, *, gave_up=None, src_col=0, w_row=0, fresh=True,
+                kb=None):
         """Block ib's rows of what the programs wrote to src_ref[t] (columns [src_col, src_col +
         depth), read fresh; ``fresh=False``: an input of the launch, read through the caches)
         times rows [w_row, w_row + depth) of w_ref, one [BB, width] float32 product per (column,
         width) window of w_ref, in K_BLOCK-deep dots that share each load of src (several
         windows: the GRU's 2U and U columns); kb: the dots' depth where depth is not a multiple of
-        K_BLOCK's (the LSTMP's P)."""
+        K_BLOCK's (the LSTMP's P). A fresh read takes the program's gave_up (see :func:`stale`)."""
+        if fresh and gave_up is None:
+            raise ValueError("a fresh read of the other programs' values takes this program's gave_up flag")
         KB, f32 = kb or self.KB, self.acc
 
         def dot(j, accs):
@@ -199,7 +203,8 @@ class _Grid:
                          for acc, (col, width) in zip(accs, windows))
 
         zeros = tuple(jnp.zeros((self.BB, width), f32) for _, width in windows)
-        return jax.lax.fori_loop(0, depth // KB, dot, zeros)
+        accs = jax.lax.fori_loop(0, depth // KB, dot, zeros)
+        return tuple(stale(gave_up, acc) for acc in accs) if fresh else accs
 
     def launch(self, kernel, inputs, out_shape, name, arrivals):
         """Run kernel(in_refs, out_refs, barrier) over the grid; returns (outputs, ok). barrier(arrivals,
@@ -591,7 +596,7 @@ def run_forward(rule, us_T, W_h, b_h, carry0, mask_T=None, *, dtype, keep=False,
             states, gave_up = carry
             new_states = []
             for (ib, iu), (s, (bias, pv), (u, m)) in zip(blocks, states):
-                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, n)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, H, n, gave_up=gave_up)
                 if has_bias:
                     rec = [r + b for r, b in zip(rec, bias)]
                 new, saved = rule.forward(list(u), rec, s, pv)
@@ -731,7 +736,7 @@ def run_backward(rule, dhs_T, saved, prev, W_h, dcarry_T, mask_T=None, *, dtype,
             gave_up = barrier(i + 1, gave_up)
             new_states = []
             for (ib, iu), (pas, dp_sum, next_inputs) in zip(blocks, passing):
-                (dh_rec,) = grid.product(comm_ref, t, ib, ref["w"], G, [(0, U)], w_row=iu * G)
+                (dh_rec,) = grid.product(comm_ref, t, ib, ref["w"], G, [(0, U)], w_row=iu * G, gave_up=gave_up)
                 new_states.append((dict(pas, h=pas["h"] + dh_rec), dp_sum, next_inputs))
             return new_states, gave_up
 
@@ -790,6 +795,15 @@ def _load_fresh(ref, interpret):
     from jax.experimental.pallas import triton as pl_triton
 
     return pl_triton.load(ref, volatile=True)
+
+
+def stale(gave_up, value):
+    """value, or NaN once this program gave up: a barrier it no longer waits at does not order the
+    other programs' stores before its loads, so what it reads of their values may be stale. Every
+    fresh read goes through here, so that all it computes from then on is NaN (a program's own
+    values, such as a padded row's carried state, stay right) and no result is finite but wrong.
+    A scalar added, not a select per element: that spilled 8 bytes in the MGU's bf16 forward."""
+    return value + jnp.where(gave_up, jnp.float32(jnp.nan), jnp.float32(0.0)).astype(value.dtype)
 
 
 def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):

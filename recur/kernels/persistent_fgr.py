@@ -78,7 +78,8 @@ def run_forward(us_T, W_h, R, h0, c0, g0, mask_T=None, *, dtype, keep=False, sav
             states, gave_up = carry
             new_states = []
             for (ib, iu), (s, pv, (u, m)) in zip(blocks, states):
-                c, tg, tc = _gates(grid, u, (zq_ref, 0, wh_ref), (zq_ref, H, wr_ref), t, ib, iu, s["c"], pv, gates)
+                c, tg, tc = _gates(grid, u, (zq_ref, 0, wh_ref), (zq_ref, H, wr_ref), t, ib, iu, s["c"], pv, gates,
+                                   gave_up=gave_up)
                 new = {"h": gates.output_gate(tg) * tc, "c": c, "g": [_sigmoid_of(tg[g]) for g in IFO]}
                 if has_mask:
                     mm = m[:, None] != 0
@@ -209,11 +210,11 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
             gave_up = barrier(i + 1, gave_up)
             new_states = []
             for (ib, iu), (pas, pv, next_inputs) in zip(blocks, passing):
-                (dh_rec,) = grid.product(comm_ref, t, ib, wh_ref, G, [(0, U)], w_row=iu * G)
+                (dh_rec,) = grid.product(comm_ref, t, ib, wh_ref, G, [(0, U)], w_row=iu * G, gave_up=gave_up)
                 dg = pas["g"]
                 for k, g in enumerate(IFO):  # d (i, f, o)_{t-1} = d pre_{i,f,o} R_gates, one pre block at a time
                     part = grid.product(comm_ref, t, ib, wr_ref, H, [(iu * 3 * U + j * U, U) for j in range(3)],
-                                        src_col=g * H, w_row=k * H)
+                                        src_col=g * H, w_row=k * H, gave_up=gave_up)
                     dg = [a + b for a, b in zip(dg, part)]
                 new_states.append(({"h": pas["h"] + dh_rec, "c": pas["c"], "g": dg}, pv, next_inputs))
             return new_states, gave_up
@@ -231,14 +232,16 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
     return outs[0], {"h": dh0, "c": dc0, "gates": dg0}
 
 
-def _gates(grid, u, h_src, g_src, t, ib, iu, c_prev, pv, gates, fresh=True, kb=None):
+def _gates(grid, u, h_src, g_src, t, ib, iu, c_prev, pv, gates, fresh=True, kb=None, gave_up=None):
     """(c_t, the gate tanh (4 blocks), act(c_t)) of block (ib, iu) at step t: u its projected
     inputs; h_src, g_src: (ref, first column, W by program) of h and of the gates (i, f, o)
-    entering the step, for the products W_h h (depth H) and R_gates (i, f, o) (depth 3H)."""
+    entering the step, for the products W_h h (depth H) and R_gates (i, f, o) (depth 3H); gave_up:
+    the program's flag, for fresh reads."""
     H = grid.H
     (h_ref, h_col, wh_ref), (g_ref, g_col, wr_ref) = h_src, g_src
-    rec = grid.gate_product(h_ref, t, ib, iu, wh_ref, H, 4, src_col=h_col, fresh=fresh, kb=kb)
-    rec_g = grid.gate_product(g_ref, t, ib, iu, wr_ref, 3 * H, 3, src_col=g_col, fresh=fresh, kb=kb)
+    kw = dict(fresh=fresh, kb=kb, gave_up=gave_up)
+    rec = grid.gate_product(h_ref, t, ib, iu, wh_ref, H, 4, src_col=h_col, **kw)
+    rec_g = grid.gate_product(g_ref, t, ib, iu, wr_ref, 3 * H, 3, src_col=g_col, **kw)
     pre = [u[g] + rec[g] for g in range(4)]
     for k, g in enumerate(IFO):
         pre[g] = pre[g] + rec_g[k]

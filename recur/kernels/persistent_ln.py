@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from recur.cells import base
-from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, gates_of
+from recur.kernels.persistent import PLAIN, RECOMPUTE_KB, Kernels, gates_of, stale
 from recur.kernels.persistent_proj import layout_problem
 
 EPS = 1e-5  # recur.cells.base.normalised's
@@ -63,19 +63,20 @@ class _Sums:
     def put(self, ref, ib, iu, value):
         ref[iu, self.grid.rows(ib)] = value
 
-    def get(self, ref, ib):
-        """[NP, BB]: every program's partial sums for row block ib, read fresh."""
+    def get(self, ref, ib, gave_up):
+        """[NP, BB]: every program's partial sums for row block ib, read fresh (NaN once this
+        program gave up: persistent.stale)."""
         from recur.kernels.persistent import _load_fresh
 
-        return _load_fresh(ref.at[pl.ds(0, self.NP), self.grid.rows(ib)], self.grid.interpret)
+        return stale(gave_up, _load_fresh(ref.at[pl.ds(0, self.NP), self.grid.rows(ib)], self.grid.interpret))
 
-    def total(self, ref, ib):
-        return jnp.sum(self.get(ref, ib), axis=0)[:, None]
+    def total(self, ref, ib, gave_up):
+        return jnp.sum(self.get(ref, ib, gave_up), axis=0)[:, None]
 
-    def mean_inv(self, s_ref, q_ref, ib, width):
+    def mean_inv(self, s_ref, q_ref, ib, width, gave_up):
         """Row mean and 1 / std [BB, 1] of the rows' values whose programs each wrote the sum and
         the squared deviation from their own mean of ``width`` columns."""
-        s, q = self.get(s_ref, ib), self.get(q_ref, ib)
+        s, q = self.get(s_ref, ib, gave_up), self.get(q_ref, ib, gave_up)
         n = width * self.grid.nu
         mean = jnp.sum(s, axis=0) / n
         dev = s / width - mean[None, :]
@@ -161,7 +162,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=T
             states, gave_up = carry
             recs = []
             for (ib, iu), _ in zip(blocks, states):  # W_h h for this program's units, its partial moments
-                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, n, kb=KBP)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, n, kb=KBP, gave_up=gave_up)
                 s_r, q_r = _partial_moments(rec)
                 sums.put(rs_ref, ib, iu, s_r)
                 sums.put(rq_ref, ib, iu, q_r)
@@ -169,7 +170,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=T
             gave_up = barrier(per * t + 2, gave_up)
             mids = []
             for (ib, iu), (s, (gh, bh, _, _, pv), (u, _)), rec in zip(blocks, states, recs):
-                mean_r, inv_r = sums.mean_inv(rs_ref, rq_ref, ib, n * U)
+                mean_r, inv_r = sums.mean_inv(rs_ref, rq_ref, ib, n * U, gave_up)
                 r_hat = [(r - mean_r) * inv_r for r in rec]
                 c, o, tg = gates.forward([u[g] + r_hat[g] * gh[g] + bh[g] for g in range(n)], s["c"], pv)
                 s_c, q_c = _partial_moments([c])
@@ -180,7 +181,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=T
             new_states = []
             for (ib, iu), (s, p, (u, m)), (tg, c, o, r_hat, (mean_r, inv_r)) in zip(blocks, states, mids):
                 _, _, gc, bc, _ = p
-                mean_c, inv_c = sums.mean_inv(cs_ref, cq_ref, ib, U)
+                mean_c, inv_c = sums.mean_inv(cs_ref, cq_ref, ib, U, gave_up)
                 c_hat = (c - mean_c) * inv_c
                 tc = gates.act(c_hat * gc + bc)
                 new = {"h": o * tc if proj is None else s["h"], "c": c}  # with W_p, h_t after the next barrier
@@ -203,7 +204,7 @@ def run_forward(us_T, W_h, ln, h0, c0, mask_T=None, *, dtype, keep=False, save=T
             if proj:  # each program's block of h_t = W_p m_t
                 gave_up = barrier(4 * t + 4, gave_up)
                 for (ib, iu), (s, _, (_, m)), (new, _, _) in zip(blocks, states, new_states):
-                    (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(proj.cols(iu), proj.UP)])
+                    (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(proj.cols(iu), proj.UP)], gave_up=gave_up)
                     if has_mask:
                         h_new = jnp.where(m[:, None] != 0, h_new, s["h"])
                     new["h"] = jnp.where(gave_up, jnp.nan, h_new)
@@ -347,7 +348,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
                 inputs_t = step_inputs(t, ib, iu, p) if late else ahead
                 tg, tc, _, c_hat, _, _, _, dh_out, m = inputs_t
                 if proj:  # d m_t for this program's units: every P column of d h_t times W_p's columns of them
-                    (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
+                    (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP, gave_up=gave_up)
                     d = {"h": dm, "c": d["c"]}
                 if has_mask:  # a padded step passes the carry's cotangent through (with W_p, d m_t
                     # holds only the live part of h's already, and the outputs' cotangent: not masked)
@@ -362,7 +363,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
             seconds = []
             for (ib, iu), (_, (gh, _, _, _, pv), acc, _), (inputs_t, d, dh, dx, d_tc) in zip(blocks, states, firsts):
                 tg, tc, r_hat, c_hat, _, c_inv, cp, _, _ = inputs_t
-                m1, m2 = sums.total(a1_ref, ib) / H, sums.total(a2_ref, ib) / H
+                m1, m2 = sums.total(a1_ref, ib, gave_up) / H, sums.total(a2_ref, ib, gave_up) / H
                 dc = d["c"] + c_inv * (dx - m1 - c_hat * m2)
                 d_pre, d_prev = gates.backward(tg, cp, dc, dh * tc, pv)
                 dxr = [dp * g for dp, g in zip(d_pre, gh)]  # LN(W_h h)'s d x_hat
@@ -378,7 +379,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
             passing = []
             for (ib, iu), (d_in, p, _, _), (inputs_t, *_), (d_prev, dxr, acc) in zip(blocks, states, firsts, seconds):
                 _, _, r_hat, _, r_inv, _, _, _, m = inputs_t
-                m1, m2 = sums.total(b1_ref, ib) / G, sums.total(b2_ref, ib) / G
+                m1, m2 = sums.total(b1_ref, ib, gave_up) / G, sums.total(b2_ref, ib, gave_up) / G
                 for g in range(n):
                     drec = r_inv * (dxr[g] - m1 - r_hat[g] * m2)
                     write(drec_ref, t, ib, iu, g, drec, gave_up)
@@ -392,11 +393,11 @@ def run_backward(dhs_T, saved, c_prev, W_h, ln, dh_T, dc_T, mask_T=None, *, dtyp
             new_states = []
             for (ib, iu), (_, p, _, _), (pas, ahead), (_, _, acc) in zip(blocks, states, passing, seconds):
                 if proj is None:
-                    (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G)
+                    (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(0, U)], w_row=iu * G, gave_up=gave_up)
                     new_states.append((dict(pas, h=pas["h"] + dh_rec), p, acc, ahead))
                     continue
                 # this program's P block of d h_{t-1} = d rec_t W_h, then step t - 1's whole d h
-                (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(proj.cols(iu), proj.UP)])
+                (dh_rec,) = grid.product(comm_ref, t, ib, w_ref, G, [(proj.cols(iu), proj.UP)], gave_up=gave_up)
                 last = dh_rec + pas["h"]
                 d = {"h": put_dh(t - 1, ib, iu, last, gave_up), "c": pas["c"], "last": last}
                 new_states.append((d, p, acc, ahead))

@@ -157,7 +157,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
             states, gave_up = carry
             mids = []
             for (ib, iu), ((h, c), (u, m)) in zip(blocks, states):
-                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, n, kb=KBP)
+                rec = grid.gate_product(hq_ref, t, ib, iu, w_ref, P, n, kb=KBP, gave_up=gave_up)
                 c_t, o, tg = gates.forward([a + b for a, b in zip(u, rec)], c, peeps(iu))
                 tc = gates.act(c_t)
                 c_new = jnp.where(m[:, None] != 0, c_t, c) if has_mask else c_t
@@ -174,7 +174,7 @@ def run_forward(us_T, W_h, W_p, h0, c0, mask_T=None, *, dtype, keep=False, save=
             gave_up = barrier(2 * t + 2, gave_up)
             new_states = []
             for (ib, iu), ((h, _), (u, m)), c_new in zip(blocks, states, mids):
-                (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(pcols(iu), proj.UP)])
+                (h_new,) = grid.product(mq_ref, t, ib, wp_ref, H, [(pcols(iu), proj.UP)], gave_up=gave_up)
                 if has_mask:
                     h_new = jnp.where(m[:, None] != 0, h_new, h)
                 h_new = jnp.where(gave_up, jnp.nan, h_new)
@@ -278,7 +278,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
                 pv = peeps(iu)
                 tg, tc, cp, m = step_inputs(t, ib, iu, pv) if late else ahead
                 # d m_t for this program's units: every P column of d h_t times W_p's columns of them
-                (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP)
+                (dm,) = grid.product(dh_comm, t + 1, ib, wp_ref, P, [(iu * U, U)], kb=KBP, gave_up=gave_up)
                 d_c = jnp.where(m, dc, 0.0) if has_mask else dc
                 d_c = d_c + dm * gates.output_gate(tg) * gates.act_grad(tc)
                 d_pre, d_prev = gates.backward(tg, cp, d_c, dm * tc, pv)
@@ -291,7 +291,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, W_p, dh_T, dc_T, mask_T=None, *, dty
             new_states, dcarries = [], []
             for (ib, iu), (passing, _, _), dc_prev in zip(blocks, states, firsts):
                 # this program's P block of d h_{t-1} = d pre_t W_h, then step t - 1's whole d h
-                (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), proj.UP)])
+                (dh,) = grid.product(du_comm, t, ib, wh_ref, G, [(pcols(iu), proj.UP)], gave_up=gave_up)
                 dcarries.append(dh + passing)
                 new_states.append((put_dh(t - 1, ib, iu, dcarries[-1], gave_up), dc_prev,
                                    None if late else step_inputs(t - 1, ib, iu, peeps(iu))))

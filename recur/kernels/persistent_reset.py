@@ -105,7 +105,7 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, sav
             states, gave_up = carry
             mids = []
             for (ib, iu), (h, bias, (u, m)) in zip(blocks, states):
-                pre = grid.gate_product(hq_ref, t, ib, iu, wg_ref, H, k)
+                pre = grid.gate_product(hq_ref, t, ib, iu, wg_ref, H, k, gave_up=gave_up)
                 pre = [u[g] + p + (bias[g] if has_bias else 0.0) for g, p in enumerate(pre)]
                 rho, z, gate_values = _gates(spec, pre)
                 mq_ref[t, rows(ib), units(iu)] = (rho * h).astype(cdt)
@@ -113,7 +113,7 @@ def run_forward(spec, us_T, W_h, b_h, h0, mask_T=None, *, dtype, keep=False, sav
             gave_up = barrier(2 * t + 2, gave_up)
             new_states = []
             for (ib, iu), (h, bias, (u, m)), (z, gate_values) in zip(blocks, states, mids):
-                (rec_n,) = grid.product(mq_ref, t, ib, wn_ref, H, [(iu * U, U)])
+                (rec_n,) = grid.product(mq_ref, t, ib, wn_ref, H, [(iu * U, U)], gave_up=gave_up)
                 rec_n = rec_n + (bias[k] if has_bias else 0.0)
                 n = jnp.tanh(u[k] + rec_n)
                 h_new = (1.0 - z) * n + z * h
@@ -229,7 +229,7 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             seconds = []
             for (ib, iu), (dz, passing, (gates, h)) in zip(blocks, firsts):
                 # d m for this program's units: every unit's d pre_n times W_n's columns of them
-                (dm,) = grid.product(comm_ref, t, ib, wn_ref, H, [(iu * U, U)], src_col=k * H)
+                (dm,) = grid.product(comm_ref, t, ib, wn_ref, H, [(iu * U, U)], src_col=k * H, gave_up=gave_up)
                 if spec.mgu:  # f is the reset gate and 1 - z
                     f = gates[0]
                     write(t, ib, iu, 0, (dm * h - dz) * f * (1.0 - f), gave_up)
@@ -241,7 +241,8 @@ def run_backward(spec, dhs_T, saved, h_prev, W_h, dh_T, mask_T=None, *, dtype, i
             gave_up = barrier(2 * i + 2, gave_up)
             new_states = []
             for (ib, iu), passing in zip(blocks, seconds):
-                (dh_rec,) = grid.product(comm_ref, t, ib, wg_ref, k * H, [(0, U)], w_row=iu * k * H)
+                (dh_rec,) = grid.product(comm_ref, t, ib, wg_ref, k * H, [(0, U)], w_row=iu * k * H,
+                                         gave_up=gave_up)
                 new_states.append((passing + dh_rec, None if late else step_inputs(t - 1, ib, iu)))
             return new_states, gave_up
 
