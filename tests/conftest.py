@@ -5,11 +5,19 @@
   executable keeps its own memory mappings, and one xdist worker runs ~500 tests: without this,
   a worker reached the kernel's limit of 65,530 mappings (vm.max_map_count) late in the run,
   after which XLA's compiler segfaulted or threads could not start ("can't start new thread").
+- XLA optimises little (jax_disable_most_optimizations, also for the subprocesses that tests
+  start): the suite's time is mostly compiling small programs that then run once, and this cuts
+  it by about a third. Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimised programs.
 """
-import jax
-import pytest
+import os
+
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false"))
 
 
 @pytest.fixture(autouse=True, scope="module")
