@@ -15,7 +15,8 @@ jax.experimental.rnn.lstm (cuDNN, fp32), Flax nn.RNN(OptimizedLSTMCell), recur's
 (``mode="sequential"``; unrolled 8 steps on a GPU) and recur's loop kernel (``mode="kernel"``,
 which falls back to the sequential scan with a printed notice where the kernel does not lower)
 for every cell in --cells, and ``mode="auto"`` for the plain LSTM; --modes picks others.
-Part 2, linear cells: minGRU's scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
+Part 2, linear cells (--linear-cells: minGRU, and the LRU, whose complex numbers the kernel takes
+as their two parts): the scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
 
@@ -244,12 +245,16 @@ def part1(args, have_torch, gpu, rows, save):
                 save()
 
 
+LINEAR_NAMES = {"mingru": "minGRU", "minlstm": "minLSTM", "lru": "LRU"}
+
+
 def part2(args, rows, save):
     B, S = args.linear_batch, args.linear_hidden
-    cell = recur.get_cell("mingru", S)
-    params = cell.init(jax.random.key(0), S)
     peak = peak_gbs()
-    for T in args.linear_lengths:
+    for cell_name, T in ((c, T) for c in args.linear_cells.split(",") for T in args.linear_lengths):
+        cell = recur.get_cell(cell_name, S)
+        params = cell.init(jax.random.key(0), S)
+        label = LINEAR_NAMES.get(cell_name, cell_name)
         xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
         fns = {}
         for mode in ("parallel", "kernel"):
@@ -257,13 +262,16 @@ def part2(args, rows, save):
                 g = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(recur.scan(cell, p, x, mode=mode)[0])),
                                      argnums=(0, 1)))
                 return lambda: _block(g(params, xs))
-            fns[f"minGRU {mode}"] = make
+            fns[f"{label} {mode}"] = make
         RESULTS.clear()
+        ref = f"{label} parallel"
         for name, (compile_s, t) in _time(fns, args.repeats).items():
-            err = rel_err(RESULTS[name], RESULTS["minGRU parallel"]) if name != "minGRU parallel" and "minGRU parallel" in RESULTS else ""
+            err = rel_err(RESULTS[name], RESULTS[ref]) if name != ref and ref in RESULTS else ""
             # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
-            # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db
-            gb = B * T * S * 4 * (5 + 7) / 1e9
+            # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db (complex
+            # numbers: twice the bytes; the LRU's state size is H)
+            width = 8 if jnp.issubdtype(jax.eval_shape(lambda: cell.initial_carry(1)).dtype, jnp.complexfloating) else 4
+            gb = B * T * S * width * (5 + 7) / 1e9
             bw = gb / t
             rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                              ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
@@ -321,6 +329,7 @@ def main(argv=None):
     p.add_argument("--linear-lengths", default="512,4096,16384,65536")
     p.add_argument("--linear-batch", type=int, default=8)
     p.add_argument("--linear-hidden", type=int, default=256)
+    p.add_argument("--linear-cells", default="mingru,lru", help="part 2's cells (linear in their state)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--modes", default="", help="recur.scan modes timed for every cell (default: sequential "
                                                "and kernel, and auto for the LSTM); MODE+REMAT adds a remat, "
@@ -329,7 +338,7 @@ def main(argv=None):
                    help="the comparison systems of part 1: torch (cuDNN), jax-cudnn, lax, flax")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     p.add_argument("--parts", default="cells,linear,scan",
-                   help="cells (part 1), linear (part 2: minGRU's training step), scan (part 3: the bare recurrence)")
+                   help="cells (part 1), linear (part 2: the linear cells' training step), scan (part 3: the bare recurrence)")
     p.add_argument("--out", default="", help="write OUT.md and OUT.csv (rewritten after every shape, so a run "
                                               "cut short keeps what it measured)")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ Semantics, for batch row b:
   its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
   a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
-  (no GPU, a cell the GPU back end cannot lower, a complex state, remat other than "step" with
+  (no GPU, a cell the GPU back end cannot lower, remat other than "step" with
   the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
   through cuDNN (``jax.experimental.rnn``) on a GPU, falling back the same way for anything

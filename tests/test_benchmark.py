@@ -22,7 +22,7 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
 
 def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     """experiments/bench_gpu.py at tiny shapes: every recur row, the bare-scan rows and (with
-    --parts linear alone) both minGRU rows are measured."""
+    --parts linear alone) both rows of minGRU and of the LRU are measured."""
     import warnings
 
     from experiments import bench_gpu
@@ -51,9 +51,11 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     rows = bench_gpu.main(["--smoke", "--parts", "linear", "--out", str(tmp_path / "lin")])
     assert {r["part"] for r in rows} == {"linear"}
-    assert {r["T"] for r in rows if r["system"] == "minGRU kernel"} == {16, 64}
+    for system in ("minGRU kernel", "LRU kernel"):
+        assert {r["T"] for r in rows if r["system"] == system} == {16, 64}
+    assert all(float(r["err_vs_seq"]) < 1e-5 for r in rows if r["system"] == "LRU kernel")  # vs its associative scan
     with open(tmp_path / "lin.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 4
+        assert len(list(csv.DictReader(f))) == len(rows) == 8
 
 
 def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):

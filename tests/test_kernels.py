@@ -21,7 +21,6 @@ from recur.kernels.loop import kernel_loop
 from recur.kernels.pad import padded
 from test_scan import B, T, make, random_carry
 
-REAL_CASES = [n for n in CASES if not n.startswith("lru")]  # the LRU's state is complex: no kernel
 
 
 @pytest.fixture
@@ -42,13 +41,13 @@ def _assert_close(want, got, tol, what):
 def _loss_and_grad(cell, mode, kwargs, w):
     def loss(p, x, c0, rc):
         hs, carry = recur.scan(cell, p, x, initial_carry=c0, reset_carry=rc, mode=mode, **kwargs)
-        last = sum(jnp.sum(l ** 2) for l in _float_leaves(carry))
+        last = sum(jnp.sum(jnp.abs(l) ** 2) for l in _float_leaves(carry))  # the LRU's is complex
         return jnp.sum(jnp.sin(hs) * w) + last, (hs, carry)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True, allow_int=True))
 
 
-@pytest.mark.parametrize("name", REAL_CASES)
+@pytest.mark.parametrize("name", CASES)
 def test_kernel_equals_sequential(name, interpret):
     """Outputs, final carry and every gradient (params, inputs, initial and reset carry), float64."""
     with jax.enable_x64(True):
@@ -112,19 +111,23 @@ def test_kernel_loop_blocks_rows_and_matches_lax_scan():
             kernel_loop(body, k, rows, c0, xs, block_b=3)
 
 
-@pytest.mark.parametrize("steps", [1, 8])
+@pytest.mark.parametrize("steps,cx", [(1, False), (8, False), (1, True)])
 @pytest.mark.parametrize("T_", [7, 64, 320])
-def test_linear_recurrence_chunks(T_, steps, monkeypatch):
+def test_linear_recurrence_chunks(T_, steps, cx, monkeypatch):
     """One chunk (T=7), two (64 = 2 x 32) and ten (320 = 10 x 32); values and gradients; each
-    program loading one step at a time or blocks of 8 (linear.STEP_BLOCK; T=7 stays at 1)."""
+    program loading one step at a time or blocks of 8 (linear.STEP_BLOCK; T=7 stays at 1); and
+    complex a and b (the LRU's: the kernels run on their real and imaginary parts)."""
     from recur.kernels import linear
 
     monkeypatch.setattr(linear, "STEP_BLOCK", steps)
     with jax.enable_x64(True):
-        ka, kb, kw = jax.random.split(jax.random.key(T_), 3)
+        ka, kb, kw, kt, kc = jax.random.split(jax.random.key(T_), 5)
         a = jax.random.uniform(ka, (2, T_, 40), jnp.float64, 0.5, 1.0)
         b = jax.random.normal(kb, (2, T_, 40), jnp.float64)
         w = jax.random.normal(kw, (2, T_, 40), jnp.float64)
+        if cx:  # |a| < 1 at any angle
+            a = a * jnp.exp(1j * jax.random.uniform(kt, a.shape, jnp.float64, -3.0, 3.0))
+            b = jax.lax.complex(b, jax.random.normal(kc, b.shape, jnp.float64))
 
         def ref(a, b):
             def body(s, ab):
@@ -134,8 +137,11 @@ def test_linear_recurrence_chunks(T_, steps, monkeypatch):
             swap = lambda x: jnp.swapaxes(x, 0, 1)
             return swap(jax.lax.scan(body, jnp.zeros_like(b[:, 0]), (swap(a), swap(b)))[1])
 
+        assert linear_recurrence(a, b).dtype == b.dtype
         _assert_close(ref(a, b), linear_recurrence(a, b), 1e-12, "states")
-        grad = lambda f: jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b)) * w), argnums=(0, 1))(a, b)
+        # a real loss of both parts, so that complex cotangents have both parts too
+        part = lambda s: jnp.real(s) + jnp.imag(s) ** 2 if cx else s
+        grad = lambda f: jax.grad(lambda a, b: jnp.sum(jnp.sin(part(f(a, b))) * w), argnums=(0, 1))(a, b)
         _assert_close(grad(ref), grad(linear_recurrence), 1e-11, "gradients")
 
 
@@ -282,10 +288,6 @@ def test_cudnn_falls_back_for_what_it_cannot_run(interpret, monkeypatch):
 
 
 def test_unsupported_combinations_fall_back(interpret):
-    cell, params, xs = make("lru")
-    with pytest.warns(dispatch.KernelFallback, match="complex state"):
-        hs, _ = recur.scan(cell, params, xs, mode="kernel")
-    assert np.allclose(hs, recur.scan(cell, params, xs)[0], atol=1e-6)
     cell, params, xs = make("lstm")
     with pytest.warns(dispatch.KernelFallback, match="remat='step'"):
         hs, _ = recur.scan(cell, params, xs, mode="kernel", remat="step")
@@ -303,7 +305,7 @@ def test_block_rows():
 # The cells whose kernels the Triton back end lowers (power-of-2 sizes); docs/kernels.md lists
 # them. The others fall back on a GPU (dispatch probes the lowering before choosing).
 GPU_CELLS = ["elman", "elman:relu", "lstm", "lstm:peepholes", "lstm:ln", "lstm:niaf", "lstm:noaf",
-             "mgu", "indrnn", "clockwork", "mingru", "minlstm",
+             "mgu", "indrnn", "clockwork", "mingru", "minlstm", "lru",
              # 3 gate blocks, padded to 4 (recur/kernels/pad.py)
              "gru", "gru:cho", "lstm:cifg", "lstm:nig", "lstm:nfg", "lstm:nog", "lstm:cifg,peepholes"]
 

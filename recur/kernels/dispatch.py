@@ -109,8 +109,9 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
         return "sequential", False, (None if mode == "auto" else
                                      f"mode={mode!r} needs a GPU (backend is {jax.default_backend()})")
     carry = jax.eval_shape(lambda: cell.initial_carry(B))
-    if _complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating):
-        return plain, False, f"the kernels take real numbers; {cell.name} has a complex state"
+    if wanted != "linear" and (_complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating)):
+        # (the linear kernel takes complex numbers as their two parts: the LRU)
+        return plain, False, f"the recurrent kernels take real numbers; {cell.name} has a complex state"
     if wanted == "loop" and T > 0:
         from recur.kernels import persistent
 

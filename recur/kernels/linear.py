@@ -21,6 +21,12 @@ produces both in its final pass, reading a, g and s once more.
 
 The initial state is 0: recur.scan folds the carry (and resets, and padding) into (a, b)
 before calling this, as its associative scan does.
+
+Complex a and b (the LRU's diagonal recurrence): Triton has no complex numbers, so each complex
+array enters and leaves the kernels as its real and imaginary parts, and the kernels' code runs
+unchanged on :class:`_Cx` values, whose + and * are the complex ones (one load per part and
+step: STEP_BLOCK is 1 for them). The backward formulas are the same: JAX's cotangents transpose
+the products, without conjugation.
 """
 from __future__ import annotations
 
@@ -57,14 +63,94 @@ def _block_s(S):
     return S
 
 
+@jax.tree_util.register_pytree_node_class
+class _Cx:
+    """A complex value in a kernel as its real and imaginary float arrays; + and * are complex."""
+
+    def __init__(self, re, im):
+        self.re, self.im = re, im
+
+    def __add__(self, other):
+        return _Cx(self.re + other.re, self.im + other.im)
+
+    def __mul__(self, other):
+        return _Cx(self.re * other.re - self.im * other.im, self.re * other.im + self.im * other.re)
+
+    def astype(self, dtype):
+        return _Cx(self.re.astype(dtype), self.im.astype(dtype))
+
+    def tree_flatten(self):
+        return (self.re, self.im), None
+
+    @classmethod
+    def tree_unflatten(cls, _, parts):
+        return cls(*parts)
+
+
+class _CxRef:
+    """The refs of a complex array's two parts, read and written as :class:`_Cx` values."""
+
+    def __init__(self, re, im):
+        self.re, self.im = re, im
+
+    @property
+    def dtype(self):
+        return self.re.dtype
+
+    def __getitem__(self, idx):
+        return _Cx(self.re[idx], self.im[idx])
+
+    def __setitem__(self, idx, value):
+        self.re[idx] = value.re
+        self.im[idx] = value.im
+
+
+def _is_complex(dtype):
+    return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def _part(dtype):
+    """The dtype a kernel computes in: a complex dtype's parts' (float32 for complex64)."""
+    return jnp.finfo(dtype).dtype if _is_complex(dtype) else jnp.dtype(dtype)
+
+
+def _full(value, n, dtype):
+    """[n] of value in dtype (a complex dtype: a :class:`_Cx` of real value and 0)."""
+    x = jnp.full((n,), value, _part(dtype))
+    return _Cx(x, jnp.zeros_like(x)) if _is_complex(dtype) else x
+
+
+def _where(cond, x):
+    """x where cond, else 0 (x an array or a :class:`_Cx`)."""
+    return jax.tree.map(lambda v: jnp.where(cond, v, jnp.zeros_like(v)), x)
+
+
 def _call(kernel, outs, grid, in_specs, out_specs, interpret, args):
+    """pallas_call with complex arrays among args and outs passed as their two parts: kernel sees
+    a :class:`_CxRef` for each."""
+    single = not isinstance(outs, (list, tuple))
+    outs, out_specs = ([outs], [out_specs]) if single else (list(outs), list(out_specs))
+    cx_in = [_is_complex(a.dtype) for a in args]
+    cx_out = [_is_complex(o.dtype) for o in outs]
+    twice = lambda items, flags: [x for x, c in zip(items, flags) for x in ((x, x) if c else (x,))]
+    flat_args = [x for a, c in zip(args, cx_in) for x in ((jnp.real(a), jnp.imag(a)) if c else (a,))]
+    flat_outs = twice([jax.ShapeDtypeStruct(o.shape, _part(o.dtype)) for o in outs], cx_out)
+
+    def body(*refs):
+        it = iter(refs)
+        group = lambda flags: [_CxRef(next(it), next(it)) if c else next(it) for c in flags]
+        ins = group(cx_in)
+        kernel(*ins, *group(cx_out))
+
     kw = {}
     if not interpret:
         from recur.kernels.loop import _triton_params
 
         kw["compiler_params"] = _triton_params(4)
-    return pl.pallas_call(kernel, out_shape=outs, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=interpret, **kw)(*args)
+    res = iter(pl.pallas_call(body, out_shape=flat_outs, grid=grid, in_specs=twice(in_specs, cx_in),
+                              out_specs=twice(out_specs, cx_out), interpret=interpret, **kw)(*flat_args))
+    res = [jax.lax.complex(next(res), next(res)) if c else next(res) for c in cx_out]
+    return res[0] if single else res
 
 
 def _seq_spec(T, Sb):
@@ -77,12 +163,12 @@ def _chunk_spec(Sb):
     return pl.BlockSpec((1, 1, Sb), lambda b, j, c: (b, c, j))
 
 
-def _tiling(B, T, S):
+def _tiling(B, T, S, dtype):
     """(Sb, L, K) for [B, T, S] sequences: state units per program, steps per chunk, and steps a
-    program loads at once (STEP_BLOCK where it divides the chunk, else 1)."""
+    program loads at once (STEP_BLOCK where it divides the chunk, else 1; complex: 1)."""
     Sb = _block_s(S)
     L = _chunk(T, B * (S // Sb))
-    return Sb, L, (STEP_BLOCK if STEP_BLOCK > 1 and L % STEP_BLOCK == 0 else 1)
+    return Sb, L, (STEP_BLOCK if STEP_BLOCK > 1 and L % STEP_BLOCK == 0 and not _is_complex(dtype) else 1)
 
 
 def _load_rows(ref, t0, K, acc):
@@ -109,8 +195,7 @@ def _store_rows(ref, t0, rows):
 
 def _after(a_ref, t, T, acc):
     """a_t, the coefficient that carries step t's value back to step t - 1; 0 for t = T."""
-    at = a_ref[0, jnp.minimum(t, T - 1), :].astype(acc)
-    return jnp.where(t < T, at, jnp.zeros_like(at))
+    return _where(t < T, a_ref[0, jnp.minimum(t, T - 1), :].astype(acc))
 
 
 def _entering(a, x, reverse, acc, interpret):
@@ -121,19 +206,20 @@ def _entering(a, x, reverse, acc, interpret):
     parallel, then the maps combined in time order (reverse: from the last chunk back).
     """
     B, T, S = x.shape
-    Sb, L, K = _tiling(B, T, S)
+    Sb, L, K = _tiling(B, T, S, acc)
     n = T // L
     if n == 1:
         return jnp.zeros((B, 1, S), acc)
 
     def summary(a_ref, x_ref, p_ref, q_ref):
         c = pl.program_id(2)
-        one, zero = jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)
+        one, zero = _full(1.0, Sb, acc), _full(0.0, Sb, acc)
+        acc_ = _part(acc)
         if not reverse:
             def body(j, pq):
                 p, q = pq
                 t0 = c * L + j * K
-                for a_t, x_t in zip(_load_rows(a_ref, t0, K, acc), _load_rows(x_ref, t0, K, acc)):
+                for a_t, x_t in zip(_load_rows(a_ref, t0, K, acc_), _load_rows(x_ref, t0, K, acc_)):
                     p, q = p * a_t, a_t * q + x_t
                 return p, q
 
@@ -142,12 +228,12 @@ def _entering(a, x, reverse, acc, interpret):
             def body(j, pqa):
                 p, q, after = pqa  # after: a_{t+1} for the step t about to run
                 t0 = c * L + L - (j + 1) * K
-                a_rows, x_rows = _load_rows(a_ref, t0, K, acc), _load_rows(x_ref, t0, K, acc)
+                a_rows, x_rows = _load_rows(a_ref, t0, K, acc_), _load_rows(x_ref, t0, K, acc_)
                 for i in reversed(range(K)):
                     p, q, after = p * after, after * q + x_rows[i], a_rows[i]
                 return p, q, after
 
-            p, q, _ = jax.lax.fori_loop(0, L // K, body, (one, zero, _after(a_ref, c * L + L, T, acc)))
+            p, q, _ = jax.lax.fori_loop(0, L // K, body, (one, zero, _after(a_ref, c * L + L, T, acc_)))
         p_ref[0, 0, :] = p
         q_ref[0, 0, :] = q
 
@@ -160,8 +246,9 @@ def _entering(a, x, reverse, acc, interpret):
 def _forward(a, b, interpret):
     B, T, S = b.shape
     acc = jnp.promote_types(b.dtype, jnp.float32)
-    Sb, L, K = _tiling(B, T, S)
+    Sb, L, K = _tiling(B, T, S, acc)
     s_in = _entering(a, b, False, acc, interpret)
+    acc_ = _part(acc)
 
     def final(a_ref, b_ref, s_in_ref, out_ref):
         c = pl.program_id(2)
@@ -169,7 +256,7 @@ def _forward(a, b, interpret):
         def body(j, s):
             t0 = c * L + j * K
             outs = []
-            for a_t, b_t in zip(_load_rows(a_ref, t0, K, acc), _load_rows(b_ref, t0, K, acc)):
+            for a_t, b_t in zip(_load_rows(a_ref, t0, K, acc_), _load_rows(b_ref, t0, K, acc_)):
                 s = a_t * s + b_t
                 outs.append(s)
             _store_rows(out_ref, t0, outs)
@@ -201,8 +288,9 @@ def _backward(a, s, g, interpret):
     """(da, db) for the cotangent g of the states s of the forward recurrence."""
     B, T, S = g.shape
     acc = s.dtype
-    Sb, L, K = _tiling(B, T, S)
+    Sb, L, K = _tiling(B, T, S, acc)
     e_in = _entering(a, g, True, acc, interpret)
+    acc_ = _part(acc)
 
     def final(a_ref, g_ref, s_ref, e_in_ref, da_ref, db_ref):
         c = pl.program_id(2)
@@ -210,10 +298,10 @@ def _backward(a, s, g, interpret):
         def body(j, ea):
             e, after = ea  # after: a_{t+1}, which carries e_{t+1} back to step t
             t0 = c * L + L - (j + 1) * K
-            a_rows, g_rows = _load_rows(a_ref, t0, K, acc), _load_rows(g_ref, t0, K, acc)
-            s_rows = _load_rows(s_ref, t0, K, acc) if K > 1 else []
-            before = s_ref[0, jnp.maximum(t0 - 1, 0), :].astype(acc)  # s_{t0 - 1}; 0 before the start
-            prev = [jnp.where(t0 > 0, before, jnp.zeros_like(before))] + s_rows[:-1]
+            a_rows, g_rows = _load_rows(a_ref, t0, K, acc_), _load_rows(g_ref, t0, K, acc_)
+            s_rows = _load_rows(s_ref, t0, K, acc_) if K > 1 else []
+            before = s_ref[0, jnp.maximum(t0 - 1, 0), :].astype(acc_)  # s_{t0 - 1}; 0 before the start
+            prev = [_where(t0 > 0, before)] + s_rows[:-1]
             das, dbs = [None] * K, [None] * K
             for i in reversed(range(K)):
                 e = after * e + g_rows[i]
@@ -222,7 +310,7 @@ def _backward(a, s, g, interpret):
             _store_rows(da_ref, t0, das)
             return e, after
 
-        jax.lax.fori_loop(0, L // K, body, (e_in_ref[0, 0, :], _after(a_ref, c * L + L, T, acc)))
+        jax.lax.fori_loop(0, L // K, body, (e_in_ref[0, 0, :], _after(a_ref, c * L + L, T, acc_)))
 
     spec = _seq_spec(T, Sb)
     return _call(final, [jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(g.shape, acc)],
