@@ -269,7 +269,8 @@ def part2(args, rows, save):
             err = rel_err(RESULTS[name], RESULTS[ref]) if name != ref and ref in RESULTS else ""
             # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
             # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db (complex
-            # numbers: twice the bytes; the LRU's state size is H)
+            # numbers: twice the bytes; the LRU's state size is H; not counted: the split of its
+            # complex arrays into parts before the kernels and the join after, which XLA does)
             width = 8 if jnp.issubdtype(jax.eval_shape(lambda: cell.initial_carry(1)).dtype, jnp.complexfloating) else 4
             gb = B * T * S * width * (5 + 7) / 1e9
             bw = gb / t

@@ -7,7 +7,8 @@
   after which XLA's compiler segfaulted or threads could not start ("can't start new thread").
 - XLA optimises little (jax_disable_most_optimizations, also for the subprocesses that tests
   start): the suite's time is mostly compiling small programs that then run once, and this cuts
-  it by about a third. Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimised programs.
+  it by about a third (XLA's HLO passes still run; LLVM's expensive passes do not, so the CPU code
+  tested is not the optimised code users run). Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test that.
 """
 import os
 
@@ -17,7 +18,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false"))
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false", "no", "off", "n", "f"))
 
 
 @pytest.fixture(autouse=True, scope="module")

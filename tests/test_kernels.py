@@ -111,12 +111,13 @@ def test_kernel_loop_blocks_rows_and_matches_lax_scan():
             kernel_loop(body, k, rows, c0, xs, block_b=3)
 
 
-@pytest.mark.parametrize("steps,cx", [(1, False), (8, False), (1, True)])
+@pytest.mark.parametrize("steps,cx", [(1, False), (8, False), (1, True), (8, True)])
 @pytest.mark.parametrize("T_", [7, 64, 320])
 def test_linear_recurrence_chunks(T_, steps, cx, monkeypatch):
     """One chunk (T=7), two (64 = 2 x 32) and ten (320 = 10 x 32); values and gradients; each
     program loading one step at a time or blocks of 8 (linear.STEP_BLOCK; T=7 stays at 1); and
-    complex a and b (the LRU's: the kernels run on their real and imaginary parts)."""
+    complex a and b (the LRU's: the kernels run on their real and imaginary parts, one step at a
+    time whatever STEP_BLOCK is), also with only one of them complex."""
     from recur.kernels import linear
 
     monkeypatch.setattr(linear, "STEP_BLOCK", steps)
@@ -135,14 +136,20 @@ def test_linear_recurrence_chunks(T_, steps, cx, monkeypatch):
                 return s, s
 
             swap = lambda x: jnp.swapaxes(x, 0, 1)
-            return swap(jax.lax.scan(body, jnp.zeros_like(b[:, 0]), (swap(a), swap(b)))[1])
+            return swap(jax.lax.scan(body, jnp.zeros_like(b[:, 0], jnp.result_type(a, b)), (swap(a), swap(b)))[1])
 
         assert linear_recurrence(a, b).dtype == b.dtype
         _assert_close(ref(a, b), linear_recurrence(a, b), 1e-12, "states")
         # a real loss of both parts, so that complex cotangents have both parts too
         part = lambda s: jnp.real(s) + jnp.imag(s) ** 2 if cx else s
-        grad = lambda f: jax.grad(lambda a, b: jnp.sum(jnp.sin(part(f(a, b))) * w), argnums=(0, 1))(a, b)
-        _assert_close(grad(ref), grad(linear_recurrence), 1e-11, "gradients")
+        grad = lambda f, a, b: jax.grad(lambda a, b: jnp.sum(jnp.sin(part(f(a, b))) * w), argnums=(0, 1))(a, b)
+        _assert_close(grad(ref, a, b), grad(linear_recurrence, a, b), 1e-11, "gradients")
+        if cx:  # one of them real (promoted to complex; its gradient real)
+            for a_, b_ in ((jnp.abs(a), b), (a, jnp.real(b))):
+                _assert_close(ref(a_, b_), linear_recurrence(a_, b_), 1e-12, "states, one real")
+                got = grad(linear_recurrence, a_, b_)
+                assert [g.dtype for g in got] == [a_.dtype, b_.dtype]
+                _assert_close(grad(ref, a_, b_), got, 1e-11, "gradients, one real")
 
 
 def test_linear_chunk_length_leaves_enough_programs(monkeypatch):

@@ -216,8 +216,8 @@ def _run(monkeypatch, fn, drop=None, give_up=None, log=None):
     monkeypatch.setattr(persistent, "_load_fresh", fresh)
     monkeypatch.setattr(persistent._Grid, "launch", _eager_launch(log, drop, give_up))
     where = jnp.where
-    monkeypatch.setattr(jnp, "where", lambda c, *a: where(
-        jnp.bool_(log.block == c.block) if isinstance(c, _GaveUp) else c, *a))
+    monkeypatch.setattr(jnp, "where", lambda c, *a, **kw: where(
+        jnp.bool_(log.block == c.block) if isinstance(c, _GaveUp) else c, *a, **kw))
     blocks = persistent._Grid.blocks
     monkeypatch.setattr(persistent._Grid, "blocks", lambda self: _Blocks(blocks(self), log))
     monkeypatch.setattr(jax.lax, "fori_loop",
@@ -312,8 +312,9 @@ def test_what_counts_as_a_race():
 def test_a_program_that_gives_up_leaves_nan_never_a_wrong_number(monkeypatch, name, remat):
     """On a GPU a program gives up at a grid barrier after MAX_SPINS polls without the others
     arriving; from then on, what it reads of their values may be stale. Here one program gives up
-    at each barrier of a middle step (each guards other reads: W_h h, layer norm's statistics, m_t,
-    d m_t, ...) of the forward kernel, then of the backward kernel, and
+    at each barrier of the last two steps (each guards other reads: W_h h, layer norm's statistics,
+    m_t, d m_t, ...; in the last, no later step's NaN covers a finite wrong value) of the forward
+    kernel, then of the backward kernel, and
     its reads of what the others wrote in that launch are off by 0.5 from then on: every result
     of the training step (outputs, final carry, the gradients of the weights, inputs and initial
     carry) is NaN or what it is without the give-up, never a finite wrong number, and some are NaN."""
@@ -342,7 +343,7 @@ def test_a_program_that_gives_up_leaves_nan_never_a_wrong_number(monkeypatch, na
         n = log.arrivals[launch]
         per = n // T  # the barriers per step (and one before the first, or none)
         nan = stale = 0
-        for k in range(n - 2 * per, n - per):  # the last step but one's
+        for k in range(n - 2 * per, n):  # the last step but one's and the last's
             got, run_log = step((launch, k, (0, 1)))
             stale += run_log.stale
             for a, b in zip(want, got):
@@ -351,3 +352,35 @@ def test_a_program_that_gives_up_leaves_nan_never_a_wrong_number(monkeypatch, na
                 assert not wrong.any(), (launch, k, int(wrong.sum()), b.shape)
                 nan += int(np.isnan(b).sum())
         assert stale and nan, (launch, stale, nan)
+
+
+def test_a_program_that_gave_up_no_longer_arrives(monkeypatch):
+    """_grid_barrier's GPU path on a simulated counter (Triton's atomics as Python on an array),
+    three programs, the third never arriving: the first gives up at barrier 1 after MAX_SPINS
+    polls and goes on to barrier 2. Had it arrived there, the counter would reach barrier 1's
+    target of 3 for the second program, which would pass although the third never arrived; it
+    adds nothing, so the second gives up too, and the launch's final count is not programs x
+    arrivals (its ok is false)."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    counter = np.zeros(1, np.int64)
+
+    def atomic_add(ref, idx, val, mask=None):
+        old = int(ref[idx])
+        ref[idx] = old + int(val)
+        return jnp.int32(old)
+
+    def while_loop(cond, body, state):
+        while bool(cond(state)):
+            state = body(state)
+        return state
+
+    monkeypatch.setattr(pl_triton, "atomic_add", atomic_add)
+    monkeypatch.setattr(pl_triton, "debug_barrier", lambda: None)
+    monkeypatch.setattr(persistent, "MAX_SPINS", 4)
+    monkeypatch.setattr(jax.lax, "while_loop", while_loop)
+    barrier = lambda k, gave_up: bool(persistent._grid_barrier(counter, 3, k, jnp.bool_(gave_up), gpu=True))
+    assert barrier(1, False)  # program 0: programs 1 and 2 not there after 4 polls
+    assert barrier(2, True) and counter[0] == 1  # it goes on, without arriving
+    assert barrier(1, False)  # program 1 at barrier 1: 2 arrivals of 3
+    assert counter[0] == 2 != 3 * 2

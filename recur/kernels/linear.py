@@ -318,12 +318,21 @@ def _backward(a, s, g, interpret):
                  (a, g, s, e_in))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear_recurrence(a, b, interpret=True):
     """States s [B, T, S] of s_t = a_t ⊙ s_{t-1} + b_t, s_{-1} = 0 (a, b: [B, T, S]).
 
-    s has dtype promote(b.dtype, float32). ``interpret=False`` compiles for the GPU.
+    s has dtype promote(b.dtype, float32), complex where a or b is (both then enter the kernels
+    complex; JAX takes the real part of a real input's cotangent). ``interpret=False`` compiles
+    for the GPU.
     """
+    if _is_complex(a.dtype) != _is_complex(b.dtype):
+        cx = jnp.result_type(a.dtype, b.dtype, jnp.complex64)
+        a, b = a.astype(cx), b.astype(cx)
+    return _recurrence(a, b, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _recurrence(a, b, interpret):
     return _forward(a, b, interpret)
 
 
@@ -338,4 +347,4 @@ def _bwd(interpret, res, g):
     return da, db.astype(b0.dtype)
 
 
-linear_recurrence.defvjp(_fwd, _bwd)
+_recurrence.defvjp(_fwd, _bwd)

@@ -22,8 +22,9 @@ design in Pallas:
 - then a grid barrier: ``debug_barrier`` (bar.sync, so every thread's stores come before),
   one acq_rel atomic add on a counter, a spin on the counter until every program has arrived,
   ``debug_barrier`` again. The spin is bounded (MAX_SPINS polls): a program that gives up (the
-  grid was not resident, say) goes on instead of hanging, and its reads of the other programs'
-  values are NaN from then on (:func:`stale`), so that what it computes from them is NaN too.
+  grid was not resident, say) goes on instead of hanging, no longer arriving at barriers, and its
+  reads of the other programs' values are NaN from then on (:func:`stale`), so that what it
+  computes from them is NaN too.
 
 With ``keep=True`` the forward kernel also writes what the cell's fused backward step reads (its
 step_saving values); :func:`run_backward` runs the reverse loop on the same grid (d u and d rec for
@@ -210,8 +211,9 @@ class _Grid:
         """Run kernel(in_refs, out_refs, barrier) over the grid; returns (outputs, ok). barrier(arrivals,
         gave_up) is :func:`_grid_barrier` on a zeroed counter of this launch; ok says that the
         counter ended at programs x ``arrivals`` (the barriers the kernel passes), i.e. that it
-        started at zero: a counter that XLA did not give a fresh buffer would let the barriers pass
-        early, and the callers turn their outputs to NaN rather than return a race's results."""
+        started at zero (a counter that XLA did not give a fresh buffer would let the barriers pass
+        early) and that no program gave up (it stops arriving): the callers turn their outputs to
+        NaN rather than return a race's results."""
         n_in, n_programs = len(inputs), 1 if self.interpret else self.nb * self.nu
 
         def body(*refs):  # inputs, the counter in, outputs, the counter out (the same buffer)
@@ -809,13 +811,16 @@ def stale(gave_up, value):
 def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
     """Wait until the counter reaches n_programs * arrivals (this program's arrival included);
     returns gave_up, which becomes true when MAX_SPINS polls pass first (then no later barrier
-    waits either)."""
+    waits either). A program that gave up no longer arrives (it adds 0): its arrivals would run
+    ahead of the barriers they count for and could let another program pass a barrier before a
+    third arrived. The others then wait their MAX_SPINS at the next barrier and give up too, and
+    the launch's ``ok`` (the counter's final value) is false."""
     from jax.experimental.pallas import triton as pl_triton
 
     if gpu:
         pl_triton.debug_barrier()  # every thread's stores of this step precede the arrival
     target = n_programs * arrivals
-    seen = pl_triton.atomic_add(counter_ref, jnp.int32(0), jnp.int32(1)) + 1
+    seen = pl_triton.atomic_add(counter_ref, jnp.int32(0), jnp.where(gave_up, jnp.int32(0), jnp.int32(1))) + 1
 
     def waiting(state):
         seen, spins = state
