@@ -251,35 +251,36 @@ LINEAR_NAMES = {"mingru": "minGRU", "minlstm": "minLSTM", "lru": "LRU"}
 def part2(args, rows, save):
     B, S = args.linear_batch, args.linear_hidden
     peak = peak_gbs()
-    for cell_name, T in ((c, T) for c in args.linear_cells.split(",") for T in args.linear_lengths):
+    for cell_name in args.linear_cells.split(","):
         cell = recur.get_cell(cell_name, S)
         params = cell.init(jax.random.key(0), S)
         label = LINEAR_NAMES.get(cell_name, cell_name)
-        xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
-        fns = {}
-        for mode in ("parallel", "kernel"):
-            def make(mode=mode):
-                g = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(recur.scan(cell, p, x, mode=mode)[0])),
-                                     argnums=(0, 1)))
-                return lambda: _block(g(params, xs))
-            fns[f"{label} {mode}"] = make
-        RESULTS.clear()
-        ref = f"{label} parallel"
-        for name, (compile_s, t) in _time(fns, args.repeats).items():
-            err = rel_err(RESULTS[name], RESULTS[ref]) if name != ref and ref in RESULTS else ""
-            # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
-            # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db (complex
-            # numbers: twice the bytes; the LRU's state size is H; not counted: the split of its
-            # complex arrays into parts before the kernels and the join after, which XLA does)
-            width = 8 if jnp.issubdtype(jax.eval_shape(lambda: cell.initial_carry(1)).dtype, jnp.complexfloating) else 4
-            gb = B * T * S * width * (5 + 7) / 1e9
-            bw = gb / t
-            rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
-                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
-                             err_vs_seq=fmt_err(err),
-                             peak_frac=round(bw / peak, 3) if peak else ""))
-            print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
-        save()
+        # bytes per state value (complex: twice; the LRU's state size is H)
+        width = 8 if jnp.issubdtype(jax.eval_shape(lambda: cell.initial_carry(1)).dtype, jnp.complexfloating) else 4
+        for T in args.linear_lengths:
+            xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
+            fns = {}
+            for mode in ("parallel", "kernel"):
+                def make(mode=mode):
+                    g = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(recur.scan(cell, p, x, mode=mode)[0])),
+                                         argnums=(0, 1)))
+                    return lambda: _block(g(params, xs))
+                fns[f"{label} {mode}"] = make
+            RESULTS.clear()
+            ref = f"{label} parallel"
+            for name, (compile_s, t) in _time(fns, args.repeats).items():
+                err = rel_err(RESULTS[name], RESULTS[ref]) if name != ref and ref in RESULTS else ""
+                # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
+                # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db (not counted:
+                # the split of complex arrays into parts before the kernels and the join after)
+                gb = B * T * S * width * (5 + 7) / 1e9
+                bw = gb / t
+                rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
+                                 ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
+                                 err_vs_seq=fmt_err(err),
+                                 peak_frac=round(bw / peak, 3) if peak else ""))
+                print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
+            save()
 
 
 def part3(args, gpu, rows, save):

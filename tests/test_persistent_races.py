@@ -332,7 +332,8 @@ def test_a_program_that_gives_up_leaves_nan_never_a_wrong_number(monkeypatch, na
     def step(give_up=None):
         log, out = _Log(), []
         run = lambda: out.append(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, c0))
-        _run(monkeypatch, run, give_up=give_up, log=log)
+        with monkeypatch.context() as patches:  # undone after each run: _run's wrappers do not pile up
+            _run(patches, run, give_up=give_up, log=log)
         return jax.tree.leaves(out), log
 
     monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
