@@ -19,6 +19,9 @@ Part 2, linear cells (--linear-cells: minGRU, and the LRU, whose complex numbers
 as their two parts): the scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
+For the minGRU / minLSTM the kernel row is recur/kernels/gated.py (gates inside the kernels;
+bandwidth over its own traffic, 5k + 3 arrays for k gate blocks) and "kernel, XLA's gates" is
+linear.py on the (a, b) that XLA computes (gated.ENABLED off), side by side.
 
 Each recur row's err_vs_seq is its result's largest relative error (loss, or each gradient)
 against recur's sequential scan of the same cell (minGRU: against the associative scan), so a
@@ -257,29 +260,45 @@ def part2(args, rows, save):
         label = LINEAR_NAMES.get(cell_name, cell_name)
         # bytes per state value (complex: twice; the LRU's state size is H)
         width = 8 if jnp.issubdtype(jax.eval_shape(lambda: cell.initial_carry(1)).dtype, jnp.complexfloating) else 4
+        # arrays of [B, T, S] the recurrence moves per training step (not counted: the split of
+        # complex arrays into parts before the kernels and the join after):
+        # - on (a, b): forward reads a, b (x2 when chunked), writes s; backward reads a, g, s (x2
+        #   a, g when chunked), writes da, db: 12 (XLA's gates and their backward not counted);
+        # - gated (k gate blocks in us): forward reads us (x2), writes s: 2k + 1; backward reads
+        #   us's k - 1 gate blocks and g, then us, g, s, writes d us: k + 2k + 2. minGRU 13.
+        gated_cell = hasattr(cell, "block_coefficients")
+        systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, 12)}
+        if gated_cell:  # recur/kernels/gated.py, beside linear.py on XLA's gates
+            systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, 5 * cell.n_blocks + 3),
+                       "kernel, XLA's gates": ("kernel", False, 12)}
         for T in args.linear_lengths:
             xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
             fns = {}
-            for mode in ("parallel", "kernel"):
-                def make(mode=mode):
+            for system, (mode, gates_inside, _) in systems.items():
+                def make(mode=mode, gates_inside=gates_inside):
+                    from recur.kernels import gated
+
                     g = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(recur.scan(cell, p, x, mode=mode)[0])),
                                          argnums=(0, 1)))
+                    before, gated.ENABLED = gated.ENABLED, gates_inside
+                    try:
+                        _block(g(params, xs))  # traced here, with the switch as asked
+                    finally:
+                        gated.ENABLED = before
                     return lambda: _block(g(params, xs))
-                fns[f"{label} {mode}"] = make
+                fns[f"{label} {system}"] = make
             RESULTS.clear()
             ref = f"{label} parallel"
             for name, (compile_s, t) in _time(fns, args.repeats).items():
                 err = rel_err(RESULTS[name], RESULTS[ref]) if name != ref and ref in RESULTS else ""
-                # the recurrence's own traffic in the kernel: forward reads a, b (x2 when chunked),
-                # writes s; backward reads a, g, s (x2 a, g when chunked), writes da, db (not counted:
-                # the split of complex arrays into parts before the kernels and the join after)
-                gb = B * T * S * width * (5 + 7) / 1e9
+                arrays = systems[name[len(label) + 1:]][2]
+                gb = B * T * S * width * arrays / 1e9
                 bw = gb / t
                 rows.append(dict(part="linear", system=name, H=S, precision="fp32", task="train", T=T, B=B,
                                  ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), GBs=round(bw, 1),
-                                 err_vs_seq=fmt_err(err),
+                                 err_vs_seq=fmt_err(err), note=f"GB/s over {arrays} arrays of [B, T, S]",
                                  peak_frac=round(bw / peak, 3) if peak else ""))
-                print(f"  T={T:6d} {name:20s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic")
+                print(f"  T={T:6d} {name:28s} {t * 1e3:9.3f} ms  {bw:8.1f} GB/s of recurrence traffic ({arrays} arrays)")
             save()
 
 

@@ -30,7 +30,8 @@ Semantics, for batch row b:
   too), one pass over memory where the associative scan makes ~2 log2(T); docs/benchmarks.md has
   its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
-  a fused loop, forward and backward; a chunked kernel for linear cells); where that cannot run
+  a fused loop, forward and backward; a chunked kernel for linear cells, which for a minGRU /
+  minLSTM without resets computes the gates inside it too); where that cannot run
   (no GPU, a cell the GPU back end cannot lower, remat other than "step" with
   the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
@@ -244,11 +245,17 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":
+        from recur.kernels import gated
         from recur.kernels.linear import linear_recurrence
 
-        recurrence = functools.partial(linear_recurrence, interpret=interpret)
-        hs, carry = _linear_scan(cell, params, project(xs), carry0, mask, resets, reset_carry,
-                                 recurrence)
+        us = project(xs)
+        if resets is None and T > 0 and gated.applies(cell, carry0, us):
+            # minGRU / minLSTM: the gates, the mask and the initial state inside the kernels
+            states = gated.gated_recurrence(us, carry0, mask, cell, interpret)
+            hs, carry = cell.readout(params, states, us), states[:, -1].astype(carry0.dtype)
+        else:
+            recurrence = functools.partial(linear_recurrence, interpret=interpret)
+            hs, carry = _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, recurrence)
     elif impl == "sequential" and backward == "deferred" and remat == "none" and T > 0 and cpu_kernels.applies(
             cell, params, carry0, mask, resets):
         # the plain LSTM / reset-after GRU in float32 on the CPU: both time loops as compiled C++

@@ -20,12 +20,14 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
-def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
+def test_gpu_benchmark_smoke_runs_every_row(tmp_path, monkeypatch):
     """experiments/bench_gpu.py at tiny shapes: every recur row, the bare-scan rows and (with
-    --parts linear alone) both rows of minGRU and of the LRU are measured."""
+    --parts linear alone, the kernels in interpret mode) the rows of minGRU (the gated kernel and
+    the kernel on XLA's gates) and of the LRU are measured."""
     import warnings
 
     from experiments import bench_gpu
+    from recur.kernels import dispatch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mode="kernel" falls back on CPU, with a notice
@@ -49,13 +51,20 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
     with open(tmp_path / "gpu.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
-    rows = bench_gpu.main(["--smoke", "--parts", "linear", "--out", str(tmp_path / "lin")])
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")  # the linear part's kernels really run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallback)
+        rows = bench_gpu.main(["--smoke", "--parts", "linear", "--out", str(tmp_path / "lin")])
     assert {r["part"] for r in rows} == {"linear"}
-    for system in ("minGRU kernel", "LRU kernel"):
+    kernels = ("minGRU kernel", "minGRU kernel, XLA's gates", "LRU kernel")
+    for system in kernels:
         assert {r["T"] for r in rows if r["system"] == system} == {16, 64}
-    assert all(float(r["err_vs_seq"]) < 1e-5 for r in rows if r["system"] == "LRU kernel")  # vs its associative scan
+        # each against its cell's associative scan
+        assert all(float(r["err_vs_seq"]) < 1e-5 for r in rows if r["system"] == system), system
+    notes = {r["system"]: r["note"] for r in rows}
+    assert notes["minGRU kernel"] == "GB/s over 13 arrays of [B, T, S]" and "12 arrays" in notes["LRU kernel"]
     with open(tmp_path / "lin.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 8
+        assert len(list(csv.DictReader(f))) == len(rows) == 10
 
 
 def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):

@@ -152,6 +152,83 @@ def test_linear_recurrence_chunks(T_, steps, cx, monkeypatch):
                 _assert_close(grad(ref, a_, b_), got, 1e-11, "gradients, one real")
 
 
+GATED = ["mingru", "minlstm", "mingru:identity", "minlstm:identity"]
+
+
+@pytest.mark.parametrize("T_,steps", [(7, 1), (320, 1), (320, 8)])
+@pytest.mark.parametrize("name", GATED)
+def test_gated_kernel_equals_sequential(name, T_, steps, interpret, monkeypatch):
+    """minGRU / minLSTM without resets run recur/kernels/gated.py (gates, mask and initial state
+    inside the kernels; linear.py must not run): one chunk (T=7) and ten (320 = 10 x 32), one
+    step or blocks of 8 per load; lengths T, 4 (ending inside the first chunk) and 0 (the row
+    keeps its initial state); outputs, final carry and the gradients of params, inputs and
+    initial carry (through both the outputs and the carry), float64."""
+    from recur.kernels import gated, linear
+
+    monkeypatch.setattr(linear, "STEP_BLOCK", steps)
+    calls = []
+    run = gated.gated_recurrence
+    monkeypatch.setattr(gated, "gated_recurrence", lambda *a: calls.append(a[2] is not None) or run(*a))
+    monkeypatch.setattr(linear, "linear_recurrence", None)  # calling it would fail
+    with jax.enable_x64(True):
+        cell = recur.get_cell(name, 40, dtype=jnp.float64)
+        params = cell.init(jax.random.key(0), 5)
+        params["b"] = jax.random.normal(jax.random.key(4), params["b"].shape, jnp.float64)
+        xs = jax.random.normal(jax.random.key(1), (3, T_, 5), jnp.float64)
+        c0 = random_carry(cell, 3, seed=2)
+        w = jax.random.normal(jax.random.key(3), (3, T_, 40), jnp.float64)
+        kw = dict(lengths=jnp.array([T_, 4, 0]))
+
+        def loss(p, x, c, mode):
+            hs, carry = recur.scan(cell, p, x, initial_carry=c, mode=mode, **kw)
+            return jnp.sum(jnp.sin(hs) * w) + jnp.sum(carry ** 3), (hs, carry)
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dispatch.KernelFallback)
+            (_, got_out), got = grad(params, xs, c0, "kernel")
+        assert calls == [True], "the gated kernel did not run (with its mask)"
+        (_, want_out), want = grad(params, xs, c0, "sequential")
+        _assert_close(want_out, got_out, 1e-12, (name, "outputs"))
+        _assert_close(want, got, 1e-10, (name, "gradients"))
+        np.testing.assert_array_equal(got_out[1][2], c0[2])  # length 0: the initial state
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_gated_kernel_in_bfloat16_matches_the_kernel_on_xlas_gates(name, interpret, monkeypatch):
+    """bfloat16 inputs (float32 state): the gated kernel and linear.py on XLA's (a, b) compute the
+    same gates from the same bfloat16 us; outputs and gradients agree to float32 rounding, and
+    the gradients keep their dtypes. No mask and no initial carry: the unmasked kernels."""
+    from recur.kernels import gated
+
+    cell = recur.get_cell(name, 32, dtype=jnp.bfloat16)
+    params = cell.init(jax.random.key(0), 16)
+    xs = jax.random.normal(jax.random.key(1), (4, 64, 16), jnp.bfloat16)
+
+    def run():
+        loss = lambda p, x: jnp.sum(jnp.sin(recur.scan(cell, p, x, mode="kernel")[0].astype(jnp.float32)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallback)
+        got = run()
+        monkeypatch.setattr(gated, "ENABLED", False)
+        want = run()
+    assert got[1][1].dtype == jnp.bfloat16 and got[1][0]["W_x"].dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-3)
+
+
+def test_gated_recurrence_checks_its_shapes():
+    from recur.kernels.gated import gated_recurrence
+
+    cell = recur.get_cell("mingru", 4)
+    with pytest.raises(ValueError, match=r"us \(2, 3, 7\) must be \[B, T > 0, k \* S\] for s0 \(2, 4\)"):
+        gated_recurrence(jnp.zeros((2, 3, 7)), jnp.zeros((2, 4)), None, cell)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 4\), not \[B, T\] = \(2, 3\)"):
+        gated_recurrence(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)), jnp.ones((2, 4), bool), cell)
+
+
 def test_linear_chunk_length_leaves_enough_programs(monkeypatch):
     """Chunks are as long as possible while rows x chunks still fills PROGRAMS programs; a T with
     no chunk length that divides it runs as one chunk; CHUNK pins the length."""
@@ -357,6 +434,25 @@ def test_kernels_lower_for_an_h100(name, fake_h100):
     text = _lower_for_cuda(cell, 32, 16, 16)
     # forward and backward: at least two Triton kernels in the module
     assert text.count("__gpu$xla.gpu.triton") >= 2, name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_gated_kernels_lower_for_an_h100(name, dtype, fake_h100, monkeypatch):
+    """recur/kernels/gated.py's four kernels (forward and backward, each a summary pass and a
+    final pass at T = 4,096) with a mask, loading one step or 8 at a time, lower through Triton."""
+    from recur.kernels import gated, linear
+
+    cell = recur.get_cell(name, 256, dtype=dtype)
+    args = (jax.ShapeDtypeStruct((8, 4096, cell.n_blocks * 256), dtype), jax.ShapeDtypeStruct((8, 256), jnp.float32),
+            jax.ShapeDtypeStruct((8, 4096), bool))
+    loss = lambda u, s, m: jnp.sum(gated.gated_recurrence(u, s, m, cell, False))
+    for steps in (1, 8):
+        monkeypatch.setattr(linear, "STEP_BLOCK", steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 4, (name, steps)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "lstm:cifg"])

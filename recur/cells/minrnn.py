@@ -48,6 +48,14 @@ class _MinRNN(base.LinearCell):
     def project(self, params, xs_BxTxI):
         return base.add_bias(base.dense(xs_BxTxI, params["W_x"], self.dtype), params["b"])
 
+    def coefficients(self, params, us):
+        return self.block_coefficients(*jnp.split(us.astype(self.state_dtype), self.n_blocks, axis=-1))
+
+    def block_coefficients(self, *pre):
+        """(a, b) from the gate blocks' pre-activations, each [..., S] in the state dtype:
+        element-wise, no parameters (recur/kernels/gated.py computes it inside its kernel)."""
+        raise NotImplementedError
+
 
 @register("mingru", variants={"identity": dict(candidate="identity")})
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +66,7 @@ class MinGRU(_MinRNN):
     param_dtype: Any = jnp.float32
     n_blocks = 2
 
-    def coefficients(self, params, us):
-        pre_z, pre_h = jnp.split(us.astype(self.state_dtype), 2, axis=-1)
+    def block_coefficients(self, pre_z, pre_h):
         z = jax.nn.sigmoid(pre_z)
         return 1.0 - z, z * _CANDIDATES[self.candidate](pre_h)
 
@@ -73,8 +80,7 @@ class MinLSTM(_MinRNN):
     param_dtype: Any = jnp.float32
     n_blocks = 3
 
-    def coefficients(self, params, us):
-        pre_f, pre_i, pre_h = jnp.split(us.astype(self.state_dtype), 3, axis=-1)
+    def block_coefficients(self, pre_f, pre_i, pre_h):
         f, i = jax.nn.sigmoid(pre_f), jax.nn.sigmoid(pre_i)
         total = f + i
         return f / total, (i / total) * _CANDIDATES[self.candidate](pre_h)

@@ -13,7 +13,9 @@ Implementations (see docs/kernels.md for the table per cell):
   or "step" (the reverse loop recomputes the gates); the weight gradients stay the deferred
   scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
   not pick it.
-- ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state.
+- ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state (for
+  a minGRU / minLSTM without resets recur.scan runs recur/kernels/gated.py, the same kernel
+  with the gates computed inside it).
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).
 - the plain scans: ``sequential`` (lax.scan), ``parallel`` (lax.associative_scan).
