@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7's GPU measurements, each plan sized for one 10-minute call on a lent GPU machine:
-#   bash experiments/gpu_session.sh table     # recur's auto against cuDNN; the linear scans, minGRU and LRU (~4.5 min)
+#   bash experiments/gpu_session.sh table     # recur's auto against cuDNN; the linear scans: minGRU (gates in the kernel or XLA's) and LRU (~5 min)
 #   bash experiments/gpu_session.sh kernels   # recur's sequential scan against its loop kernel (~4.5 min)
 #   bash experiments/gpu_session.sh explore   # projection in / out of the loop, unroll; the linear
 #                                             # kernel's chunk length and steps per load (~5 min)
@@ -42,7 +42,7 @@ case $plan in
   table)
     part 120 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
       --baselines torch,jax-cudnn,lax --repeats 7 --parts cells --out "$OUT/h256"
-    part 75 $B --parts linear,scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 100 $B --parts linear,scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/linear"
     part 90 $B --hidden 1024 --cells lstm,gru --modes auto --baselines torch,jax-cudnn,lax --repeats 5 \
       --parts cells --out "$OUT/h1024" ;;
   kernels)

@@ -2,6 +2,7 @@
 
     python -m experiments.triton_compile --cells lstm --hidden 128,256 --warps auto,4
     python -m experiments.triton_compile --cells lstm --hidden 128 --whole     # W_h held whole
+    python -m experiments.triton_compile --cells mingru,minlstm,lru --hidden 256 # the linear kernels
     python -m experiments.triton_compile --cells lstm,gru,elman --hidden 1024 --dtype bfloat16 \
         --persistent 128/4/1,256/8/3                    # the persistent kernels (B = 64)
 
@@ -10,7 +11,9 @@ for CUDA (the GPU query patched to an H100, as tests/test_kernels.py does); the 
 package (a dev dependency) compiles that IR for sm_90 and its bundled ``ptxas -v`` reports
 registers and spills. On a GPU, XLA compiles the same IR with jaxlib's own Triton, so the
 figures are the pip compiler's, close to but not necessarily equal to what runs there.
-Batch 16 rows per program, T = 4 (the loop body, not T, sets the kernel's size).
+Batch 16 rows per program, T = 4 (the loop body, not T, sets the kernel's size). Cells linear
+in their state: their chunked kernels (four: forward and backward, each a summary pass and a
+final pass), B = 8, T = 4,096, with a padding mask, 4 warps.
 """
 from __future__ import annotations
 
@@ -81,6 +84,35 @@ def kernels_ir(cell, I):
     return list(zip(modules, warps))
 
 
+def linear_ir(cell, B=8, T=4096):
+    """[(Triton IR text, num_warps)] of the chunked linear kernels of a training step of a cell
+    linear in its state (recur/kernels/gated.py for a minGRU / minLSTM, else linear.py on XLA's
+    (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask.
+    The state size is the cell's hidden size."""
+    import importlib
+
+    from recur.kernels import gated, linear
+
+    scan_mod = importlib.import_module("recur.scan")  # the module (recur.scan is also the function)
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), cell.hidden_size))
+    xs = jax.ShapeDtypeStruct((B, T, cell.hidden_size), cell.dtype)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+
+    def run(p, x, n):
+        us = cell.project(p, x)
+        carry0 = cell.initial_carry(B)
+        mask = jnp.arange(T)[None, :] < n[:, None]
+        if gated.applies(cell, carry0, us):
+            return gated.gated_recurrence(us, carry0, mask, cell, False)
+        rec = lambda a, b: linear.linear_recurrence(a, b, False)
+        return scan_mod._linear_scan(cell, p, us, carry0, mask, None, None, rec)[0]
+
+    with triton_modules() as modules:
+        jax.jit(jax.grad(lambda p, x, n: jnp.sum(jnp.abs(run(p, x, n)) ** 2), argnums=(0, 1))).trace(
+            params, xs, lengths).lower(lowering_platforms=("cuda",))
+    return [(m, 4) for m in modules]
+
+
 def persistent_ir(H, dtype, B=64, programs=132, cell="lstm", remat="none"):
     """[Triton IR text] of the persistent kernels of a training step (forward, backward) of a cell
     they run (recur.kernels.persistent.rule_for) at batch B, hidden size H, for a GPU of
@@ -148,9 +180,11 @@ def main(argv=None):
     for name in split_specs(args.cells):
         for H in (int(h) for h in args.hidden.split(",")):
             cell = recur.get_cell(name, H, dtype=getattr(jnp, args.dtype))
-            irs = kernels_ir(cell, H)
+            irs = linear_ir(cell) if cell.linear else kernels_ir(cell, H)
+            which_ = (("forward summary", "forward", "backward summary", "backward") if cell.linear
+                      else ("forward", "backward"))
             for w in args.warps.split(","):
-                for which, (text, auto) in zip(("forward", "backward"), irs):
+                for which, (text, auto) in zip(which_, irs):
                     n = auto if w == "auto" else int(w)
                     shared, regs, st, ld = compile_sm90(text, n)
                     print(f"{name} | {H} | {n} | {which} | {shared / 1024:.0f} | {regs} | {st} / {ld}", flush=True)

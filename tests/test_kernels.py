@@ -595,3 +595,20 @@ def test_a_whole_recurrent_matrix_outgrows_shared_memory(monkeypatch):
     monkeypatch.setattr(loop, "TILE_BYTES", 1 << 30)
     shared = [s for s, _ in _compile_for_h100(recur.get_cell("lstm", 128), 128)]
     assert max(shared) > H100_SHARED, shared
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_gated_kernels_compile_for_sm90_without_spills(name, monkeypatch):
+    """recur/kernels/gated.py's four kernels (with a mask, in bfloat16, one step or 8 per load:
+    the widest form), compiled for sm_90 by the triton package: no register spills."""
+    pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    from experiments.triton_compile import compile_sm90, linear_ir
+    from recur.kernels import linear
+
+    for steps in (1, 8):
+        monkeypatch.setattr(linear, "STEP_BLOCK", steps)
+        irs = linear_ir(recur.get_cell(name, 256, dtype=jnp.bfloat16))
+        assert len(irs) == 4, (name, steps)
+        for text, warps in irs:
+            _, registers, spill_stores, spill_loads = compile_sm90(text, warps)
+            assert spill_stores == spill_loads == 0 and 0 < registers <= 255, (name, steps, registers)
