@@ -19,9 +19,10 @@ Part 2, linear cells (--linear-cells: minGRU, and the LRU, whose complex numbers
 as their two parts): the scan at T = 512 .. 65,536 (batch 8, H = 256), lax.associative_scan
 against recur's chunked kernel, forward + backward, with the achieved bandwidth (the bytes the
 kernel must move: a, b and g read, s, da and db written, over the time) next to the GPU's peak.
-For the minGRU / minLSTM the kernel row is recur/kernels/gated.py (gates inside the kernels;
-bandwidth over its own traffic, 5k + 3 arrays for k gate blocks) and "kernel, XLA's gates" is
-linear.py on the (a, b) that XLA computes (gated.ENABLED off), side by side.
+For the minGRU, minLSTM and LRU the kernel row is recur/kernels/gated.py (coefficients inside
+the kernels; bandwidth over its own traffic: 13 arrays for the minGRU, 7 for the LRU) and
+"kernel, XLA's gates" is linear.py on the (a, b) that XLA computes (gated.ENABLED off), side by
+side.
 
 Each recur row's err_vs_seq is its result's largest relative error (loss, or each gradient)
 against recur's sequential scan of the same cell (minGRU: against the associative scan), so a
@@ -264,12 +265,14 @@ def part2(args, rows, save):
         # complex arrays into parts before the kernels and the join after):
         # - on (a, b): forward reads a, b (x2 when chunked), writes s; backward reads a, g, s (x2
         #   a, g when chunked), writes da, db: 12 (XLA's gates and their backward not counted);
-        # - gated (k gate blocks in us): forward reads us (x2), writes s: 2k + 1; backward reads
-        #   us's k - 1 gate blocks and g, then us, g, s, writes d us: k + 2k + 2. minGRU 13.
-        gated_cell = hasattr(cell, "block_coefficients")
+        # - gated.py (k gate blocks in us): forward reads us (x2), writes s: 2k + 1; backward
+        #   reads us's k - 1 gate blocks and g, then us, g, s, writes d us: k + 2k + 2 (minGRU
+        #   13, minLSTM 18); the LRU (a = λ, no reads; b = the input): 3 + 1 + 3 = 7.
         systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, 12)}
-        if gated_cell:  # recur/kernels/gated.py, beside linear.py on XLA's gates
-            systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, 5 * cell.n_blocks + 3),
+        if cell.gate_operands(params, jax.eval_shape(lambda: cell.project(params, jnp.zeros((1, 1, S))))) is not None:
+            # recur/kernels/gated.py, beside linear.py on XLA's (a, b)
+            arrays = 7 if cell_name == "lru" else 5 * cell.n_blocks + 3
+            systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, arrays),
                        "kernel, XLA's gates": ("kernel", False, 12)}
         for T in args.linear_lengths:
             xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)

@@ -86,8 +86,8 @@ def kernels_ir(cell, I):
 
 def linear_ir(cell, B=8, T=4096):
     """[(Triton IR text, num_warps)] of the chunked linear kernels of a training step of a cell
-    linear in its state (recur/kernels/gated.py for a minGRU / minLSTM, else linear.py on XLA's
-    (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask.
+    linear in its state (recur/kernels/gated.py for the minGRU, minLSTM and LRU, else linear.py
+    on XLA's (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask.
     The state size is the cell's hidden size."""
     import importlib
 
@@ -102,8 +102,9 @@ def linear_ir(cell, B=8, T=4096):
         us = cell.project(p, x)
         carry0 = cell.initial_carry(B)
         mask = jnp.arange(T)[None, :] < n[:, None]
-        if gated.applies(cell, carry0, us):
-            return gated.gated_recurrence(us, carry0, mask, cell, False)
+        ops = gated.operands(cell, p, us, carry0)
+        if ops is not None:
+            return gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, False)
         rec = lambda a, b: linear.linear_recurrence(a, b, False)
         return scan_mod._linear_scan(cell, p, us, carry0, mask, None, None, rec)[0]
 

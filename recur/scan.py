@@ -30,8 +30,8 @@ Semantics, for batch row b:
   too), one pass over memory where the associative scan makes ~2 log2(T); docs/benchmarks.md has
   its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
-  a fused loop, forward and backward; a chunked kernel for linear cells, which for a minGRU /
-  minLSTM without resets computes the gates inside it too); where that cannot run
+  a fused loop, forward and backward; a chunked kernel for linear cells, which for a minGRU,
+  minLSTM or LRU without resets computes the coefficients inside it too); where that cannot run
   (no GPU, a cell the GPU back end cannot lower, remat other than "step" with
   the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
@@ -249,10 +249,13 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.kernels.linear import linear_recurrence
 
         us = project(xs)
-        if resets is None and T > 0 and gated.applies(cell, carry0, us):
-            # minGRU / minLSTM: the gates, the mask and the initial state inside the kernels
-            states = gated.gated_recurrence(us, carry0, mask, cell, interpret)
-            hs, carry = cell.readout(params, states, us), states[:, -1].astype(carry0.dtype)
+        ops = gated.operands(cell, params, us, carry0) if resets is None and T > 0 else None
+        if ops is not None:
+            # minGRU, minLSTM, LRU: the coefficients, the mask and the initial state inside the kernels
+            # the state in the cell's state dtype at least, as the other scans keep it
+            s0 = carry0.astype(jnp.promote_types(carry0.dtype, cell.state_dtype))
+            states = gated.gated_recurrence(ops[0], s0, mask, ops[1], cell, interpret)
+            hs, carry = cell.readout(params, states, us), states[:, -1]
         else:
             recurrence = functools.partial(linear_recurrence, interpret=interpret)
             hs, carry = _linear_scan(cell, params, us, carry0, mask, resets, reset_carry, recurrence)

@@ -22,8 +22,8 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
 
 def test_gpu_benchmark_smoke_runs_every_row(tmp_path, monkeypatch):
     """experiments/bench_gpu.py at tiny shapes: every recur row, the bare-scan rows and (with
-    --parts linear alone, the kernels in interpret mode) the rows of minGRU (the gated kernel and
-    the kernel on XLA's gates) and of the LRU are measured."""
+    --parts linear alone, the kernels in interpret mode) the rows of minGRU and the LRU (the gated
+    kernel and the kernel on XLA's (a, b)) are measured."""
     import warnings
 
     from experiments import bench_gpu
@@ -56,15 +56,16 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path, monkeypatch):
         warnings.simplefilter("error", dispatch.KernelFallback)
         rows = bench_gpu.main(["--smoke", "--parts", "linear", "--out", str(tmp_path / "lin")])
     assert {r["part"] for r in rows} == {"linear"}
-    kernels = ("minGRU kernel", "minGRU kernel, XLA's gates", "LRU kernel")
+    kernels = ("minGRU kernel", "minGRU kernel, XLA's gates", "LRU kernel", "LRU kernel, XLA's gates")
     for system in kernels:
         assert {r["T"] for r in rows if r["system"] == system} == {16, 64}
         # each against its cell's associative scan
         assert all(float(r["err_vs_seq"]) < 1e-5 for r in rows if r["system"] == system), system
     notes = {r["system"]: r["note"] for r in rows}
-    assert notes["minGRU kernel"] == "GB/s over 13 arrays of [B, T, S]" and "12 arrays" in notes["LRU kernel"]
+    assert notes["minGRU kernel"] == "GB/s over 13 arrays of [B, T, S]" and "7 arrays" in notes["LRU kernel"]
+    assert "12 arrays" in notes["LRU kernel, XLA's gates"]
     with open(tmp_path / "lin.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 10
+        assert len(list(csv.DictReader(f))) == len(rows) == 12
 
 
 def test_parallel_benchmark_measures_every_mode_and_agrees(tmp_path):

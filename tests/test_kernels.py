@@ -15,6 +15,7 @@ import pytest
 
 import recur
 from cell_cases import CASES
+from recur.cells.lru import LRU
 from recur.kernels import dispatch
 from recur.kernels.linear import linear_recurrence
 from recur.kernels.loop import kernel_loop
@@ -152,17 +153,31 @@ def test_linear_recurrence_chunks(T_, steps, cx, monkeypatch):
                 _assert_close(grad(ref, a_, b_), got, 1e-11, "gradients, one real")
 
 
-GATED = ["mingru", "minlstm", "mingru:identity", "minlstm:identity"]
+class _SquaredDecayLRU(LRU):
+    """An LRU whose input term is λ² ⊙ B x_t: coefficients holomorphic in λ and not the identity,
+    so that a cotangent conjugated the wrong way inside the gated kernel shows."""
+
+    def coefficients(self, params, us):
+        a, b = super().coefficients(params, us)
+        return a, a * a * b
+
+    def block_coefficients(self, lam, bx):
+        return lam, lam * lam * bx
 
 
-@pytest.mark.parametrize("T_,steps", [(7, 1), (320, 1), (320, 8)])
+GATED = ["mingru", "minlstm", "mingru:identity", "minlstm:identity", "lru", "lru:state_size=6", "lru-squared"]
+
+
+@pytest.mark.parametrize("T_,steps,S_", [(7, 1, 40), (320, 1, 40), (320, 8, 48)])
 @pytest.mark.parametrize("name", GATED)
-def test_gated_kernel_equals_sequential(name, T_, steps, interpret, monkeypatch):
-    """minGRU / minLSTM without resets run recur/kernels/gated.py (gates, mask and initial state
-    inside the kernels; linear.py must not run): one chunk (T=7) and ten (320 = 10 x 32), one
-    step or blocks of 8 per load; lengths T, 4 (ending inside the first chunk) and 0 (the row
-    keeps its initial state); outputs, final carry and the gradients of params, inputs and
-    initial carry (through both the outputs and the carry), float64."""
+def test_gated_kernel_equals_sequential(name, T_, steps, S_, interpret, monkeypatch):
+    """Cells with element-wise coefficients (minGRU, minLSTM, the LRU and an LRU variant whose b is
+    a complex function of λ) without resets run recur/kernels/gated.py (coefficients, mask and
+    initial state inside the kernels; linear.py must not run): one chunk (T=7) and ten (320 =
+    10 x 32), one step or blocks of 8 per load (complex: always 1); lengths T, 4 (ending inside
+    the first chunk) and 0 (the row keeps its initial state); outputs, final carry and the
+    gradients of params (the LRU's λ through the kernel's consts), inputs and initial carry
+    (through both the outputs and the carry), float64 / complex128."""
     from recur.kernels import gated, linear
 
     monkeypatch.setattr(linear, "STEP_BLOCK", steps)
@@ -171,17 +186,20 @@ def test_gated_kernel_equals_sequential(name, T_, steps, interpret, monkeypatch)
     monkeypatch.setattr(gated, "gated_recurrence", lambda *a: calls.append(a[2] is not None) or run(*a))
     monkeypatch.setattr(linear, "linear_recurrence", None)  # calling it would fail
     with jax.enable_x64(True):
-        cell = recur.get_cell(name, 40, dtype=jnp.float64)
+        # S = 48: three blocks of 16 state units (40: one block)
+        cell = (_SquaredDecayLRU(S_, dtype=jnp.float64) if name == "lru-squared"
+                else recur.get_cell(name, S_, dtype=jnp.float64))
         params = cell.init(jax.random.key(0), 5)
-        params["b"] = jax.random.normal(jax.random.key(4), params["b"].shape, jnp.float64)
+        if "b" in params:
+            params["b"] = jax.random.normal(jax.random.key(4), params["b"].shape, jnp.float64)
         xs = jax.random.normal(jax.random.key(1), (3, T_, 5), jnp.float64)
         c0 = random_carry(cell, 3, seed=2)
-        w = jax.random.normal(jax.random.key(3), (3, T_, 40), jnp.float64)
+        w = jax.random.normal(jax.random.key(3), (3, T_, S_), jnp.float64)
         kw = dict(lengths=jnp.array([T_, 4, 0]))
 
         def loss(p, x, c, mode):
             hs, carry = recur.scan(cell, p, x, initial_carry=c, mode=mode, **kw)
-            return jnp.sum(jnp.sin(hs) * w) + jnp.sum(carry ** 3), (hs, carry)
+            return jnp.sum(jnp.sin(hs) * w) + jnp.sum(jnp.real(carry) ** 3 + jnp.imag(carry) ** 2), (hs, carry)
 
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
         with warnings.catch_warnings():
@@ -215,8 +233,39 @@ def test_gated_kernel_in_bfloat16_matches_the_kernel_on_xlas_gates(name, interpr
         monkeypatch.setattr(gated, "ENABLED", False)
         want = run()
     assert got[1][1].dtype == jnp.bfloat16 and got[1][0]["W_x"].dtype == jnp.float32
+    # the kernel's own cotangents keep their primals' dtypes (bfloat16 us, and a bfloat16 s0)
+    us, s0 = jnp.ones((2, 64, cell.n_blocks * 32), jnp.bfloat16), jnp.ones((2, 32), jnp.bfloat16)
+    d = jax.grad(lambda u, s: jnp.sum(gated.gated_recurrence(u, s, None, (), cell)), argnums=(0, 1))(us, s0)
+    assert d[0].dtype == d[1].dtype == jnp.bfloat16
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-3)
+
+
+def test_gated_kernel_keeps_the_cells_state_dtype(interpret):
+    """A float64 minGRU given a float32 initial carry runs (as the other scans do) in float64:
+    its final carry is float64 and its outputs are the sequential scan's to float64 rounding."""
+    with jax.enable_x64(True):
+        cell = recur.get_cell("mingru", 16, dtype=jnp.float64)
+        params = cell.init(jax.random.key(0), 4)
+        xs = jax.random.normal(jax.random.key(1), (2, 9, 4), jnp.float64)
+        c0 = jax.random.normal(jax.random.key(2), (2, 16), jnp.float32)
+        got, got_carry = recur.scan(cell, params, xs, initial_carry=c0, mode="kernel")
+        want, want_carry = recur.scan(cell, params, xs, initial_carry=c0.astype(jnp.float64))
+        assert got_carry.dtype == jnp.float64
+        _assert_close((want, want_carry), (got, got_carry), 1e-12, "float64 with a float32 carry")
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "mingru", "lru"])
+def test_kernel_mode_with_no_steps_returns_the_initial_carry(name, interpret):
+    """T = 0: nothing for a kernel to run; mode="kernel" runs the plain scan, silently (it crashed)."""
+    cell = recur.get_cell(name, 16)
+    params = cell.init(jax.random.key(0), 4)
+    c0 = random_carry(cell, 2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallback)
+        hs, carry = recur.scan(cell, params, jnp.zeros((2, 0, 4)), initial_carry=c0, mode="kernel")
+    assert hs.shape == (2, 0, cell.output_size)
+    jax.tree.map(np.testing.assert_array_equal, carry, c0)
 
 
 def test_gated_recurrence_checks_its_shapes():
@@ -224,9 +273,11 @@ def test_gated_recurrence_checks_its_shapes():
 
     cell = recur.get_cell("mingru", 4)
     with pytest.raises(ValueError, match=r"us \(2, 3, 7\) must be \[B, T > 0, k \* S\] for s0 \(2, 4\)"):
-        gated_recurrence(jnp.zeros((2, 3, 7)), jnp.zeros((2, 4)), None, cell)
+        gated_recurrence(jnp.zeros((2, 3, 7)), jnp.zeros((2, 4)), None, (), cell)
     with pytest.raises(ValueError, match=r"mask has shape \(2, 4\), not \[B, T\] = \(2, 3\)"):
-        gated_recurrence(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)), jnp.ones((2, 4), bool), cell)
+        gated_recurrence(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)), jnp.ones((2, 4), bool), (), cell)
+    with pytest.raises(ValueError, match=r"consts\[0\] has shape \(3,\), not \[S\] = \(4,\)"):
+        gated_recurrence(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)), None, (jnp.ones(3),), cell)
 
 
 def test_linear_chunk_length_leaves_enough_programs(monkeypatch):
@@ -436,23 +487,22 @@ def test_kernels_lower_for_an_h100(name, fake_h100):
     assert text.count("__gpu$xla.gpu.triton") >= 2, name
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", ["mingru", "minlstm"])
-def test_gated_kernels_lower_for_an_h100(name, dtype, fake_h100, monkeypatch):
+@pytest.mark.parametrize("name,dtype", [("mingru", jnp.float32), ("mingru", jnp.bfloat16), ("minlstm", jnp.float32),
+                                        ("minlstm", jnp.bfloat16), ("lru", jnp.float32)])
+def test_gated_kernels_lower_for_an_h100(name, dtype, monkeypatch):
     """recur/kernels/gated.py's four kernels (forward and backward, each a summary pass and a
-    final pass at T = 4,096) with a mask, loading one step or 8 at a time, lower through Triton."""
+    final pass at T = 4,096) with a mask, loading one step or 8 at a time, lower through Triton
+    (experiments/triton_compile.py's linear_ir patches the GPU query to an H100)."""
+    from experiments.triton_compile import linear_ir
     from recur.kernels import gated, linear
 
-    cell = recur.get_cell(name, 256, dtype=dtype)
-    args = (jax.ShapeDtypeStruct((8, 4096, cell.n_blocks * 256), dtype), jax.ShapeDtypeStruct((8, 256), jnp.float32),
-            jax.ShapeDtypeStruct((8, 4096), bool))
-    loss = lambda u, s, m: jnp.sum(gated.gated_recurrence(u, s, m, cell, False))
+    calls = []
+    run = gated.gated_recurrence
+    monkeypatch.setattr(gated, "gated_recurrence", lambda *a: calls.append(1) or run(*a))
     for steps in (1, 8):
         monkeypatch.setattr(linear, "STEP_BLOCK", steps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 4, (name, steps)
+        assert len(linear_ir(recur.get_cell(name, 256, dtype=dtype))) == 4, (name, steps)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "lstm:cifg"])
@@ -597,17 +647,18 @@ def test_a_whole_recurrent_matrix_outgrows_shared_memory(monkeypatch):
     assert max(shared) > H100_SHARED, shared
 
 
-@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "lru"])
 def test_gated_kernels_compile_for_sm90_without_spills(name, monkeypatch):
     """recur/kernels/gated.py's four kernels (with a mask, in bfloat16, one step or 8 per load:
-    the widest form), compiled for sm_90 by the triton package: no register spills."""
+    the widest form; the LRU in complex64, one step per load), compiled for sm_90 by the triton
+    package: no register spills."""
     pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
     from experiments.triton_compile import compile_sm90, linear_ir
     from recur.kernels import linear
 
     for steps in (1, 8):
         monkeypatch.setattr(linear, "STEP_BLOCK", steps)
-        irs = linear_ir(recur.get_cell(name, 256, dtype=jnp.bfloat16))
+        irs = linear_ir(recur.get_cell(name, 256, dtype=jnp.float32 if name == "lru" else jnp.bfloat16))
         assert len(irs) == 4, (name, steps)
         for text, warps in irs:
             _, registers, spill_stores, spill_loads = compile_sm90(text, warps)

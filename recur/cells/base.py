@@ -146,6 +146,13 @@ class LinearCell(Cell):
         """(a, b) for every step, each [B, T, S] (or [B, S] for a single step's u_t)."""
         raise NotImplementedError
 
+    def gate_operands(self, params: PyTree, us: PyTree):
+        """None, or (blocks [B, T, k S], consts) when the coefficients are element-wise:
+        (a_t, b_t) = ``self.block_coefficients(*consts, *the k blocks of step t)``, consts being
+        [S] vectors constant in time. A GPU scan then computes the coefficients inside its kernel
+        (recur/kernels/gated.py) instead of writing them to memory."""
+        return None
+
     def readout(self, params: PyTree, s: Array, us: PyTree) -> Array:
         """The output h_t from the state s_t (and the step's inputs); works on [B, S] or [B, T, S]."""
         return s.astype(self.dtype)

@@ -90,6 +90,13 @@ class LRU(base.LinearCell):
         a = jnp.broadcast_to(jnp.reshape(lam, (1,) * (b.ndim - 1) + lam.shape), b.shape)
         return a, b
 
+    def gate_operands(self, params, us):
+        return us["bx"], (self._lambda(params),)
+
+    def block_coefficients(self, lam, bx):
+        """(a, b) = (λ, γ ⊙ B x_t) for one step's row (recur/kernels/gated.py)."""
+        return lam, bx
+
     def readout(self, params, s, us):
         sd = self.state_dtype
         y = base.dense(s.real, params["C_re"], sd) - base.dense(s.imag, params["C_im"], sd)

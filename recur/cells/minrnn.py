@@ -51,6 +51,9 @@ class _MinRNN(base.LinearCell):
     def coefficients(self, params, us):
         return self.block_coefficients(*jnp.split(us.astype(self.state_dtype), self.n_blocks, axis=-1))
 
+    def gate_operands(self, params, us):
+        return us, ()
+
     def block_coefficients(self, *pre):
         """(a, b) from the gate blocks' pre-activations, each [..., S] in the state dtype:
         element-wise, no parameters (recur/kernels/gated.py computes it inside its kernel)."""

@@ -14,8 +14,8 @@ Implementations (see docs/kernels.md for the table per cell):
   scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
   not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state (for
-  a minGRU / minLSTM without resets recur.scan runs recur/kernels/gated.py, the same kernel
-  with the gates computed inside it).
+  a minGRU, minLSTM or LRU without resets recur.scan runs recur/kernels/gated.py, the same
+  kernel with the coefficients computed inside it).
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).
 - the plain scans: ``sequential`` (lax.scan), ``parallel`` (lax.associative_scan).
@@ -103,6 +103,8 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     elif mode == "cudnn":
         return "sequential", False, (f"mode='cudnn' needs a GPU (backend is {jax.default_backend()})"
                                      if T > 0 else None)
+    if T == 0:  # no steps: nothing for a kernel to run (the plain scans return the carry as it came)
+        return plain, False, None
     if not (gpu or interpret):
         from recur.kernels import cpu
 

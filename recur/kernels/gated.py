@@ -1,12 +1,17 @@
-"""minGRU / minLSTM on a GPU: the chunked linear kernel with the cell's gates computed inside it.
+"""Linear cells with element-wise coefficients on a GPU: the chunked linear kernel with the cell's
+coefficients computed inside it (the minGRU, the minLSTM and the LRU).
 
 recur/kernels/linear.py scans s_t = a_t ⊙ s_{t-1} + b_t over coefficients (a, b) that XLA
-computes beforehand from the projected inputs us [B, T, k S] (k gate blocks: 2 for the minGRU,
-3 for the minLSTM). Here the kernels read us themselves and compute (a, b) one step at a time in
-registers (``cell.block_coefficients``), so a and b never reach memory; the backward kernel
-recomputes them from us and writes d us directly (the derivative of the gates by ``jax.vjp``,
-traced into the kernel). The padding mask and the initial state enter the kernels too (a padded
-step passes the state through: a = 1, b = 0), instead of being folded into (a, b) by XLA.
+computes beforehand, as [B, T, S] arrays, from the projected inputs. Here the kernels read the
+projected inputs themselves, k gate blocks of S units per step (``cell.gate_operands``: us
+[B, T, k S] for the minGRU, k = 2, and the minLSTM, k = 3; the LRU's γ ⊙ B x_t, k = 1, complex),
+plus [S] vectors constant in time (the LRU's λ), and compute (a_t, b_t) one step at a time in
+registers (``cell.block_coefficients(*consts, *blocks)``), so a and b never reach memory. The
+backward kernel recomputes them and writes d us directly (their derivative by ``jax.vjp``,
+traced into the kernel; for complex values, whose parts it runs on, conjugated in and out so
+that the cotangents follow JAX's convention) and each chunk's sum of the consts' cotangents. The
+padding mask and the initial state enter the kernels too (a padded step passes the state
+through: a = 1, b = 0), instead of being folded into (a, b) by XLA.
 
 Memory traffic of a training step in [B, T, S] arrays, for the minGRU (us counts 2):
 
@@ -21,6 +26,9 @@ gates' backward                 read us, da, db 4, write d us 2        (inside t
 total                           22                                     13
 ==============================  =====================================  ==========================
 
+For the LRU (complex arrays) linear.py moves 12 plus XLA's broadcast of λ to [B, T, S] and its
+sum of d a; here 7 (a is λ: nothing to read for it).
+
 (the summaries run only when T is longer than one chunk; the backward summary reads only the
 blocks that a depends on: the compiler drops the other loads). The chunking is linear.py's:
 every chunk folds its steps into an affine map, the maps are combined in order by an
@@ -28,7 +36,7 @@ associative scan over [B, n, S], and every chunk reruns from its true entering s
 initial state enters that combination, and the backward kernel returns the cotangent of each
 chunk's entering state (the first chunk's is d s0).
 
-Applies (:func:`applies`) to cells with ``block_coefficients`` (recur/cells/minrnn.py) and real
+Applies (:func:`operands`) to cells whose ``gate_operands`` is not None, with floating-point
 inputs and state; recur.scan takes it for ``impl == "linear"`` without resets (a reset restarts
 the state from the reset carry mid-chunk: those scans fold it into (a, b) and run linear.py).
 ``ENABLED = False`` runs linear.py instead, for side-by-side measurements.
@@ -47,19 +55,24 @@ from recur.kernels import linear as lin
 ENABLED = True
 
 
-def applies(cell, carry0, us) -> bool:
-    """Whether recur.scan's linear kernel path can run this scan here: a cell whose coefficients
-    are element-wise in its gate blocks (``block_coefficients``), with real floating-point inputs
-    and state. Resets are the caller's to exclude."""
-    real = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-    return ENABLED and hasattr(cell, "block_coefficients") and real(carry0) and real(us)
+def operands(cell, params, us, carry0):
+    """(blocks [B, T, k S], consts) for :func:`gated_recurrence` when recur.scan's linear kernel
+    path can run this scan here, else None: the cell computes its coefficients element-wise
+    (``cell.gate_operands`` not None: the minGRU, the minLSTM, the LRU) and its inputs and state
+    are floating-point (real or complex). Resets are the caller's to exclude."""
+    ops = cell.gate_operands(params, us) if ENABLED else None
+    inexact = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    if ops is None or not inexact(carry0) or not all(inexact(x) for x in (ops[0], *ops[1])):
+        return None
+    return ops
 
 
-def gated_recurrence(us, s0, mask, cell, interpret=True):
+def gated_recurrence(us, s0, mask, consts, cell, interpret=True):
     """States s [B, T, S] of s_t = a_t ⊙ s_{t-1} + b_t with s_{-1} = s0 [B, S], where
-    (a_t, b_t) = cell.block_coefficients(*gate blocks of us_t) and us [B, T, k S] holds k gate
-    blocks of S units; mask [B, T] (bool or float; None: every step is real) marks the real
-    steps, across the others the state passes through. s is in promote(s0.dtype, float32).
+    (a_t, b_t) = cell.block_coefficients(*consts, *gate blocks of us_t), us [B, T, k S] holding
+    k gate blocks of S units and consts a tuple of [S] vectors constant in time (the LRU's λ);
+    mask [B, T] (bool or float; None: every step is real) marks the real steps, across the others
+    the state passes through. s is in promote(s0.dtype, float32) (complex for complex inputs).
     ``interpret=False`` compiles for the GPU."""
     B, T, G = us.shape
     S = s0.shape[-1]
@@ -68,12 +81,26 @@ def gated_recurrence(us, s0, mask, cell, interpret=True):
     if mask is not None:
         if mask.shape != (B, T):
             raise ValueError(f"gated_recurrence: mask has shape {mask.shape}, not [B, T] = {(B, T)}")
-        mask = mask.astype(_acc(s0))
-    return _gated(us, s0, mask, cell, interpret)
+        mask = mask.astype(lin._part(_acc(s0)))
+    for i, c in enumerate(consts):
+        if c.shape != (S,):
+            raise ValueError(f"gated_recurrence: consts[{i}] has shape {c.shape}, not [S] = {(S,)}")
+    stacked = jnp.stack([c.astype(_acc(s0)) for c in consts]) if consts else None
+    return _gated(us, s0, mask, stacked, cell, interpret)
 
 
 def _acc(s0):
     return jnp.promote_types(s0.dtype, jnp.float32)
+
+
+def _conj(x):
+    """The conjugate of a kernel value (a :class:`linear._Cx`); a real array as it is."""
+    return lin._Cx(x.re, -x.im) if isinstance(x, lin._Cx) else x
+
+
+def _pick(cond, x, y):
+    """x where cond, else y (arrays or :class:`linear._Cx` values)."""
+    return jax.tree.map(lambda u, v: jnp.where(cond, u, v), x, y)
 
 
 class _Gate:
@@ -98,33 +125,48 @@ class _Gate:
 
 class _Steps:
     """Reads steps of us (and the mask) in one program of the kernels below and turns them into
-    coefficients."""
+    coefficients; the consts' rows are read once."""
 
-    def __init__(self, cell, k, us_ref, m_ref, T, acc):
-        self.cell, self.k, self.us_ref, self.m_ref, self.T, self.acc = cell, k, us_ref, m_ref, T, acc
+    def __init__(self, cell, k, refs, T, acc, Sb):
+        self.cell, self.k, self.T, self.acc, self.Sb = cell, k, T, acc, Sb
+        self.us_ref, self.m_ref, c_ref = refs
+        self.part = lin._part(acc)
+        self.consts = () if c_ref is None else tuple(c_ref[i, :].astype(self.part) for i in range(c_ref.shape[0]))
+
+    def full(self, value):
+        return lin._full(value, self.Sb, self.acc)
 
     def rows(self, t0, K):
         """Steps t0 .. t0+K-1: K pairs (the k gate blocks' rows [Sb], the mask value or None)."""
-        blocks = [lin._load_rows(_Gate(self.us_ref, i), t0, K, self.acc) for i in range(self.k)]
+        blocks = [lin._load_rows(_Gate(self.us_ref, i), t0, K, self.part) for i in range(self.k)]
         masks = [None] * K if self.m_ref is None else [self.m_ref[0, t0 + i] for i in range(K)]
         return [(tuple(b[i] for b in blocks), masks[i]) for i in range(K)]
 
-    def coefficients(self, blocks, m):
-        a, b = self.cell.block_coefficients(*blocks)
+    def coefficients(self, blocks, m, consts=None):
+        a, b = self.cell.block_coefficients(*(self.consts if consts is None else consts), *blocks)
         if m is None:
             return a, b
         real = m > 0  # a padded step: a = 1, b = 0
-        return jnp.where(real, a, jnp.ones_like(a)), jnp.where(real, b, jnp.zeros_like(b))
+        return _pick(real, a, self.full(1.0)), _pick(real, b, self.full(0.0))
 
     def a_at(self, t):
         """a_t, which carries step t's cotangent back to step t - 1; 0 for t = T."""
         (step,) = self.rows(jnp.minimum(t, self.T - 1), 1)
         return lin._where(t < self.T, self.coefficients(*step)[0])
 
+    def cotangents(self, blocks, m, da, db):
+        """(a_t, cotangents of the consts, of the blocks) for the cotangents (da, db) of (a_t,
+        b_t). jax.vjp runs on real numbers (a complex value is a pair of parts), whose transpose
+        conjugates where JAX's complex cotangents do not: conjugating in and out gives JAX's."""
+        (a_t, _), vjp = jax.vjp(lambda cs, bl: self.coefficients(bl, m, cs), self.consts, blocks)
+        d_consts, d_blocks = jax.tree.map(_conj, vjp((_conj(da), _conj(db))),
+                                          is_leaf=lambda x: isinstance(x, lin._Cx))
+        return a_t, d_consts, d_blocks
 
-def _layout(us, s0, mask):
-    """Shapes, tiling, the grid, the inputs every kernel reads (us as [B, T, k, S], the mask)
-    and their specs."""
+
+def _layout(us, s0, mask, consts):
+    """Shapes, tiling, the grid, the inputs every kernel reads first (us as [B, T, k, S], the
+    mask, the consts [c, S]) and their specs."""
     B, T, G = us.shape
     S = s0.shape[-1]
     k = G // S
@@ -135,25 +177,29 @@ def _layout(us, s0, mask):
     if mask is not None:
         specs.append(pl.BlockSpec((1, T), lambda b, j, c: (b, 0)))
         ins.append(mask)
+    if consts is not None:
+        specs.append(pl.BlockSpec((consts.shape[0], Sb), lambda b, j, c: (0, j)))
+        ins.append(consts)
     return B, T, S, k, acc, Sb, L, K, T // L, (B, S // Sb, T // L), ins, specs
 
 
-def _split_refs(refs, masked):
-    """(us_ref, m_ref or None, the rest) of a kernel's refs."""
-    return refs[0], (refs[1] if masked else None), refs[2 if masked else 1:]
+def _split_refs(refs, mask, consts):
+    """((us_ref, m_ref or None, consts_ref or None), the rest) of a kernel's refs."""
+    refs = list(refs)
+    first = [refs.pop(0), refs.pop(0) if mask is not None else None, refs.pop(0) if consts is not None else None]
+    return first, refs
 
 
-def _forward(us, s0, mask, cell, interpret):
-    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask)
-    masked = mask is not None
+def _forward(us, s0, mask, consts, cell, interpret):
+    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask, consts)
     s0_acc = s0.astype(acc)
 
     if n == 1:
         s_in = s0_acc[:, None, :]
     else:
         def summary(*refs):
-            us_ref, m_ref, (p_ref, q_ref) = _split_refs(refs, masked)
-            steps, c = _Steps(cell, k, us_ref, m_ref, T, acc), pl.program_id(2)
+            first, (p_ref, q_ref) = _split_refs(refs, mask, consts)
+            steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
             def body(j, pq):
                 p, q = pq
@@ -162,7 +208,7 @@ def _forward(us, s0, mask, cell, interpret):
                     p, q = p * a_t, a_t * q + b_t
                 return p, q
 
-            p, q = jax.lax.fori_loop(0, L // K, body, (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc)))
+            p, q = jax.lax.fori_loop(0, L // K, body, (steps.full(1.0), steps.full(0.0)))
             p_ref[0, 0, :] = p
             q_ref[0, 0, :] = q
 
@@ -174,8 +220,8 @@ def _forward(us, s0, mask, cell, interpret):
         s_in = jnp.concatenate([s0_acc[:, None], Pc[:, :-1] * s0_acc[:, None] + Qc[:, :-1]], axis=1)
 
     def final(*refs):
-        us_ref, m_ref, (s_in_ref, out_ref) = _split_refs(refs, masked)
-        steps, c = _Steps(cell, k, us_ref, m_ref, T, acc), pl.program_id(2)
+        first, (s_in_ref, out_ref) = _split_refs(refs, mask, consts)
+        steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
         def body(j, s):
             t0 = c * L + j * K
@@ -194,28 +240,28 @@ def _forward(us, s0, mask, cell, interpret):
                      ins + [s_in])
 
 
-def _backward(us, s0, mask, s, g, cell, interpret):
-    """(d us, d s0) for the cotangent g of the states s."""
-    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask)
-    masked = mask is not None
+def _backward(us, s0, mask, consts, s, g, cell, interpret):
+    """(d us, d s0, d consts or None) for the cotangent g of the states s."""
+    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask, consts)
     seq = lin._seq_spec(T, Sb)
+    part = lin._part(acc)
 
     if n == 1:
         e_in = jnp.zeros((B, 1, S), acc)
     else:
         def summary(*refs):
-            us_ref, m_ref, (g_ref, p_ref, q_ref) = _split_refs(refs, masked)
-            steps, c = _Steps(cell, k, us_ref, m_ref, T, acc), pl.program_id(2)
+            first, (g_ref, p_ref, q_ref) = _split_refs(refs, mask, consts)
+            steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
             def body(j, pqa):
                 p, q, after = pqa  # after: a_{t+1} for the step t about to run
                 t0 = c * L + L - (j + 1) * K
-                rows, g_rows = steps.rows(t0, K), lin._load_rows(g_ref, t0, K, acc)
+                rows, g_rows = steps.rows(t0, K), lin._load_rows(g_ref, t0, K, part)
                 for i in reversed(range(K)):
                     p, q, after = p * after, after * q + g_rows[i], steps.coefficients(*rows[i])[0]
                 return p, q, after
 
-            init = (jnp.ones((Sb,), acc), jnp.zeros((Sb,), acc), steps.a_at(c * L + L))
+            init = (steps.full(1.0), steps.full(0.0), steps.a_at(c * L + L))
             p, q, _ = jax.lax.fori_loop(0, L // K, body, init)
             p_ref[0, 0, :] = p
             q_ref[0, 0, :] = q
@@ -225,54 +271,65 @@ def _backward(us, s0, mask, s, g, cell, interpret):
                          [lin._chunk_spec(Sb)] * 2, interpret, ins + [g])
         e_in = lin._combine(P, Q, reverse=True)
 
-    def final(*refs):
-        us_ref, m_ref, (s0_ref, s_ref, g_ref, e_in_ref, du_ref, d_in_ref) = _split_refs(refs, masked)
-        steps, c = _Steps(cell, k, us_ref, m_ref, T, acc), pl.program_id(2)
-        s0_row = s0_ref[0, :].astype(acc)
+    nc = 0 if consts is None else consts.shape[0]
 
-        def body(j, ea):
-            e, after = ea  # after: a_{t+1}, which carries e_{t+1} back to step t
+    def final(*refs):
+        first, rest = _split_refs(refs, mask, consts)
+        s0_ref, s_ref, g_ref, e_in_ref, du_ref, d_in_ref = rest[:6]
+        steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
+        s0_row = s0_ref[0, :].astype(part)
+
+        def body(j, carry):
+            e, after, dcs = carry  # after: a_{t+1}, which carries e_{t+1} back to step t
             t0 = c * L + L - (j + 1) * K
-            rows, g_rows = steps.rows(t0, K), lin._load_rows(g_ref, t0, K, acc)
-            s_rows = lin._load_rows(s_ref, t0, K, acc) if K > 1 else []
-            before = jnp.where(t0 > 0, s_ref[0, jnp.maximum(t0 - 1, 0), :].astype(acc), s0_row)  # s_{t0-1}
+            rows, g_rows = steps.rows(t0, K), lin._load_rows(g_ref, t0, K, part)
+            s_rows = lin._load_rows(s_ref, t0, K, part) if K > 1 else []
+            before = _pick(t0 > 0, s_ref[0, jnp.maximum(t0 - 1, 0), :].astype(part), s0_row)  # s_{t0-1}
             prev = [before] + s_rows[:-1]
             du = [[None] * K for _ in range(k)]
             for i in reversed(range(K)):
-                blocks, m = rows[i]
                 e = after * e + g_rows[i]
-                (a_t, _), vjp = jax.vjp(lambda *x: steps.coefficients(x, m), *blocks)
-                for gate, d in enumerate(vjp((e * prev[i], e))):  # (d a_t, d b_t) = (e_t s_{t-1}, e_t)
+                # (d a_t, d b_t) = (e_t s_{t-1}, e_t)
+                after, d_consts, d_blocks = steps.cotangents(*rows[i], e * prev[i], e)
+                dcs = tuple(x + d for x, d in zip(dcs, d_consts))
+                for gate, d in enumerate(d_blocks):
                     du[gate][i] = d
-                after = a_t
             for gate in range(k):
                 lin._store_rows(_Gate(du_ref, gate), t0, du[gate])
-            return e, after
+            return e, after, dcs
 
-        e, after = jax.lax.fori_loop(0, L // K, body, (e_in_ref[0, 0, :], steps.a_at(c * L + L)))
+        init = (e_in_ref[0, 0, :], steps.a_at(c * L + L), tuple(steps.full(0.0) for _ in range(nc)))
+        e, after, dcs = jax.lax.fori_loop(0, L // K, body, init)
         d_in_ref[0, 0, :] = after * e  # a_{cL} e_{cL}: the cotangent of the state entering chunk c
+        for i, d in enumerate(dcs):  # this chunk's sum of the consts' cotangents
+            rest[6][0, 0, i, :] = d
 
-    du4, d_in = lin._call(
-        final, [jax.ShapeDtypeStruct((B, T, k, S), us.dtype), jax.ShapeDtypeStruct((B, n, S), acc)], grid,
-        specs + [pl.BlockSpec((1, Sb), lambda b, j, c: (b, j)), seq, seq, lin._chunk_spec(Sb)],
-        [specs[0], lin._chunk_spec(Sb)], interpret, ins + [s0, s, g.astype(acc), e_in])
-    return jnp.reshape(du4, us.shape), d_in[:, 0].astype(s0.dtype)
+    outs = [jax.ShapeDtypeStruct((B, T, k, S), us.dtype), jax.ShapeDtypeStruct((B, n, S), acc)]
+    out_specs = [specs[0], lin._chunk_spec(Sb)]
+    if nc:
+        outs.append(jax.ShapeDtypeStruct((B, n, nc, S), acc))
+        out_specs.append(pl.BlockSpec((1, 1, nc, Sb), lambda b, j, c: (b, c, 0, j)))
+    res = lin._call(final, outs, grid,
+                    specs + [pl.BlockSpec((1, Sb), lambda b, j, c: (b, j)), seq, seq, lin._chunk_spec(Sb)],
+                    out_specs, interpret, ins + [s0, s, g.astype(acc), e_in])
+    d_consts = jnp.sum(res[2], axis=(0, 1)).astype(consts.dtype) if nc else None
+    return jnp.reshape(res[0], us.shape), res[1][:, 0].astype(s0.dtype), d_consts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gated(us, s0, mask, cell, interpret):
-    return _forward(us, s0, mask, cell, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gated(us, s0, mask, consts, cell, interpret):
+    return _forward(us, s0, mask, consts, cell, interpret)
 
 
-def _fwd(us, s0, mask, cell, interpret):
-    s = _forward(us, s0, mask, cell, interpret)
-    return s, (us, s0, mask, s)
+def _fwd(us, s0, mask, consts, cell, interpret):
+    s = _forward(us, s0, mask, consts, cell, interpret)
+    return s, (us, s0, mask, consts, s)
 
 
 def _bwd(cell, interpret, res, g):
-    us, s0, mask, s = res
-    dus, ds0 = _backward(us, s0, mask, s, g, cell, interpret)
-    return dus, ds0, (None if mask is None else jnp.zeros_like(mask))
+    us, s0, mask, consts, s = res
+    dus, ds0, d_consts = _backward(us, s0, mask, consts, s, g, cell, interpret)
+    return dus, ds0, (None if mask is None else jnp.zeros_like(mask)), d_consts
 
 
 _gated.defvjp(_fwd, _bwd)

@@ -97,6 +97,10 @@ class _CxRef:
     def dtype(self):
         return self.re.dtype
 
+    @property
+    def shape(self):
+        return self.re.shape
+
     def __getitem__(self, idx):
         return _Cx(self.re[idx], self.im[idx])
 
