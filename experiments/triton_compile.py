@@ -84,10 +84,11 @@ def kernels_ir(cell, I):
     return list(zip(modules, warps))
 
 
-def linear_ir(cell, B=8, T=4096):
+def linear_ir(cell, B=8, T=4096, resets=False):
     """[(Triton IR text, num_warps)] of the chunked linear kernels of a training step of a cell
     linear in its state (recur/kernels/gated.py for the minGRU, minLSTM and LRU, else linear.py
-    on XLA's (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask.
+    on XLA's (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask
+    (and with resets: restarts from a reset carry).
     The state size is the cell's hidden size."""
     import importlib
 
@@ -97,20 +98,22 @@ def linear_ir(cell, B=8, T=4096):
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), cell.hidden_size))
     xs = jax.ShapeDtypeStruct((B, T, cell.hidden_size), cell.dtype)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    flags = jax.ShapeDtypeStruct((B, T), bool) if resets else None
 
-    def run(p, x, n):
+    def run(p, x, n, r):
         us = cell.project(p, x)
         carry0 = cell.initial_carry(B)
+        rc = None if r is None else carry0 + 1
         mask = jnp.arange(T)[None, :] < n[:, None]
         ops = gated.operands(cell, p, us, carry0)
         if ops is not None:
-            return gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, False)
+            return gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, False, resets=r, reset_carry=rc)
         rec = lambda a, b: linear.linear_recurrence(a, b, False)
-        return scan_mod._linear_scan(cell, p, us, carry0, mask, None, None, rec)[0]
+        return scan_mod._linear_scan(cell, p, us, carry0, mask, r, rc, rec)[0]
 
     with triton_modules() as modules:
-        jax.jit(jax.grad(lambda p, x, n: jnp.sum(jnp.abs(run(p, x, n)) ** 2), argnums=(0, 1))).trace(
-            params, xs, lengths).lower(lowering_platforms=("cuda",))
+        jax.jit(jax.grad(lambda p, x, n, r: jnp.sum(jnp.abs(run(p, x, n, r)) ** 2), argnums=(0, 1))).trace(
+            params, xs, lengths, flags).lower(lowering_platforms=("cuda",))
     return [(m, 4) for m in modules]
 
 

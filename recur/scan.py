@@ -31,7 +31,7 @@ Semantics, for batch row b:
   its speed against the sequential scan.
 - ``mode="kernel"`` runs the time loop as one Pallas kernel (recur/kernels: any cell's step in
   a fused loop, forward and backward; a chunked kernel for linear cells, which for a minGRU,
-  minLSTM or LRU without resets computes the coefficients inside it too); where that cannot run
+  minLSTM or LRU computes the coefficients inside it too); where that cannot run
   (no GPU, a cell the GPU back end cannot lower, remat other than "step" with
   the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
@@ -249,12 +249,13 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.kernels.linear import linear_recurrence
 
         us = project(xs)
-        ops = gated.operands(cell, params, us, carry0) if resets is None and T > 0 else None
+        ops = gated.operands(cell, params, us, carry0) if T > 0 else None
         if ops is not None:
-            # minGRU, minLSTM, LRU: the coefficients, the mask and the initial state inside the kernels
-            # the state in the cell's state dtype at least, as the other scans keep it
-            s0 = carry0.astype(jnp.promote_types(carry0.dtype, cell.state_dtype))
-            states = gated.gated_recurrence(ops[0], s0, mask, ops[1], cell, interpret)
+            # minGRU, minLSTM, LRU: the coefficients, the mask, the resets and the initial state
+            # inside the kernels; the state in the cell's state dtype at least, as the other scans keep it
+            state = lambda c: c.astype(jnp.promote_types(c.dtype, cell.state_dtype))
+            states = gated.gated_recurrence(ops[0], state(carry0), mask, ops[1], cell, interpret, resets=resets,
+                                            reset_carry=None if resets is None else state(reset_carry))
             hs, carry = cell.readout(params, states, us), states[:, -1]
         else:
             recurrence = functools.partial(linear_recurrence, interpret=interpret)

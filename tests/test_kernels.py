@@ -168,22 +168,24 @@ class _SquaredDecayLRU(LRU):
 GATED = ["mingru", "minlstm", "mingru:identity", "minlstm:identity", "lru", "lru:state_size=6", "lru-squared"]
 
 
-@pytest.mark.parametrize("T_,steps,S_", [(7, 1, 40), (320, 1, 40), (320, 8, 48)])
+@pytest.mark.parametrize("T_,steps,S_,resets", [(7, 1, 40, True), (320, 1, 40, False), (320, 8, 48, True)])
 @pytest.mark.parametrize("name", GATED)
-def test_gated_kernel_equals_sequential(name, T_, steps, S_, interpret, monkeypatch):
+def test_gated_kernel_equals_sequential(name, T_, steps, S_, resets, interpret, monkeypatch):
     """Cells with element-wise coefficients (minGRU, minLSTM, the LRU and an LRU variant whose b is
-    a complex function of λ) without resets run recur/kernels/gated.py (coefficients, mask and
-    initial state inside the kernels; linear.py must not run): one chunk (T=7) and ten (320 =
-    10 x 32), one step or blocks of 8 per load (complex: always 1); lengths T, 4 (ending inside
-    the first chunk) and 0 (the row keeps its initial state); outputs, final carry and the
-    gradients of params (the LRU's λ through the kernel's consts), inputs and initial carry
-    (through both the outputs and the carry), float64 / complex128."""
+    a complex function of λ) run recur/kernels/gated.py (coefficients, mask, resets and initial
+    state inside the kernels; linear.py must not run): one chunk (T=7) and ten (320 = 10 x 32),
+    one step or blocks of 8 per load (complex: always 1), one block of state units or three;
+    lengths T, 4 (ending inside the first chunk) and 0 (the row keeps its initial state); with
+    resets (one at step 0, one at the last step, one in a padded step) or without; outputs,
+    final carry and the gradients of params (the LRU's λ through the kernel's consts), inputs,
+    initial carry and reset carry (through both the outputs and the carry), float64 /
+    complex128."""
     from recur.kernels import gated, linear
 
     monkeypatch.setattr(linear, "STEP_BLOCK", steps)
     calls = []
     run = gated.gated_recurrence
-    monkeypatch.setattr(gated, "gated_recurrence", lambda *a: calls.append(a[2] is not None) or run(*a))
+    monkeypatch.setattr(gated, "gated_recurrence", lambda *a, **k: calls.append(a[2] is not None) or run(*a, **k))
     monkeypatch.setattr(linear, "linear_recurrence", None)  # calling it would fail
     with jax.enable_x64(True):
         # S = 48: three blocks of 16 state units (40: one block)
@@ -196,17 +198,22 @@ def test_gated_kernel_equals_sequential(name, T_, steps, S_, interpret, monkeypa
         c0 = random_carry(cell, 3, seed=2)
         w = jax.random.normal(jax.random.key(3), (3, T_, S_), jnp.float64)
         kw = dict(lengths=jnp.array([T_, 4, 0]))
+        if resets:  # row 0 restarts at 0, 3, in the third chunk and at its last step; row 2's is padding
+            kw["resets"] = jnp.zeros((3, T_), bool).at[0, jnp.array([0, 3, T_ // 3, T_ - 1])].set(True).at[
+                1, 1].set(True).at[2, 2].set(True)
+        rc = random_carry(cell, 3, seed=5)
 
-        def loss(p, x, c, mode):
-            hs, carry = recur.scan(cell, p, x, initial_carry=c, mode=mode, **kw)
+        def loss(p, x, c, rc, mode):
+            hs, carry = recur.scan(cell, p, x, initial_carry=c, mode=mode, reset_carry=rc, **kw)
             return jnp.sum(jnp.sin(hs) * w) + jnp.sum(jnp.real(carry) ** 3 + jnp.imag(carry) ** 2), (hs, carry)
 
-        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
         with warnings.catch_warnings():
             warnings.simplefilter("error", dispatch.KernelFallback)
-            (_, got_out), got = grad(params, xs, c0, "kernel")
+            (_, got_out), got = grad(params, xs, c0, rc, "kernel")
         assert calls == [True], "the gated kernel did not run (with its mask)"
-        (_, want_out), want = grad(params, xs, c0, "sequential")
+        (_, want_out), want = grad(params, xs, c0, rc, "sequential")
+        assert bool(jnp.any(got[3] != 0)) == resets  # the reset carry's gradient
         _assert_close(want_out, got_out, 1e-12, (name, "outputs"))
         _assert_close(want, got, 1e-10, (name, "gradients"))
         np.testing.assert_array_equal(got_out[1][2], c0[2])  # length 0: the initial state
@@ -498,10 +505,10 @@ def test_gated_kernels_lower_for_an_h100(name, dtype, monkeypatch):
 
     calls = []
     run = gated.gated_recurrence
-    monkeypatch.setattr(gated, "gated_recurrence", lambda *a: calls.append(1) or run(*a))
+    monkeypatch.setattr(gated, "gated_recurrence", lambda *a, **k: calls.append(1) or run(*a, **k))
     for steps in (1, 8):
         monkeypatch.setattr(linear, "STEP_BLOCK", steps)
-        assert len(linear_ir(recur.get_cell(name, 256, dtype=dtype))) == 4, (name, steps)
+        assert len(linear_ir(recur.get_cell(name, 256, dtype=dtype), resets=steps == 8)) == 4, (name, steps)
     assert len(calls) == 2
 
 
@@ -649,16 +656,17 @@ def test_a_whole_recurrent_matrix_outgrows_shared_memory(monkeypatch):
 
 @pytest.mark.parametrize("name", ["mingru", "minlstm", "lru"])
 def test_gated_kernels_compile_for_sm90_without_spills(name, monkeypatch):
-    """recur/kernels/gated.py's four kernels (with a mask, in bfloat16, one step or 8 per load:
-    the widest form; the LRU in complex64, one step per load), compiled for sm_90 by the triton
-    package: no register spills."""
+    """recur/kernels/gated.py's four kernels (with a mask, in bfloat16, one step or 8 per load
+    and resets: the widest form; the LRU in complex64, one step per load), compiled for sm_90 by
+    the triton package: no register spills."""
     pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
     from experiments.triton_compile import compile_sm90, linear_ir
     from recur.kernels import linear
 
-    for steps in (1, 8):
+    for steps in (1, 8):  # with resets at 8
         monkeypatch.setattr(linear, "STEP_BLOCK", steps)
-        irs = linear_ir(recur.get_cell(name, 256, dtype=jnp.float32 if name == "lru" else jnp.bfloat16))
+        irs = linear_ir(recur.get_cell(name, 256, dtype=jnp.float32 if name == "lru" else jnp.bfloat16),
+                        resets=steps == 8)
         assert len(irs) == 4, (name, steps)
         for text, warps in irs:
             _, registers, spill_stores, spill_loads = compile_sm90(text, warps)

@@ -14,7 +14,7 @@ Implementations (see docs/kernels.md for the table per cell):
   scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
   not pick it.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state (for
-  a minGRU, minLSTM or LRU without resets recur.scan runs recur/kernels/gated.py, the same
+  a minGRU, minLSTM or LRU recur.scan runs recur/kernels/gated.py, the same
   kernel with the coefficients computed inside it).
 - ``cudnn``: recur/kernels/cudnn.py, cuDNN's LSTM through ``jax.experimental.rnn`` for the plain
   float32 LSTM on a GPU (``mode="cudnn"`` only).

@@ -10,8 +10,8 @@ registers (``cell.block_coefficients(*consts, *blocks)``), so a and b never reac
 backward kernel recomputes them and writes d us directly (their derivative by ``jax.vjp``,
 traced into the kernel; for complex values, whose parts it runs on, conjugated in and out so
 that the cotangents follow JAX's convention) and each chunk's sum of the consts' cotangents. The
-padding mask and the initial state enter the kernels too (a padded step passes the state
-through: a = 1, b = 0), instead of being folded into (a, b) by XLA.
+padding mask, the resets and the initial state enter the kernels too (a padded step passes the
+state through: a = 1, b = 0), instead of being folded into (a, b) by XLA.
 
 Memory traffic of a training step in [B, T, S] arrays, for the minGRU (us counts 2):
 
@@ -37,8 +37,10 @@ initial state enters that combination, and the backward kernel returns the cotan
 chunk's entering state (the first chunk's is d s0).
 
 Applies (:func:`operands`) to cells whose ``gate_operands`` is not None, with floating-point
-inputs and state; recur.scan takes it for ``impl == "linear"`` without resets (a reset restarts
-the state from the reset carry mid-chunk: those scans fold it into (a, b) and run linear.py).
+inputs and state; recur.scan takes it for ``impl == "linear"``. Resets enter as flags too: at a
+reset step the state restarts from the reset carry (a' = 0, b' = a rc + b, computed in the step,
+so the chunking is unchanged), and the backward kernel sums the reset carry's cotangent per
+chunk.
 ``ENABLED = False`` runs linear.py instead, for side-by-side measurements.
 """
 from __future__ import annotations
@@ -67,26 +69,56 @@ def operands(cell, params, us, carry0):
     return ops
 
 
-def gated_recurrence(us, s0, mask, consts, cell, interpret=True):
+def gated_recurrence(us, s0, mask, consts, cell, interpret=True, resets=None, reset_carry=None):
     """States s [B, T, S] of s_t = a_t ⊙ s_{t-1} + b_t with s_{-1} = s0 [B, S], where
     (a_t, b_t) = cell.block_coefficients(*consts, *gate blocks of us_t), us [B, T, k S] holding
     k gate blocks of S units and consts a tuple of [S] vectors constant in time (the LRU's λ);
     mask [B, T] (bool or float; None: every step is real) marks the real steps, across the others
-    the state passes through. s is in promote(s0.dtype, float32) (complex for complex inputs).
-    ``interpret=False`` compiles for the GPU."""
+    the state passes through; resets [B, T] (None: none) marks the steps where the state restarts
+    from reset_carry [B, S] (s_t = a_t ⊙ reset_carry + b_t; a padded step must not be one). s is
+    in promote(s0.dtype, float32) (complex for complex inputs). ``interpret=False`` compiles for
+    the GPU."""
     B, T, G = us.shape
     S = s0.shape[-1]
     if T == 0 or G % S or s0.shape != (B, S):
         raise ValueError(f"gated_recurrence: us {us.shape} must be [B, T > 0, k * S] for s0 {s0.shape} [B, S]")
-    if mask is not None:
-        if mask.shape != (B, T):
-            raise ValueError(f"gated_recurrence: mask has shape {mask.shape}, not [B, T] = {(B, T)}")
-        mask = mask.astype(lin._part(_acc(s0)))
+    part = lin._part(_acc(s0))
+    for name, flags in (("mask", mask), ("resets", resets)):
+        if flags is not None and flags.shape != (B, T):
+            raise ValueError(f"gated_recurrence: {name} has shape {flags.shape}, not [B, T] = {(B, T)}")
+    if (resets is None) != (reset_carry is None) or (reset_carry is not None and reset_carry.shape != (B, S)):
+        raise ValueError(f"gated_recurrence: resets need a reset_carry [B, S] = {(B, S)} and the reverse; got "
+                         f"resets {None if resets is None else resets.shape}, reset_carry "
+                         f"{None if reset_carry is None else reset_carry.shape}")
     for i, c in enumerate(consts):
         if c.shape != (S,):
             raise ValueError(f"gated_recurrence: consts[{i}] has shape {c.shape}, not [S] = {(S,)}")
-    stacked = jnp.stack([c.astype(_acc(s0)) for c in consts]) if consts else None
-    return _gated(us, s0, mask, stacked, cell, interpret)
+    opt = _Optional(None if mask is None else mask.astype(part),
+                    jnp.stack([c.astype(_acc(s0)) for c in consts]) if consts else None,
+                    None if resets is None else resets.astype(part),
+                    None if reset_carry is None else reset_carry.astype(_acc(s0)))
+    return _gated(us, s0, opt, cell, interpret)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Optional:
+    """The kernels' optional inputs, each None or an array: the mask [B, T], the consts [c, S]
+    (stacked), the resets [B, T] and the reset carry [B, S]."""
+
+    FIELDS = ("mask", "consts", "resets", "reset_carry")
+
+    def __init__(self, mask, consts, resets, reset_carry):
+        self.mask, self.consts, self.resets, self.reset_carry = mask, consts, resets, reset_carry
+
+    def present(self):
+        return [f for f in self.FIELDS if getattr(self, f) is not None]
+
+    def tree_flatten(self):
+        return tuple(getattr(self, f) for f in self.FIELDS), None
+
+    @classmethod
+    def tree_unflatten(cls, _, leaves):
+        return cls(*leaves)
 
 
 def _acc(s0):
@@ -124,49 +156,59 @@ class _Gate:
 
 
 class _Steps:
-    """Reads steps of us (and the mask) in one program of the kernels below and turns them into
-    coefficients; the consts' rows are read once."""
+    """Reads steps of us (with the mask and resets) in one program of the kernels below and turns
+    them into coefficients; the consts' rows and the reset carry's are read once."""
 
     def __init__(self, cell, k, refs, T, acc, Sb):
         self.cell, self.k, self.T, self.acc, self.Sb = cell, k, T, acc, Sb
-        self.us_ref, self.m_ref, c_ref = refs
+        self.us_ref, self.m_ref, c_ref, self.r_ref, rc_ref = refs
         self.part = lin._part(acc)
         self.consts = () if c_ref is None else tuple(c_ref[i, :].astype(self.part) for i in range(c_ref.shape[0]))
+        self.rc = None if rc_ref is None else rc_ref[0, :].astype(self.part)
 
     def full(self, value):
         return lin._full(value, self.Sb, self.acc)
 
     def rows(self, t0, K):
-        """Steps t0 .. t0+K-1: K pairs (the k gate blocks' rows [Sb], the mask value or None)."""
+        """Steps t0 .. t0+K-1: K pairs (the k gate blocks' rows [Sb], (the mask value, the reset
+        value), each None where there is none)."""
         blocks = [lin._load_rows(_Gate(self.us_ref, i), t0, K, self.part) for i in range(self.k)]
-        masks = [None] * K if self.m_ref is None else [self.m_ref[0, t0 + i] for i in range(K)]
-        return [(tuple(b[i] for b in blocks), masks[i]) for i in range(K)]
+        flag = lambda ref, i: None if ref is None else ref[0, t0 + i]
+        return [(tuple(b[i] for b in blocks), (flag(self.m_ref, i), flag(self.r_ref, i))) for i in range(K)]
 
-    def coefficients(self, blocks, m, consts=None):
+    def coefficients(self, blocks, flags, consts=None, rc=None):
+        """(a_t, b_t) of a step from its blocks and flags; consts and the reset carry's row as
+        given (to differentiate by them), else as read."""
         a, b = self.cell.block_coefficients(*(self.consts if consts is None else consts), *blocks)
-        if m is None:
-            return a, b
-        real = m > 0  # a padded step: a = 1, b = 0
-        return _pick(real, a, self.full(1.0)), _pick(real, b, self.full(0.0))
+        m, r = flags
+        if r is not None:  # a restart from the reset carry: a = 0, b = a rc + b
+            restart, rc = r > 0, (self.rc if rc is None else rc)
+            a, b = _pick(restart, self.full(0.0), a), _pick(restart, a * rc + b, b)
+        if m is not None:  # a padded step: a = 1, b = 0
+            real = m > 0
+            a, b = _pick(real, a, self.full(1.0)), _pick(real, b, self.full(0.0))
+        return a, b
 
     def a_at(self, t):
         """a_t, which carries step t's cotangent back to step t - 1; 0 for t = T."""
         (step,) = self.rows(jnp.minimum(t, self.T - 1), 1)
         return lin._where(t < self.T, self.coefficients(*step)[0])
 
-    def cotangents(self, blocks, m, da, db):
-        """(a_t, cotangents of the consts, of the blocks) for the cotangents (da, db) of (a_t,
-        b_t). jax.vjp runs on real numbers (a complex value is a pair of parts), whose transpose
-        conjugates where JAX's complex cotangents do not: conjugating in and out gives JAX's."""
-        (a_t, _), vjp = jax.vjp(lambda cs, bl: self.coefficients(bl, m, cs), self.consts, blocks)
-        d_consts, d_blocks = jax.tree.map(_conj, vjp((_conj(da), _conj(db))),
-                                          is_leaf=lambda x: isinstance(x, lin._Cx))
-        return a_t, d_consts, d_blocks
+    def cotangents(self, blocks, flags, da, db):
+        """(a_t, cotangents of the consts, of the reset carry's row (None without resets), of
+        the blocks) for the cotangents (da, db) of (a_t, b_t). jax.vjp runs on real numbers (a
+        complex value is a pair of parts), whose transpose conjugates where JAX's complex
+        cotangents do not: conjugating in and out gives JAX's."""
+        (a_t, _), vjp = jax.vjp(lambda cs, rc, bl: self.coefficients(bl, flags, cs, rc), self.consts, self.rc,
+                                blocks)
+        d_consts, d_rc, d_blocks = jax.tree.map(_conj, vjp((_conj(da), _conj(db))),
+                                                is_leaf=lambda x: isinstance(x, lin._Cx))
+        return a_t, d_consts, d_rc, d_blocks
 
 
-def _layout(us, s0, mask, consts):
-    """Shapes, tiling, the grid, the inputs every kernel reads first (us as [B, T, k, S], the
-    mask, the consts [c, S]) and their specs."""
+def _layout(us, s0, opt):
+    """Shapes, tiling, the grid, the inputs every kernel reads first (us as [B, T, k, S], then
+    those of the optional inputs that are present) and their specs."""
     B, T, G = us.shape
     S = s0.shape[-1]
     k = G // S
@@ -174,31 +216,32 @@ def _layout(us, s0, mask, consts):
     Sb, L, K = lin._tiling(B, T, S, acc)
     specs = [pl.BlockSpec((1, T, k, Sb), lambda b, j, c: (b, 0, 0, j))]
     ins = [jnp.reshape(us, (B, T, k, S))]
-    if mask is not None:
-        specs.append(pl.BlockSpec((1, T), lambda b, j, c: (b, 0)))
-        ins.append(mask)
-    if consts is not None:
-        specs.append(pl.BlockSpec((consts.shape[0], Sb), lambda b, j, c: (0, j)))
-        ins.append(consts)
+    spec = {"mask": pl.BlockSpec((1, T), lambda b, j, c: (b, 0)),
+            "consts": opt.consts is not None and pl.BlockSpec((opt.consts.shape[0], Sb), lambda b, j, c: (0, j)),
+            "resets": pl.BlockSpec((1, T), lambda b, j, c: (b, 0)),
+            "reset_carry": pl.BlockSpec((1, Sb), lambda b, j, c: (b, j))}
+    for name in opt.present():
+        specs.append(spec[name])
+        ins.append(getattr(opt, name))
     return B, T, S, k, acc, Sb, L, K, T // L, (B, S // Sb, T // L), ins, specs
 
 
-def _split_refs(refs, mask, consts):
-    """((us_ref, m_ref or None, consts_ref or None), the rest) of a kernel's refs."""
+def _split_refs(refs, opt):
+    """((us_ref, then the ref of each optional input or None), the rest) of a kernel's refs."""
     refs = list(refs)
-    first = [refs.pop(0), refs.pop(0) if mask is not None else None, refs.pop(0) if consts is not None else None]
+    first = [refs.pop(0)] + [refs.pop(0) if getattr(opt, f) is not None else None for f in opt.FIELDS]
     return first, refs
 
 
-def _forward(us, s0, mask, consts, cell, interpret):
-    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask, consts)
+def _forward(us, s0, opt, cell, interpret):
+    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, opt)
     s0_acc = s0.astype(acc)
 
     if n == 1:
         s_in = s0_acc[:, None, :]
     else:
         def summary(*refs):
-            first, (p_ref, q_ref) = _split_refs(refs, mask, consts)
+            first, (p_ref, q_ref) = _split_refs(refs, opt)
             steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
             def body(j, pq):
@@ -220,7 +263,7 @@ def _forward(us, s0, mask, consts, cell, interpret):
         s_in = jnp.concatenate([s0_acc[:, None], Pc[:, :-1] * s0_acc[:, None] + Qc[:, :-1]], axis=1)
 
     def final(*refs):
-        first, (s_in_ref, out_ref) = _split_refs(refs, mask, consts)
+        first, (s_in_ref, out_ref) = _split_refs(refs, opt)
         steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
         def body(j, s):
@@ -240,9 +283,9 @@ def _forward(us, s0, mask, consts, cell, interpret):
                      ins + [s_in])
 
 
-def _backward(us, s0, mask, consts, s, g, cell, interpret):
-    """(d us, d s0, d consts or None) for the cotangent g of the states s."""
-    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, mask, consts)
+def _backward(us, s0, opt, s, g, cell, interpret):
+    """(d us, d s0, d consts or None, d reset carry or None) for the cotangent g of the states s."""
+    B, T, S, k, acc, Sb, L, K, n, grid, ins, specs = _layout(us, s0, opt)
     seq = lin._seq_spec(T, Sb)
     part = lin._part(acc)
 
@@ -250,7 +293,7 @@ def _backward(us, s0, mask, consts, s, g, cell, interpret):
         e_in = jnp.zeros((B, 1, S), acc)
     else:
         def summary(*refs):
-            first, (g_ref, p_ref, q_ref) = _split_refs(refs, mask, consts)
+            first, (g_ref, p_ref, q_ref) = _split_refs(refs, opt)
             steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
 
             def body(j, pqa):
@@ -271,16 +314,17 @@ def _backward(us, s0, mask, consts, s, g, cell, interpret):
                          [lin._chunk_spec(Sb)] * 2, interpret, ins + [g])
         e_in = lin._combine(P, Q, reverse=True)
 
-    nc = 0 if consts is None else consts.shape[0]
+    nc = 0 if opt.consts is None else opt.consts.shape[0]
+    resets = opt.resets is not None
 
     def final(*refs):
-        first, rest = _split_refs(refs, mask, consts)
+        first, rest = _split_refs(refs, opt)
         s0_ref, s_ref, g_ref, e_in_ref, du_ref, d_in_ref = rest[:6]
         steps, c = _Steps(cell, k, first, T, acc, Sb), pl.program_id(2)
         s0_row = s0_ref[0, :].astype(part)
 
         def body(j, carry):
-            e, after, dcs = carry  # after: a_{t+1}, which carries e_{t+1} back to step t
+            e, after, dcs, drc = carry  # after: a_{t+1}, which carries e_{t+1} back to step t
             t0 = c * L + L - (j + 1) * K
             rows, g_rows = steps.rows(t0, K), lin._load_rows(g_ref, t0, K, part)
             s_rows = lin._load_rows(s_ref, t0, K, part) if K > 1 else []
@@ -290,46 +334,59 @@ def _backward(us, s0, mask, consts, s, g, cell, interpret):
             for i in reversed(range(K)):
                 e = after * e + g_rows[i]
                 # (d a_t, d b_t) = (e_t s_{t-1}, e_t)
-                after, d_consts, d_blocks = steps.cotangents(*rows[i], e * prev[i], e)
+                after, d_consts, d_rc, d_blocks = steps.cotangents(*rows[i], e * prev[i], e)
                 dcs = tuple(x + d for x, d in zip(dcs, d_consts))
+                drc = drc if d_rc is None else drc + d_rc
                 for gate, d in enumerate(d_blocks):
                     du[gate][i] = d
             for gate in range(k):
                 lin._store_rows(_Gate(du_ref, gate), t0, du[gate])
-            return e, after, dcs
+            return e, after, dcs, drc
 
-        init = (e_in_ref[0, 0, :], steps.a_at(c * L + L), tuple(steps.full(0.0) for _ in range(nc)))
-        e, after, dcs = jax.lax.fori_loop(0, L // K, body, init)
+        init = (e_in_ref[0, 0, :], steps.a_at(c * L + L), tuple(steps.full(0.0) for _ in range(nc)),
+                steps.full(0.0) if resets else None)
+        e, after, dcs, drc = jax.lax.fori_loop(0, L // K, body, init)
         d_in_ref[0, 0, :] = after * e  # a_{cL} e_{cL}: the cotangent of the state entering chunk c
-        for i, d in enumerate(dcs):  # this chunk's sum of the consts' cotangents
-            rest[6][0, 0, i, :] = d
+        more = iter(rest[6:])
+        if nc:
+            dc_ref = next(more)
+            for i, d in enumerate(dcs):  # this chunk's sums of the consts' cotangents
+                dc_ref[0, 0, i, :] = d
+        if resets:  # and of the reset carry's
+            next(more)[0, 0, :] = drc
 
     outs = [jax.ShapeDtypeStruct((B, T, k, S), us.dtype), jax.ShapeDtypeStruct((B, n, S), acc)]
     out_specs = [specs[0], lin._chunk_spec(Sb)]
     if nc:
         outs.append(jax.ShapeDtypeStruct((B, n, nc, S), acc))
         out_specs.append(pl.BlockSpec((1, 1, nc, Sb), lambda b, j, c: (b, c, 0, j)))
+    if resets:
+        outs.append(jax.ShapeDtypeStruct((B, n, S), acc))
+        out_specs.append(lin._chunk_spec(Sb))
     res = lin._call(final, outs, grid,
                     specs + [pl.BlockSpec((1, Sb), lambda b, j, c: (b, j)), seq, seq, lin._chunk_spec(Sb)],
                     out_specs, interpret, ins + [s0, s, g.astype(acc), e_in])
-    d_consts = jnp.sum(res[2], axis=(0, 1)).astype(consts.dtype) if nc else None
-    return jnp.reshape(res[0], us.shape), res[1][:, 0].astype(s0.dtype), d_consts
+    more = iter(res[2:])
+    d_consts = jnp.sum(next(more), axis=(0, 1)).astype(opt.consts.dtype) if nc else None
+    d_rc = jnp.sum(next(more), axis=1).astype(opt.reset_carry.dtype) if resets else None
+    return jnp.reshape(res[0], us.shape), res[1][:, 0].astype(s0.dtype), d_consts, d_rc
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _gated(us, s0, mask, consts, cell, interpret):
-    return _forward(us, s0, mask, consts, cell, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated(us, s0, opt, cell, interpret):
+    return _forward(us, s0, opt, cell, interpret)
 
 
-def _fwd(us, s0, mask, consts, cell, interpret):
-    s = _forward(us, s0, mask, consts, cell, interpret)
-    return s, (us, s0, mask, consts, s)
+def _fwd(us, s0, opt, cell, interpret):
+    s = _forward(us, s0, opt, cell, interpret)
+    return s, (us, s0, opt, s)
 
 
 def _bwd(cell, interpret, res, g):
-    us, s0, mask, consts, s = res
-    dus, ds0, d_consts = _backward(us, s0, mask, consts, s, g, cell, interpret)
-    return dus, ds0, (None if mask is None else jnp.zeros_like(mask)), d_consts
+    us, s0, opt, s = res
+    dus, ds0, d_consts, d_rc = _backward(us, s0, opt, s, g, cell, interpret)
+    zeros = lambda x: None if x is None else jnp.zeros_like(x)
+    return dus, ds0, _Optional(zeros(opt.mask), d_consts, zeros(opt.resets), d_rc)
 
 
 _gated.defvjp(_fwd, _bwd)
