@@ -123,7 +123,7 @@ def torch_runner(cell: str, V: int, E: int, H: int, B: int, T: int, train: bool 
             opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def infer(steps):

@@ -51,6 +51,23 @@ def _loss_and_grad(cell, mode, kwargs, w):
 @pytest.mark.parametrize("name", CASES)
 def test_kernel_equals_sequential(name, interpret):
     """Outputs, final carry and every gradient (params, inputs, initial and reset carry), float64."""
+    _check_kernel_equals_sequential(name)
+
+
+@pytest.mark.parametrize("name", ["mingru", "lru"])
+def test_linear_kernel_on_xlas_coefficients_equals_sequential(name, interpret, monkeypatch):
+    """With recur/kernels/gated.py off, the minGRU and the LRU run linear.py on the (a, b) that
+    XLA computes (what any other linear cell runs): the same checks as above."""
+    from recur.kernels import gated, linear
+
+    monkeypatch.setattr(gated, "ENABLED", False)
+    calls, run = [], linear.linear_recurrence
+    monkeypatch.setattr(linear, "linear_recurrence", lambda *a, **k: calls.append(1) or run(*a, **k))
+    _check_kernel_equals_sequential(name)
+    assert calls, "linear.py did not run"
+
+
+def _check_kernel_equals_sequential(name):
     with jax.enable_x64(True):
         cell, params, xs = make(name, dtype=jnp.float64)
         carry0, reset_carry = random_carry(cell, B, seed=3), random_carry(cell, B, seed=4)
