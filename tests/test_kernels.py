@@ -215,8 +215,9 @@ def test_gated_kernel_equals_sequential(name, T_, steps, S_, resets, interpret, 
         c0 = random_carry(cell, 3, seed=2)
         w = jax.random.normal(jax.random.key(3), (3, T_, S_), jnp.float64)
         kw = dict(lengths=jnp.array([T_, 4, 0]))
-        if resets:  # row 0 restarts at 0, 3, in the third chunk and at its last step; row 2's is padding
-            kw["resets"] = jnp.zeros((3, T_), bool).at[0, jnp.array([0, 3, T_ // 3, T_ - 1])].set(True).at[
+        if resets:  # row 0 restarts at 0, 3, inside a chunk, at a chunk's start (160 = 5 x 32) and at
+            # its last step; row 2's is padding
+            kw["resets"] = jnp.zeros((3, T_), bool).at[0, jnp.array([0, 3, T_ // 3, T_ // 2, T_ - 1])].set(True).at[
                 1, 1].set(True).at[2, 2].set(True)
         rc = random_carry(cell, 3, seed=5)
 

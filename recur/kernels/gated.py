@@ -61,7 +61,7 @@ def operands(cell, params, us, carry0):
     """(blocks [B, T, k S], consts) for :func:`gated_recurrence` when recur.scan's linear kernel
     path can run this scan here, else None: the cell computes its coefficients element-wise
     (``cell.gate_operands`` not None: the minGRU, the minLSTM, the LRU) and its inputs and state
-    are floating-point (real or complex). Resets are the caller's to exclude."""
+    are floating-point (real or complex)."""
     ops = cell.gate_operands(params, us) if ENABLED else None
     inexact = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
     if ops is None or not inexact(carry0) or not all(inexact(x) for x in (ops[0], *ops[1])):
@@ -75,7 +75,7 @@ def gated_recurrence(us, s0, mask, consts, cell, interpret=True, resets=None, re
     k gate blocks of S units and consts a tuple of [S] vectors constant in time (the LRU's λ);
     mask [B, T] (bool or float; None: every step is real) marks the real steps, across the others
     the state passes through; resets [B, T] (None: none) marks the steps where the state restarts
-    from reset_carry [B, S] (s_t = a_t ⊙ reset_carry + b_t; a padded step must not be one). s is
+    from reset_carry [B, S] (s_t = a_t ⊙ reset_carry + b_t; a padded step stays padded). s is
     in promote(s0.dtype, float32) (complex for complex inputs). ``interpret=False`` compiles for
     the GPU."""
     B, T, G = us.shape
