@@ -5,7 +5,9 @@ Inputs are batch-major [B, T, I]; the result is every step's output [B, T, O] an
 
 Semantics, for batch row b:
 - ``initial_carry``: the carry before step 0 (default ``cell.initial_carry(B)``, zeros). Pass the
-  previous window's final carry (under ``jax.lax.stop_gradient``) for truncated BPTT.
+  previous window's final carry (under ``jax.lax.stop_gradient``) for truncated BPTT. A carry
+  (or ``reset_carry``) in a narrower dtype than the cell's state (say bfloat16 for a float32
+  state) is widened to the state's dtype, in every mode.
 - ``lengths`` [B] ints in [0, T]: a right-padded batch. Steps t >= lengths[b] leave the carry
   alone and output zeros, so the final carry is the carry after step lengths[b] - 1.
 - ``resets`` [B, T] bools: a packed batch. Where resets[b, t] is true a new sequence begins at t:
@@ -114,7 +116,7 @@ def _check_projected(cell, params, us, where):
 
 
 def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan",
-                  backward="deferred", chunk=256, projected=False):
+                  backward="deferred", chunk=256, projected=False, reset_carry=None):
     if not isinstance(cell, Cell):
         raise TypeError(f"{where}: cell must be a recur cell, got {type(cell).__name__}")
     if projected:
@@ -147,14 +149,16 @@ def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat,
         raise ValueError(
             f"{where}: resets must have shape [batch, time]=({B}, {T}), got {getattr(resets, 'shape', None)}"
         )
-    if initial_carry is not None:
+    for name, given in (("initial_carry", initial_carry), ("reset_carry", reset_carry)):
+        if given is None:
+            continue
         want = jax.eval_shape(lambda: cell.initial_carry(B))
-        got_def, want_def = jax.tree.structure(initial_carry), jax.tree.structure(want)
+        got_def, want_def = jax.tree.structure(given), jax.tree.structure(want)
         if got_def != want_def:
-            raise ValueError(f"{where}: initial_carry must have the structure {want_def}, got {got_def}")
-        for g, w in zip(jax.tree.leaves(initial_carry), jax.tree.leaves(want)):
-            if g.shape != w.shape:
-                raise ValueError(f"{where}: initial_carry leaf has shape {g.shape}, expected {w.shape}")
+            raise ValueError(f"{where}: {name} must have the structure {want_def}, got {got_def}")
+        for g, w in zip(jax.tree.leaves(given), jax.tree.leaves(want)):
+            if getattr(g, "shape", None) != w.shape:
+                raise ValueError(f"{where}: {name} leaf has shape {getattr(g, 'shape', None)}, expected {w.shape}")
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
     if mode in ("parallel", "chunked") and not cell.linear:
@@ -188,7 +192,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
          reverse=False, mode="sequential", unroll=None, remat="none", backward="deferred", chunk=256,
          projected=False):
     """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
-    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward,
+    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward, reset_carry=reset_carry,
                   chunk=chunk, projected=projected)
     B, T = jax.tree.leaves(xs)[0].shape[:2]
     unroll = default_unroll() if unroll is None else unroll
@@ -207,9 +211,13 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
             # reading backwards, a sequence that begins at t + 1 ends at t: restart there
             ends = jnp.concatenate([resets[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
             resets = _gather_time(ends if mask is None else ends & mask, idx)
-    carry0 = cell.initial_carry(B) if initial_carry is None else initial_carry
-    if resets is not None and reset_carry is None:
-        reset_carry = cell.initial_carry(B)
+    # a given carry in a narrower dtype than the cell's state is widened to it (the state dtype is
+    # what each step returns), so every mode runs in the state dtype at least
+    state = jax.eval_shape(lambda: cell.initial_carry(B))
+    widen = lambda tree: jax.tree.map(lambda c, w: c.astype(jnp.promote_types(c.dtype, w.dtype)), tree, state)
+    carry0 = cell.initial_carry(B) if initial_carry is None else widen(initial_carry)
+    if resets is not None:
+        reset_carry = cell.initial_carry(B) if reset_carry is None else widen(reset_carry)
     impl, interpret = mode, False
     if mode in ("kernel", "cudnn", "auto"):
         from recur.kernels import dispatch
@@ -252,10 +260,9 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         ops = gated.operands(cell, params, us, carry0) if T > 0 else None
         if ops is not None:
             # minGRU, minLSTM, LRU: the coefficients, the mask, the resets and the initial state
-            # inside the kernels; the state in the cell's state dtype at least, as the other scans keep it
-            state = lambda c: c.astype(jnp.promote_types(c.dtype, cell.state_dtype))
-            states = gated.gated_recurrence(ops[0], state(carry0), mask, ops[1], cell, interpret, resets=resets,
-                                            reset_carry=None if resets is None else state(reset_carry))
+            # inside the kernels
+            states = gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, interpret, resets=resets,
+                                            reset_carry=reset_carry)
             hs, carry = cell.readout(params, states, us), states[:, -1]
         else:
             recurrence = functools.partial(linear_recurrence, interpret=interpret)

@@ -217,6 +217,24 @@ def test_bfloat16_shapes_and_dtypes(name):
     assert np.isfinite(np.asarray(hs, np.float32)).all()
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "mingru", "lru"])
+def test_a_narrower_carry_is_widened_to_the_state_dtype(name):
+    """An initial and a reset carry in bfloat16 for a cell whose state is float32 (complex64 for
+    the LRU): every mode widens them (the sequential scan used to fail: its loop's carry changed
+    type), returns the state dtype, and agrees with the run given the widened carries."""
+    cell, params, xs = make(name)
+    state = cell.initial_carry(B).dtype if not isinstance(cell.initial_carry(B), dict) else jnp.float32
+    narrow = jax.tree.map(lambda c: jnp.real(c).astype(jnp.bfloat16), random_carry(cell, B, seed=1))
+    wide = jax.tree.map(lambda c: c.astype(state), narrow)
+    kw = dict(resets=jnp.zeros((B, T), bool).at[0, 3].set(True), lengths=jnp.array([T, 4, 2]))
+    modes = ("sequential", "parallel", "chunked") if cell.linear else ("sequential",)
+    for mode in modes:
+        want = recur.scan(cell, params, xs, initial_carry=wide, reset_carry=wide, mode=mode, **kw)
+        got = recur.scan(cell, params, xs, initial_carry=narrow, reset_carry=narrow, mode=mode, **kw)
+        assert all(c.dtype == state for c in jax.tree.leaves(got[1])), (name, mode)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), want, got)
+
+
 def _count(params):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -333,6 +351,8 @@ def lstm():
         ({"mode": "fast"}, (B, T, I), "mode must be one of"),
         ({"remat": "always"}, (B, T, I), "remat must be"),
         ({"initial_carry": jnp.zeros((B, 5))}, (B, T, I), "initial_carry must have the structure"),
+        ({"resets": jnp.zeros((B, T), bool), "reset_carry": {"h": jnp.zeros((B, 6)), "c": jnp.zeros((B, 6))}},
+         (B, T, I), r"reset_carry leaf has shape \(3, 6\), expected \(3, 5\)"),
     ],
 )
 def test_bad_input_is_a_clear_error(lstm, kwargs, xs_shape, message):
