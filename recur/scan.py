@@ -224,7 +224,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
 
         impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat,
                                                   resets=resets is not None, projected=projected,
-                                                  backward=backward)
+                                                  backward=backward, masked=mask is not None)
         if reason:
             dispatch.notice(reason)
     if impl == "cudnn":
@@ -262,7 +262,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
             # minGRU, minLSTM, LRU: the coefficients, the mask, the resets and the initial state
             # inside the kernels
             states = gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, interpret, resets=resets,
-                                            reset_carry=reset_carry)
+                                            reset_carry=None if resets is None else reset_carry)
             hs, carry = cell.readout(params, states, us), states[:, -1]
         else:
             recurrence = functools.partial(linear_recurrence, interpret=interpret)

@@ -358,6 +358,28 @@ def test_auto_in_interpret_mode_picks_what_was_measured_fastest(interpret):
     assert choose("mingru") == choose("mingru", "kernel") == "linear"
 
 
+def test_the_gpu_probe_lowers_the_form_that_runs(monkeypatch):
+    """On a GPU, dispatch lowers the kernel before choosing it: with the scan's lengths and resets
+    when it has them (the kernels then read a mask and reset flags), so that a form only they
+    hit falls back too instead of failing."""
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    probed, probe = [], dispatch._gpu_problem.__wrapped__
+    monkeypatch.setattr(dispatch, "_gpu_problem", lambda *a: probed.append(a[-2:]) or None)
+    cell = make("mingru")[0]
+    for masked, resets in ((False, False), (True, False), (True, True)):
+        assert dispatch.choose(cell, "kernel", B, T, 4, "none", masked=masked, resets=resets)[0] == "linear"
+        assert probed[-1] == (masked, resets)
+    seen = []
+    scan = recur.scan
+    monkeypatch.setattr(recur, "scan", lambda *a, **k: seen.append((k["lengths"], k["resets"])) or scan(*a, **k))
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: False)  # lower only (there is no GPU to compile for)
+    probe(cell, "linear", B, T, 4, "none", True, True)
+    assert [(n.shape, r.shape) for n, r in seen] == [((B,), (B, T))]
+    probe(cell, "linear", B, T, 4, "none", False, False)
+    assert seen[-1] == (None, None)
+
+
 def test_unroll_defaults_to_8_on_a_gpu_and_is_checked(monkeypatch):
     import importlib
 

@@ -76,12 +76,13 @@ def block_rows(B: int, gpu: bool) -> int:
     return b
 
 
-def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred"):
+def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred", masked=False):
     """(implementation, interpret, reason): implementation in persistent / loop / linear / cudnn /
     sequential / parallel.
 
     reason is None when nothing was given up; else the notice's text. resets / projected: the
-    scan has resets / takes projected inputs (cuDNN's LSTM can do neither).
+    scan has resets / takes projected inputs (cuDNN's LSTM can do neither). masked: the scan has
+    lengths (the kernels then read a mask: on a GPU the probe lowers that form).
     """
     interpret = interpret_forced()
     gpu = _on_gpu()
@@ -127,28 +128,31 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     if wanted == "loop" and remat != "none":
         return plain, False, f"the loop kernel stores every step (remat={remat!r} asks not to)"
     if gpu and not interpret and not probing():
-        problem = _gpu_problem(cell, wanted, B, T, I, remat)
+        problem = _gpu_problem(cell, wanted, B, T, I, remat, masked, resets)
         if problem:
             return plain, False, problem
     return wanted, interpret, None
 
 
 @functools.lru_cache(maxsize=256)
-def _gpu_problem(cell, wanted, B, T, I, remat="none"):
+def _gpu_problem(cell, wanted, B, T, I, remat="none", masked=False, resets=False):
     """None if the kernel lowers for this GPU at these shapes (and remat: the persistent kernels'
-    "step" backward recomputes the gates), else why not (cached)."""
+    "step" backward recomputes the gates; masked / resets: the scan has lengths / resets, which
+    the kernels read), else why not (cached)."""
     import recur
 
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
     xs = jax.ShapeDtypeStruct((B, T, I), cell.dtype)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32) if masked else None
+    flags = jax.ShapeDtypeStruct((B, T), jnp.bool_) if resets else None
 
-    def loss(p, x):
-        hs, _ = recur.scan(cell, p, x, mode="kernel", remat=remat)
+    def loss(p, x, n, r):
+        hs, _ = recur.scan(cell, p, x, mode="kernel", remat=remat, lengths=n, resets=r)
         return jnp.sum(hs.astype(jnp.float32))
 
     try:
         with _probing():
-            lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower()
+            lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs, lengths, flags).lower()
             if _on_gpu():  # Triton compiles the kernels here: a failure there falls back too
                 lowered.compile()
     except Exception as e:  # a lowering or compilation the Triton back end does not support

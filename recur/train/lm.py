@@ -67,7 +67,7 @@ def make_steps(graphdef, tx, loss_reduction: str = "mean"):
         params, opt_state = apply_gradients(tx, state, grads, lr)
         new = {"params": params, "opt_state": opt_state, "carries": jax.lax.stop_gradient(carries),
                "key": key, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
     @jax.jit
