@@ -271,9 +271,8 @@ def part2(args, rows, save):
         systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, 12)}
         if cell.gate_operands(params, jax.eval_shape(lambda: cell.project(params, jnp.zeros((1, 1, S))))) is not None:
             # recur/kernels/gated.py, beside linear.py on XLA's (a, b)
-            arrays = 7 if cell_name == "lru" else 5 * cell.n_blocks + 3
-            systems = {"parallel": ("parallel", True, 12), "kernel": ("kernel", True, arrays),
-                       "kernel, XLA's gates": ("kernel", False, 12)}
+            systems["kernel"] = ("kernel", True, 7 if cell_name == "lru" else 5 * cell.n_blocks + 3)
+            systems["kernel, XLA's gates"] = ("kernel", False, 12)
         for T in args.linear_lengths:
             xs = jax.random.normal(jax.random.key(1), (B, T, S), jnp.float32)
             fns = {}

@@ -84,36 +84,38 @@ def kernels_ir(cell, I):
     return list(zip(modules, warps))
 
 
+@contextlib.contextmanager
+def chosen_as_on_a_gpu(programs=132):
+    """Within: recur.scan(mode="kernel") chooses its kernel as on a GPU of ``programs`` SMs,
+    without probing the lowering (there is no GPU here to compile for)."""
+    import recur.kernels.persistent as ps
+
+    on_gpu, sms = dispatch._on_gpu, ps.sm_count
+    dispatch._on_gpu, ps.sm_count = (lambda: True), (lambda: programs)
+    try:
+        with dispatch._probing():
+            yield
+    finally:
+        dispatch._on_gpu, ps.sm_count = on_gpu, sms
+
+
 def linear_ir(cell, B=8, T=4096, resets=False):
     """[(Triton IR text, num_warps)] of the chunked linear kernels of a training step of a cell
-    linear in its state (recur/kernels/gated.py for the minGRU, minLSTM and LRU, else linear.py
-    on XLA's (a, b)): forward and backward, each a summary pass and a final pass, with the padding mask
-    (and with resets: restarts from a reset carry).
-    The state size is the cell's hidden size."""
-    import importlib
-
-    from recur.kernels import gated, linear
-
-    scan_mod = importlib.import_module("recur.scan")  # the module (recur.scan is also the function)
+    linear in its state, as recur.scan(mode="kernel") runs it on a GPU (recur/kernels/gated.py
+    for the minGRU, minLSTM and LRU, else linear.py on XLA's (a, b)): forward and backward, each
+    a summary pass and a final pass, with lengths (a padding mask) and, with resets, restarts
+    from the initial carry. The state size is the cell's hidden size."""
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), cell.hidden_size))
     xs = jax.ShapeDtypeStruct((B, T, cell.hidden_size), cell.dtype)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
     flags = jax.ShapeDtypeStruct((B, T), bool) if resets else None
 
-    def run(p, x, n, r):
-        us = cell.project(p, x)
-        carry0 = cell.initial_carry(B)
-        rc = None if r is None else carry0 + 1
-        mask = jnp.arange(T)[None, :] < n[:, None]
-        ops = gated.operands(cell, p, us, carry0)
-        if ops is not None:
-            return gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, False, resets=r, reset_carry=rc)
-        rec = lambda a, b: linear.linear_recurrence(a, b, False)
-        return scan_mod._linear_scan(cell, p, us, carry0, mask, r, rc, rec)[0]
+    def loss(p, x, n, r):
+        hs, _ = recur.scan(cell, p, x, mode="kernel", lengths=n, resets=r)
+        return jnp.sum(hs.astype(jnp.float32))
 
-    with triton_modules() as modules:
-        jax.jit(jax.grad(lambda p, x, n, r: jnp.sum(jnp.abs(run(p, x, n, r)) ** 2), argnums=(0, 1))).trace(
-            params, xs, lengths, flags).lower(lowering_platforms=("cuda",))
+    with triton_modules() as modules, chosen_as_on_a_gpu():
+        jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs, lengths, flags).lower(lowering_platforms=("cuda",))
     return [(m, 4) for m in modules]
 
 
@@ -121,8 +123,6 @@ def persistent_ir(H, dtype, B=64, programs=132, cell="lstm", remat="none"):
     """[Triton IR text] of the persistent kernels of a training step (forward, backward) of a cell
     they run (recur.kernels.persistent.rule_for) at batch B, hidden size H, for a GPU of
     ``programs`` SMs; remat="step": the backward kernel that recomputes the gates."""
-    import recur.kernels.persistent as ps
-
     cell = recur.get_cell(cell, H, dtype=dtype)
     params = jax.eval_shape(lambda: cell.init(jax.random.key(0), H))
     xs = jax.ShapeDtypeStruct((B, 4, H), dtype)
@@ -131,13 +131,8 @@ def persistent_ir(H, dtype, B=64, programs=132, cell="lstm", remat="none"):
         hs, _ = recur.scan(cell, p, x, mode="kernel", remat=remat)
         return jnp.sum(hs.astype(jnp.float32))
 
-    on_gpu, sms = dispatch._on_gpu, ps.sm_count
-    dispatch._on_gpu, ps.sm_count = (lambda: True), (lambda: programs)
-    try:
-        with triton_modules() as modules, dispatch._probing():  # chosen without compiling for a GPU here
-            jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(lowering_platforms=("cuda",))
-    finally:
-        dispatch._on_gpu, ps.sm_count = on_gpu, sms
+    with triton_modules() as modules, chosen_as_on_a_gpu(programs):
+        jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(lowering_platforms=("cuda",))
     return modules
 
 

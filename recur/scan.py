@@ -149,10 +149,10 @@ def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat,
         raise ValueError(
             f"{where}: resets must have shape [batch, time]=({B}, {T}), got {getattr(resets, 'shape', None)}"
         )
+    want = jax.eval_shape(lambda: cell.initial_carry(B))
     for name, given in (("initial_carry", initial_carry), ("reset_carry", reset_carry)):
         if given is None:
             continue
-        want = jax.eval_shape(lambda: cell.initial_carry(B))
         got_def, want_def = jax.tree.structure(given), jax.tree.structure(want)
         if got_def != want_def:
             raise ValueError(f"{where}: {name} must have the structure {want_def}, got {got_def}")
@@ -192,8 +192,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
          reverse=False, mode="sequential", unroll=None, remat="none", backward="deferred", chunk=256,
          projected=False):
     """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
-    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward, reset_carry=reset_carry,
-                  chunk=chunk, projected=projected)
+    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward,
+                  chunk=chunk, projected=projected, reset_carry=reset_carry)
     B, T = jax.tree.leaves(xs)[0].shape[:2]
     unroll = default_unroll() if unroll is None else unroll
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
@@ -216,8 +216,12 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     state = jax.eval_shape(lambda: cell.initial_carry(B))
     widen = lambda tree: jax.tree.map(lambda c, w: c.astype(jnp.promote_types(c.dtype, w.dtype)), tree, state)
     carry0 = cell.initial_carry(B) if initial_carry is None else widen(initial_carry)
-    if resets is not None:
-        reset_carry = cell.initial_carry(B) if reset_carry is None else widen(reset_carry)
+    if resets is None:
+        reset_carry = None  # no step restarts: nothing reads it
+    elif reset_carry is None:
+        reset_carry = cell.initial_carry(B)
+    else:
+        reset_carry = widen(reset_carry)
     impl, interpret = mode, False
     if mode in ("kernel", "cudnn", "auto"):
         from recur.kernels import dispatch
@@ -257,12 +261,12 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         from recur.kernels.linear import linear_recurrence
 
         us = project(xs)
-        ops = gated.operands(cell, params, us, carry0) if T > 0 else None
+        ops = gated.operands(cell, params, us, carry0)
         if ops is not None:
             # minGRU, minLSTM, LRU: the coefficients, the mask, the resets and the initial state
             # inside the kernels
             states = gated.gated_recurrence(ops[0], carry0, mask, ops[1], cell, interpret, resets=resets,
-                                            reset_carry=None if resets is None else reset_carry)
+                                            reset_carry=reset_carry)
             hs, carry = cell.readout(params, states, us), states[:, -1]
         else:
             recurrence = functools.partial(linear_recurrence, interpret=interpret)

@@ -117,7 +117,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     if wanted != "linear" and (_complex(carry) or jnp.issubdtype(cell.dtype, jnp.complexfloating)):
         # (the linear kernel takes complex numbers as their two parts: the LRU)
         return plain, False, f"the recurrent kernels take real numbers; {cell.name} has a complex state"
-    if wanted == "loop" and T > 0:
+    if wanted == "loop":
         from recur.kernels import persistent
 
         why_not = persistent.problem(cell, B, resets=resets, remat=remat, backward=backward)

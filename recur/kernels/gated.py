@@ -82,7 +82,8 @@ def gated_recurrence(us, s0, mask, consts, cell, interpret=True, resets=None, re
     S = s0.shape[-1]
     if T == 0 or G % S or s0.shape != (B, S):
         raise ValueError(f"gated_recurrence: us {us.shape} must be [B, T > 0, k * S] for s0 {s0.shape} [B, S]")
-    part = lin._part(_acc(s0))
+    acc = _acc(s0)
+    part = lin._part(acc)
     for name, flags in (("mask", mask), ("resets", resets)):
         if flags is not None and flags.shape != (B, T):
             raise ValueError(f"gated_recurrence: {name} has shape {flags.shape}, not [B, T] = {(B, T)}")
@@ -94,9 +95,9 @@ def gated_recurrence(us, s0, mask, consts, cell, interpret=True, resets=None, re
         if c.shape != (S,):
             raise ValueError(f"gated_recurrence: consts[{i}] has shape {c.shape}, not [S] = {(S,)}")
     opt = _Optional(None if mask is None else mask.astype(part),
-                    jnp.stack([c.astype(_acc(s0)) for c in consts]) if consts else None,
+                    jnp.stack([c.astype(acc) for c in consts]) if consts else None,
                     None if resets is None else resets.astype(part),
-                    None if reset_carry is None else reset_carry.astype(_acc(s0)))
+                    None if reset_carry is None else reset_carry.astype(acc))
     return _gated(us, s0, opt, cell, interpret)
 
 
@@ -246,8 +247,8 @@ def _forward(us, s0, opt, cell, interpret):
 
             def body(j, pq):
                 p, q = pq
-                for blocks, m in steps.rows(c * L + j * K, K):
-                    a_t, b_t = steps.coefficients(blocks, m)
+                for blocks, flags in steps.rows(c * L + j * K, K):
+                    a_t, b_t = steps.coefficients(blocks, flags)
                     p, q = p * a_t, a_t * q + b_t
                 return p, q
 
@@ -258,9 +259,7 @@ def _forward(us, s0, opt, cell, interpret):
         chunk_shape = jax.ShapeDtypeStruct((B, n, S), acc)
         P, Q = lin._call(summary, [chunk_shape, chunk_shape], grid, specs,
                          [lin._chunk_spec(Sb)] * 2, interpret, ins)
-        # the maps of chunks 0..c composed (in time order), applied to s0: the state after chunk c
-        Pc, Qc = jax.lax.associative_scan(lambda x, y: (y[0] * x[0], y[0] * x[1] + y[1]), (P, Q), axis=1)
-        s_in = jnp.concatenate([s0_acc[:, None], Pc[:, :-1] * s0_acc[:, None] + Qc[:, :-1]], axis=1)
+        s_in = lin._combine(P, Q, False, start=s0_acc)
 
     def final(*refs):
         first, (s_in_ref, out_ref) = _split_refs(refs, opt)
@@ -269,8 +268,8 @@ def _forward(us, s0, opt, cell, interpret):
         def body(j, s):
             t0 = c * L + j * K
             outs = []
-            for blocks, m in steps.rows(t0, K):
-                a_t, b_t = steps.coefficients(blocks, m)
+            for blocks, flags in steps.rows(t0, K):
+                a_t, b_t = steps.coefficients(blocks, flags)
                 s = a_t * s + b_t
                 outs.append(s)
             lin._store_rows(out_ref, t0, outs)

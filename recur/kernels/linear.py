@@ -273,10 +273,11 @@ def _forward(a, b, interpret):
                  [spec, spec, _chunk_spec(Sb)], spec, interpret, (a, b, s_in))
 
 
-def _combine(P, Q, reverse):
+def _combine(P, Q, reverse, start=None):
     """Entering state of each chunk from the chunks' affine maps, [B, n, S] -> [B, n, S]: an
     exclusive associative scan over the chunks (log2(n) passes over arrays L times smaller than
-    the sequence), in time order, or from the last chunk back with reverse."""
+    the sequence), in time order, or from the last chunk back with reverse. start [B, S]: the
+    state entering the first chunk (forward only; None: 0)."""
     def compose(first, then):
         (p1, q1), (p2, q2) = first, then
         return p2 * p1, p2 * q1 + q2
@@ -284,8 +285,11 @@ def _combine(P, Q, reverse):
     if reverse:  # the scan runs from the last chunk; then "first" is the later chunk
         _, out = jax.lax.associative_scan(compose, (P, Q), reverse=True, axis=1)
         return jnp.concatenate([out[:, 1:], jnp.zeros_like(out[:, :1])], axis=1)
-    _, out = jax.lax.associative_scan(compose, (P, Q), axis=1)
-    return jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
+    maps, out = jax.lax.associative_scan(compose, (P, Q), axis=1)
+    if start is None:
+        return jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
+    # the maps of chunks 0..c composed, applied to start: the state after chunk c
+    return jnp.concatenate([start[:, None], maps[:, :-1] * start[:, None] + out[:, :-1]], axis=1)
 
 
 def _backward(a, s, g, interpret):
