@@ -35,7 +35,7 @@ def get_config(arg=None):
         eval_batch_size=128,
     ))
     c.model = ml_collections.ConfigDict(dict(
-        scan_mode="sequential",  # recur.scan's time loop: sequential | auto (GPU: unrolled scan / linear kernel; CPU: the
+        scan_mode="sequential",  # recur.scan's time loop: sequential | auto (GPU: the fastest, timed per shape; CPU: the
         #   compiled minGRU/minLSTM scan) | kernel | cudnn | parallel, chunked (linear cells); docs/kernels.md
         cell="lstm",
         embed_dim=100,

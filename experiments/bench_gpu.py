@@ -51,6 +51,7 @@ import jax.numpy as jnp
 
 import recur
 from recur.cells import split_specs
+from recur.kernels import autotune
 from recur.kernels.dispatch import KernelFallback
 
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
@@ -190,13 +191,16 @@ def _time(fns, repeats):
     first, times = {}, {n: [] for n in fns}
     for name, make in list(fns.items()):
         t = time.perf_counter()
+        decided = len(autotune.DECISIONS)
         try:
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("always", KernelFallback)
                 fns[name] = make()
                 RESULTS[name] = fns[name]()
-            NOTES[name] = "; ".join(str(w.message) for w in seen if issubclass(w.category, KernelFallback))
+            # what ran: the fallback notices, and what mode="auto" measured and took
+            NOTES[name] = "; ".join([str(w.message) for w in seen if issubclass(w.category, KernelFallback)]
+                                    + autotune.DECISIONS[decided:])
             if NOTES[name]:
                 print(f"  {name}: {NOTES[name]}")
         except Exception as e:  # a system that does not run here (no cuDNN, bf16 unsupported...)

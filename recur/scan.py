@@ -38,9 +38,13 @@ Semantics, for batch row b:
   the persistent kernels of the LSTM, GRU and Elman RNN, which recompute the gates) it runs the plain scan
   with a one-line ``KernelFallback`` warning. ``mode="cudnn"`` runs the plain float32 LSTM
   through cuDNN (``jax.experimental.rnn``) on a GPU, falling back the same way for anything
-  else. ``mode="auto"`` takes what was measured fastest: on a GPU the sequential scan for every
-  cell not linear in its state (unrolled, it beat cuDNN's LSTM and the loop kernel on an H200)
-  and the chunked kernel for linear cells. docs/kernels.md has the table per cell.
+  else. ``mode="auto"`` takes the fastest: on a GPU it times the plain scan, the kernel and
+  cuDNN's LSTM (those that can run this scan) for one training step at the scan's shapes, once
+  per cell and shape, and keeps the choice in ``$RECUR_CACHE_DIR/autotune.json``
+  (recur/kernels/autotune.py; ``RECUR_AUTOTUNE=0`` takes the fixed table instead: the sequential
+  scan, which beat cuDNN's LSTM and the loop kernel on an H200, and the chunked kernel for linear
+  cells); on a CPU the sequential scan (the compiled chunked scan for a float32 minGRU /
+  minLSTM). docs/kernels.md has the table per cell.
 - ``chunk``: steps per chunk of ``mode="chunked"`` (a positive int; chunk >= T is one chunk).
 - ``unroll``: steps per loop iteration of ``jax.lax.scan``; None (the default) is 8 on a GPU,
   where each loop iteration costs a few microseconds of launches (H200, LSTM B=64 T=512 H=256:
@@ -228,7 +232,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
 
         impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat,
                                                   resets=resets is not None, projected=projected,
-                                                  backward=backward, masked=mask is not None)
+                                                  backward=backward, masked=mask is not None, unroll=unroll)
         if reason:
             dispatch.notice(reason)
     if impl == "cudnn":

@@ -9,10 +9,13 @@
   start): the suite's time is mostly compiling small programs that then run once, and this cuts
   it by about a third (XLA's HLO passes still run; LLVM's expensive passes do not, so the CPU code
   tested is not the optimised code users run). Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test that.
+- recur.scan(mode="auto") does not measure (RECUR_AUTOTUNE is unset: a developer's setting would
+  change what the fixed-table tests see); the autotuner's own tests turn it on.
 """
 import os
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.pop("RECUR_AUTOTUNE", None)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -96,3 +96,21 @@ def test_hlo_loops_counts_each_loops_launches(monkeypatch):
     fusions = lambda lp: sum(n for k, n in lp["kinds"].items() if k.startswith("fusion"))
     assert all(fusions(lp) > 0 for lp in got[1])
     assert sum(map(fusions, got[4])) > sum(map(fusions, got[1]))
+
+
+def test_gpu_benchmark_notes_say_what_auto_measured_and_took(monkeypatch):
+    """A row's note carries the autotuner's decisions made while its first call was traced (and
+    only that row's), beside the fallback notices."""
+    from experiments import bench_gpu
+    from recur.kernels import autotune
+
+    monkeypatch.setattr(autotune, "DECISIONS", ["an earlier row's"])
+
+    def tuned():
+        autotune.DECISIONS.append("auto measured sequential 2.000 ms, kernel 1.000 ms: took kernel")
+        return lambda: 1
+
+    out = bench_gpu._time({"recur lstm auto": tuned, "recur lstm sequential": lambda: (lambda: 2)}, 2)
+    assert set(out) == {"recur lstm auto", "recur lstm sequential"}
+    assert bench_gpu.NOTES["recur lstm auto"] == "auto measured sequential 2.000 ms, kernel 1.000 ms: took kernel"
+    assert bench_gpu.NOTES["recur lstm sequential"] == ""

@@ -6,6 +6,7 @@ lowers the kernels for an H100 through the Triton back end without a GPU, so a k
 GPU compiler path cannot express fails here rather than only on a GPU.
 """
 import importlib
+import json
 import warnings
 
 import jax
@@ -350,9 +351,10 @@ def test_auto_on_cpu_is_the_sequential_scan_silently(monkeypatch):
 
 
 def test_auto_in_interpret_mode_picks_what_was_measured_fastest(interpret):
-    """On a GPU (interpret mode stands in for one) auto runs the sequential scan for every cell not
-    linear in its state (unrolled, it beat cuDNN and the loop kernel on an H200), and the chunked
-    kernel for linear cells; mode="kernel" / "cudnn" still ask for the kernels."""
+    """With measuring off (interpret mode on a CPU, without RECUR_AUTOTUNE=1) auto takes the fixed
+    table: the sequential scan for every cell not linear in its state (unrolled, it beat cuDNN and
+    the loop kernel on an H200), and the chunked kernel for linear cells; mode="kernel" / "cudnn"
+    still ask for the kernels."""
     choose = lambda name, mode="auto", **kw: dispatch.choose(make(name)[0], mode, B, T, 4, "none", **kw)[0]
     for name in ("lstm", "lstm:peepholes", "gru", "mgu", "elman"):
         assert choose(name) == "sequential", name
@@ -360,6 +362,80 @@ def test_auto_in_interpret_mode_picks_what_was_measured_fastest(interpret):
     assert choose("lstm", resets=True) == choose("lstm", projected=True) == "sequential"
     assert choose("lstm", "cudnn") == "cudnn"
     assert choose("mingru") == choose("mingru", "kernel") == "linear"
+
+
+@pytest.fixture
+def tuning(interpret, monkeypatch, tmp_path):
+    """auto measuring in interpret mode (RECUR_AUTOTUNE=1), with an empty cache in tmp_path."""
+    from recur.kernels import autotune
+
+    monkeypatch.setenv("RECUR_AUTOTUNE", "1")
+    monkeypatch.setenv("RECUR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    monkeypatch.setattr(autotune, "RESULTS", {})
+    return autotune
+
+
+def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning, monkeypatch):
+    """With autotuning on, auto times the plain scan, the kernel mode="kernel" would run and
+    cuDNN's LSTM where each can take the scan, takes the fastest, and keeps the choice in memory
+    and in $RECUR_CACHE_DIR/autotune.json; a candidate that failed is dropped."""
+    timings, asked = {}, []
+
+    def fake(cell, names, *a, **k):
+        asked.append((cell.name, tuple(names), k["masked"], k["resets"], k["unroll"]))
+        return {m: timings.get(m, 1.0) for m in names}
+
+    monkeypatch.setattr(tuning, "measure", fake)
+    choose = lambda name, **kw: dispatch.choose(make(name)[0], "auto", B, T, 4, "none", **kw)
+    timings.update(kernel=0.5, cudnn=2.0)
+    assert choose("lstm") == ("loop", True, None)  # B = 3: the loop kernel, not the persistent one
+    assert asked == [("lstm", ("sequential", "kernel", "cudnn"), False, False, 1)]
+    assert choose("lstm") == ("loop", True, None) and len(asked) == 1  # kept in memory
+    tuning._CHOSEN.clear()
+    assert choose("lstm")[0] == "loop" and len(asked) == 1  # read back from the file
+    stored = json.loads((tuning.cache_path()).read_text())
+    assert [v["choice"] for v in stored.values()] == ["kernel"]
+    assert list(stored.values())[0]["ms"] == {"sequential": 1000.0, "kernel": 500.0, "cudnn": 2000.0}
+    # the scan's options are part of the key; cuDNN cannot restart sequences
+    timings.update(kernel=None, sequential=3.0)
+    assert choose("lstm", masked=True, resets=True, unroll=8) == ("sequential", False, None)
+    assert asked[-1] == ("lstm", ("sequential", "kernel"), True, True, 8)
+    timings.update(sequential=None, kernel=None, parallel=None)  # nothing ran: the plain scan
+    assert choose("mgu")[0] == "sequential" and asked[-1][1] == ("sequential", "kernel")
+    assert choose("mingru")[0] == "parallel" and asked[-1][1] == ("parallel", "kernel")
+    timings.update(kernel=0.1)
+    assert choose("gru", masked=True)[0] == "loop"
+    cell, params, xs = make("gru")
+    jaxpr = str(jax.make_jaxpr(lambda p: recur.scan(cell, p, xs, mode="auto", lengths=jnp.array([7, 2, 0]))[0])(params))
+    assert "pallas_call" in jaxpr and len(asked) == 5  # the kernel measured faster, the choice kept
+    n = len(asked)
+    monkeypatch.setenv("RECUR_AUTOTUNE", "0")  # off: the fixed table, measured on an H200
+    assert choose("lstm:peepholes")[0] == "sequential" and choose("minlstm")[0] == "linear" and len(asked) == n
+    monkeypatch.delenv("RECUR_AUTOTUNE")  # unset: measures on a GPU only, not in interpret mode on a CPU
+    assert choose("lstm:peepholes")[0] == "sequential" and len(asked) == n
+    assert tuning.enabled(gpu=True) and not tuning.enabled(gpu=False)
+    monkeypatch.setenv("RECUR_AUTOTUNE", "1")
+    tuning.cache_path().write_text("{not json")  # a damaged cache file: measured again, and rewritten
+    tuning._CHOSEN.clear()
+    assert choose("gru", masked=True)[0] == "loop" and len(asked) == n + 1
+    assert len(json.loads(tuning.cache_path().read_text())) == 1
+
+
+def test_autotune_times_each_candidate_inside_a_trace(tuning):
+    """measure compiles each candidate ahead of time and runs it while the caller's function is
+    being traced (where the scan chooses); a candidate that fails is None."""
+    cell = recur.get_cell("elman", 16)
+    got = {}
+
+    @jax.jit
+    def traced(x):
+        got.update(tuning.measure(cell, ["sequential", "kernel", "nonsense"], 8, 3, 4, remat="none", resets=True,
+                                  projected=False, backward="deferred", masked=True, unroll=1, rounds=3))
+        return x
+
+    traced(1.0)
+    assert got["nonsense"] is None and all(0 < got[m] < 1 for m in ("sequential", "kernel")), got
 
 
 def test_the_gpu_probe_lowers_the_form_that_runs(monkeypatch):

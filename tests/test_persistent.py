@@ -182,7 +182,8 @@ def test_which_scans_take_the_persistent_kernel(interpret):
     assert choose("lstm:proj_size=16") == choose("lstm:proj_size=64") == "persistent"
     assert choose("lstm:proj_size=16,peepholes") == choose("lstm:proj_size=16,cifg,noaf") == "persistent"  # Gates
     assert "does not split" in persistent.problem(recur.get_cell("lstm:proj_size=48", H), B)
-    # auto keeps what was measured fastest on a GPU; the persistent kernel is not measured yet
+    # auto's fixed table (what measures on a GPU does not measure in interpret mode unless asked) keeps the
+    # sequential scan: the persistent kernel is not measured on a GPU yet
     assert dispatch.choose(recur.get_cell("lstm", H), "auto", B, T, I, "none")[0] == "sequential"
     # remat="step": every persistent kernel recomputes the gates in the reverse loop; other remats fall back
     step = lambda name, remat="step": dispatch.choose(recur.get_cell(name, H), "kernel", B, T, I, remat)[0]

@@ -3,7 +3,8 @@
 cuDNN's persistent LSTM keeps its weights on chip across steps. It beat the plain ``lax.scan``
 (issue 7's H100 table: 17.3 ms against 19.2 at B=64, T=512, H=256; 28.1 against 41.4 at
 H=1024), but on an H200 recur's unrolled sequential scan beat it (7.8 against 17.1 ms at H=256,
-19.4 against 29.4 at H=1024; docs/benchmarks.md), so ``mode="auto"`` no longer picks it. It knows one cell: the
+19.4 against 29.4 at H=1024; docs/benchmarks.md), so ``mode="auto"`` takes it only where its
+measurement (recur/kernels/autotune.py) finds it faster. It knows one cell: the
 PyTorch / colah LSTM without peepholes, layer norm, projection or removed gates, which is recur's
 default ``lstm``. recur's parameters map onto cuDNN's packed weight vector exactly: W_x is
 weight_ih, W_h weight_hh, b is bias_ih and bias_hh is zero (gate order i, f, g, o in both).

@@ -11,8 +11,8 @@ Implementations (see docs/kernels.md for the table per cell):
   forms), the MGU and the Elman RNN, W_h split across a grid of programs that meet at a
   barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets, remat "none"
   or "step" (the reverse loop recomputes the gates); the weight gradients stay the deferred
-  scan's large matmuls). Not measured on a GPU yet, so ``auto`` does
-  not pick it.
+  scan's large matmuls). Not measured on a GPU yet: ``auto`` takes it where its own measurement
+  finds it faster.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state (for
   a minGRU, minLSTM or LRU recur.scan runs recur/kernels/gated.py, the same
   kernel with the coefficients computed inside it).
@@ -23,13 +23,16 @@ Implementations (see docs/kernels.md for the table per cell):
 ``mode="kernel"`` asks for the kernel; where it cannot run (no GPU, a combination the kernels
 do not support, or a kernel that the GPU back end cannot lower for this cell and shape) the
 scan falls back to ``sequential`` (``parallel`` for linear cells on a GPU) with a one-line
-:class:`KernelFallback` warning, never an error. ``mode="auto"`` picks what was measured fastest,
-silently. On a GPU (H200, B=64, T=512, H=256 and 1024; docs/benchmarks.md) that is the sequential
-scan for every cell that is not linear in its state: recur/backprop.py's deferred scan with the
-input projection hoisted and 8 steps per loop iteration (``unroll=None``) ran 1.6-2.9x faster
-than cuDNN's LSTM in float32 and 2-5x faster than the loop kernel, whose programs each stream the
-whole W_h every step. Linear cells get the chunked kernel there (1.15-1.2x the associative scan)
-where it lowers, else the associative scan. On CPU the sequential
+:class:`KernelFallback` warning, never an error. ``mode="auto"`` picks the fastest, silently. On
+a GPU it measures (recur/kernels/autotune.py): the plain scan, the kernel ``mode="kernel"`` would
+run and cuDNN's LSTM, where each can take the scan, timed once per cell and shape on this GPU and
+kept in a cache file. With ``RECUR_AUTOTUNE=0`` it takes the fixed table measured on an H200
+(B=64, T=512, H=256 and 1024; docs/benchmarks.md): the sequential scan for every cell that is
+not linear in its state (recur/backprop.py's deferred scan with the input projection hoisted and
+8 steps per loop iteration, ``unroll=None``, ran 1.6-2.9x faster than cuDNN's LSTM in float32
+and 2-5x faster than the loop kernel, whose programs each stream the whole W_h every step), and
+the chunked kernel for linear cells (1.15-1.2x the associative scan) where it lowers, else the
+associative scan. On CPU the sequential
 scan (measured faster than the associative one on CPU, docs/benchmarks.md), except for a float32
 minGRU / minLSTM, whose parallel mode runs recur/kernels/cpu.py's compiled chunked scan there
 (both ``kernel`` and ``auto`` take it, without a notice).
@@ -76,18 +79,26 @@ def block_rows(B: int, gpu: bool) -> int:
     return b
 
 
-def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred", masked=False):
+def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred", masked=False,
+           unroll=1):
     """(implementation, interpret, reason): implementation in persistent / loop / linear / cudnn /
     sequential / parallel.
 
     reason is None when nothing was given up; else the notice's text. resets / projected: the
     scan has resets / takes projected inputs (cuDNN's LSTM can do neither). masked: the scan has
-    lengths (the kernels then read a mask: on a GPU the probe lowers that form).
+    lengths (the kernels then read a mask: on a GPU the probe lowers that form). unroll: the
+    scan's steps per loop iteration (``auto`` times the sequential scan with it).
     """
     interpret = interpret_forced()
     gpu = _on_gpu()
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
+    if mode == "auto" and (gpu or interpret) and T > 0 and not probing():
+        from recur.kernels import autotune
+
+        if autotune.enabled(gpu):
+            return _fastest(cell, B, T, I, remat, interpret, resets=resets, projected=projected,
+                            backward=backward, masked=masked, unroll=unroll)
     if mode == "auto" and (gpu or interpret) and not cell.linear:
         # measured on an H200 (docs/benchmarks.md): the deferred scan, input projection hoisted
         # and 8 steps unrolled, beats both cuDNN's LSTM and the loop kernel for every cell
@@ -132,6 +143,22 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
         if problem:
             return plain, False, problem
     return wanted, interpret, None
+
+
+def _fastest(cell, B, T, I, remat, interpret, **options):
+    """``auto`` on a GPU: the fastest of the plain scan, the kernel and cuDNN's LSTM that can run
+    this scan, measured once per cell and shape (recur/kernels/autotune.py)."""
+    from recur.kernels import autotune
+
+    plain = "parallel" if cell.linear else "sequential"
+    candidates = {plain: (plain, False)}
+    for mode in ("kernel", "cudnn"):
+        impl, interp, why = choose(cell, mode, B, T, I, remat, **{k: v for k, v in options.items() if k != "unroll"})
+        if why is None and impl not in ("sequential", "parallel"):
+            candidates[mode] = (impl, interp)
+    name = autotune.pick(candidates, autotune.key(cell, B, T, I, remat=remat, interpret=interpret, **options),
+                         lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options))
+    return (*candidates[name], None)
 
 
 @functools.lru_cache(maxsize=256)
