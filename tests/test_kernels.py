@@ -422,20 +422,31 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
     assert len(json.loads(tuning.cache_path().read_text())) == 1
 
 
-def test_autotune_times_each_candidate_inside_a_trace(tuning):
+def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplog):
     """measure compiles each candidate ahead of time and runs it while the caller's function is
-    being traced (where the scan chooses); a candidate that fails is None."""
+    being traced (where the scan chooses); a candidate that fails, or whose gradients are not the
+    plain scan's (a persistent kernel whose grid gave up waiting: NaN), is None."""
+    from recur.kernels import persistent
+
     cell = recur.get_cell("elman", 16)
-    got = {}
 
-    @jax.jit
-    def traced(x):
-        got.update(tuning.measure(cell, ["sequential", "kernel", "nonsense"], 8, 3, 4, remat="none", resets=True,
-                                  projected=False, backward="deferred", masked=True, unroll=1, rounds=3))
-        return x
+    def traced(B, resets):
+        got = {}
+        jax.jit(lambda x: got.update(tuning.measure(
+            cell, ["sequential", "kernel", "nonsense"], B, 3, 4, remat="none", resets=resets, projected=False,
+            backward="deferred", masked=True, unroll=1, rounds=3)) or x)(1.0)
+        return got
 
-    traced(1.0)
+    got = traced(8, True)  # the loop kernel (B = 8; resets)
     assert got["nonsense"] is None and all(0 < got[m] < 1 for m in ("sequential", "kernel")), got
+    barrier = persistent._grid_barrier
+    monkeypatch.setattr(persistent, "MAX_SPINS", 3)
+    monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))
+    assert dispatch.choose(cell, "kernel", 16, 3, 4, "none", masked=True)[0] == "persistent"
+    with caplog.at_level("INFO", logger="recur"):
+        got = traced(16, False)
+    assert got["kernel"] is None and 0 < got["sequential"] < 1, got
+    assert "kernel failed for elman: its gradients differ from sequential's by nan" in caplog.text
 
 
 def test_the_gpu_probe_lowers_the_form_that_runs(monkeypatch):

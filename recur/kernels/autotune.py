@@ -14,7 +14,9 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
   resets when the scan has them, the same unroll, remat and backward) for one training step:
   the gradient of sum(hs) for the parameters and the inputs, which is what training runs
   (inference pays the same choice). The candidates run in turns, ``ROUNDS`` rounds, side by side
-  (a noisy machine slows them alike), and the median decides;
+  (a noisy machine slows them alike), and the median decides. A candidate whose gradients differ
+  from the plain scan's (:data:`AGREE`; NaN included) is dropped: a kernel that went wrong on
+  this GPU must not win by being fast;
 - the choice is kept per (GPU kind, jax version, cell, shapes, options) in memory and in
   ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), so a shape is measured once per
   machine; a candidate that fails to compile or run is dropped.
@@ -37,9 +39,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROUNDS = 5  # turns per candidate (at most; fewer when one step of the slowest takes over BUDGET_S / ROUNDS)
 BUDGET_S = 2.0  # seconds of timed steps per candidate, roughly
+# a candidate whose gradients differ from the plain scan's (the first candidate) by more than this
+# (the largest ||got - want|| / ||want|| over the leaves) is dropped: a kernel that ran but went
+# wrong on this GPU (a grid that was not resident ends in NaN) must not win by being fast
+AGREE = {"float32": 2e-2, "float64": 1e-6}  # other (half) precisions: 0.1
 RESULTS: dict[str, dict[str, float | None]] = {}  # key -> {candidate: seconds per step, None if it failed}
 DECISIONS: list[str] = []  # a line per choice this process made (measured, or read from the cache file)
 _CHOSEN: dict[str, str] = {}
@@ -117,7 +124,8 @@ def pick(candidates: dict, k: str, measure) -> str:
 def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked, unroll,
             rounds=None, budget_s=None) -> dict:
     """Seconds per training step (the gradient of sum(hs) for params and xs) of ``recur.scan`` in
-    each mode, timed in turns on random inputs of these shapes; None for a mode that failed."""
+    each mode, timed in turns on random inputs of these shapes; None for a mode that failed or
+    whose gradients disagree with the first mode's (see AGREE)."""
     import recur
 
     rounds = ROUNDS if rounds is None else rounds
@@ -133,7 +141,8 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
             lengths = jnp.full((B,), T, jnp.int32) if masked else None
             flags = jnp.zeros((B, T), bool).at[:, T // 2].set(True) if resets else None
         args = (params, xs, lengths, flags)
-        steps, times = {}, {m: None for m in modes}
+        steps, times, want = {}, {m: None for m in modes}, None
+        tol = AGREE.get(jnp.dtype(cell.dtype).name, 0.1)
         for m in modes:
             def loss(p, x, n, r, m=m):
                 hs, _ = recur.scan(cell, p, x, mode=m, lengths=n, resets=r, remat=remat, unroll=unroll,
@@ -145,13 +154,20 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 # (kernel bodies must not be traced under ensure_compile_time_eval)
                 t0 = time.perf_counter()
                 step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
-                jax.block_until_ready(step(*args))  # warm up
+                got = jax.block_until_ready(step(*args))  # warm up
                 t1 = time.perf_counter()
                 jax.block_until_ready(step(*args))
-                steps[m], times[m] = step, [time.perf_counter() - t1]
+                elapsed = time.perf_counter() - t1
+                want = got if want is None else want
+                err = _disagreement(got, want)
+                if not err <= tol:  # NaN too
+                    raise ValueError(f"its gradients differ from {modes[0]}'s by {err:.2g} (tolerance {tol:g})")
+                steps[m], times[m] = step, [elapsed]
                 _log.debug("recur autotune: %s compiled and ran in %.2f s", m, t1 - t0)
             except Exception as e:  # a candidate that does not compile or run here is dropped
                 _log.info("recur autotune: %s failed for %s: %s", m, cell.name, str(e).splitlines()[0][:200])
+            if want is None:  # the reference failed: nothing to check the others against, drop them
+                break
         slowest = max((t[0] for t in times.values() if t), default=0.0)
         turns = max(1, min(rounds, int(budget_s / max(slowest, 1e-9))))
         for _ in range(turns - 1):
@@ -160,3 +176,12 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 jax.block_until_ready(step(*args))
                 times[m].append(time.perf_counter() - t0)
     return {m: None if t is None else statistics.median(t) for m, t in times.items()}
+
+
+def _disagreement(got, want) -> float:
+    """max over the leaves of ||got - want|| / ||want|| (NaN if got has a non-finite value); in NumPy,
+    since the caller's trace may be open."""
+    wide = lambda x: np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel()
+    errs = [float(np.linalg.norm(wide(a) - wide(b)) / (np.linalg.norm(wide(b)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    return max(errs, default=0.0)
