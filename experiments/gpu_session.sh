@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Issue 7's GPU measurements, each plan sized for one 10-minute call on a lent GPU machine:
-#   bash experiments/gpu_session.sh table     # recur's auto against cuDNN; the linear scans: minGRU (gates in the kernel or XLA's) and LRU (~5 min)
+#   bash experiments/gpu_session.sh table     # recur's auto (which measures its candidates per shape first: each
+#                                             # row's note says what it measured and took) against cuDNN; the
+#                                             # linear scans: minGRU (gates in the kernel or XLA's) and LRU (~8 min)
 #   bash experiments/gpu_session.sh kernels   # recur's sequential scan against its loop kernel (~4.5 min)
 #   bash experiments/gpu_session.sh explore   # projection in / out of the loop, unroll; the linear
 #                                             # kernel's chunk length and steps per load (~5 min)
 #   bash experiments/gpu_session.sh remaining # not yet measured: the bare linear scan's bandwidth, the
 #                                             # other cells at H=1024, the layer-norm LSTM's hand-written
-#                                             # backward, each loop's launches, XLA command buffers (~8 min)
+#                                             # backward, each loop's launches, XLA command buffers (~8 min;
+#                                             # auto there is the fixed table: RECUR_AUTOTUNE=0)
 #   bash experiments/gpu_session.sh persistent # the persistent kernels (mode="kernel": LSTM, GRU, MGU, Elman,
 #                                             # the layer-norm LSTM, LSTMP; kernel+step: remat="step")
 #                                             # against the sequential scan and cuDNN, then the LSTM's
@@ -40,10 +43,10 @@ part() {
 }
 case $plan in
   table)
-    part 120 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
+    part 240 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg,gru:cho,lstm:ln --modes auto \
       --baselines torch,jax-cudnn,lax --repeats 7 --parts cells --out "$OUT/h256"
     part 100 $B --parts linear,scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/linear"
-    part 90 $B --hidden 1024 --cells lstm,gru --modes auto --baselines torch,jax-cudnn,lax --repeats 5 \
+    part 150 $B --hidden 1024 --cells lstm,gru --modes auto --baselines torch,jax-cudnn,lax --repeats 5 \
       --parts cells --out "$OUT/h1024" ;;
   kernels)
     part 330 $B --hidden 256 --cells lstm,gru,mgu,elman,lstm:cifg --baselines torch,jax-cudnn,lax \
@@ -56,6 +59,7 @@ case $plan in
     part 60 $E --parts linear --linear-lengths 4096,65536 --chunks auto --steps 1,8,16 --out "$OUT/linear"
     part 120 $E --parts cells --hidden 1024 --cells lstm --unrolls 1,8,16 --out "$OUT/cells1024" ;;
   remaining)
+    export RECUR_AUTOTUNE=0  # auto as the fixed table: these parts measure the sequential scan
     part 60 $B --parts scan --linear-lengths 512,4096,16384,65536 --repeats 7 --out "$OUT/scan"
     part 150 $B --hidden 1024 --cells mgu,elman,lstm:cifg,gru:cho,lstm:ln,lstm:peepholes --modes auto \
       --baselines torch --repeats 5 --parts cells --out "$OUT/h1024"
