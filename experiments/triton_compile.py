@@ -60,25 +60,31 @@ def triton_modules():
         reg.gpu_info_lib.get_gpu_info = info
 
 
-def kernels_ir(cell, I):
-    """[(Triton IR text, num_warps)] of the forward and backward loop kernels of a training step."""
+def loop_step(cell, B, T, I, dtype=None):
+    """(jitted training step, its argument shapes): the gradient of sum(hs) for params and xs
+    [B, T, I] (in ``dtype``, default the cell's) of the loop kernel as a GPU runs it (3 gate blocks
+    padded to 4), to be lowered for CUDA."""
     from recur.backprop import deferred_scan
 
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
+    xs = jax.ShapeDtypeStruct((B, T, I), cell.dtype if dtype is None else dtype)
+
+    def run(p, x):
+        cell_k, p_k, us = padded(cell, p, cell.project(p, jnp.swapaxes(x, 0, 1)))
+        return deferred_scan(cell_k, 1, dispatch.loop_fn(B, interpret=False))(
+            p_k, cell.initial_carry(B), us, None, None, None)[0]
+
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), argnums=(0, 1))), (params, xs)
+
+
+def kernels_ir(cell, I):
+    """[(Triton IR text, num_warps)] of the forward and backward loop kernels of a training step."""
     warps, params_of = [], loop._triton_params
     loop._triton_params = lambda n: warps.append(n) or params_of(n)
     try:
-        B = dispatch.GPU_BLOCK_B
-        params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I))
-        xs = jax.ShapeDtypeStruct((B, 4, I), cell.dtype)
-
-        def run(p, x):
-            cell_k, p_k, us = padded(cell, p, cell.project(p, jnp.swapaxes(x, 0, 1)))
-            return deferred_scan(cell_k, 1, dispatch.loop_fn(B, interpret=False))(
-                p_k, cell.initial_carry(B), us, None, None, None)[0]
-
+        step, args = loop_step(cell, dispatch.GPU_BLOCK_B, 4, I)
         with triton_modules() as modules:
-            jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), argnums=(0, 1))).trace(
-                params, xs).lower(lowering_platforms=("cuda",))
+            step.trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         loop._triton_params = params_of
     return list(zip(modules, warps))

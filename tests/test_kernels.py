@@ -593,28 +593,23 @@ def fake_h100(monkeypatch):
 
 
 def _lower_for_cuda(cell, B_, T_, I_, dtype=jnp.float32):
-    from recur.backprop import deferred_scan
-    scan_mod = importlib.import_module("recur.scan")
+    """The StableHLO text of a training step through the loop kernel (linear cells: linear.py on
+    XLA's (a, b)) lowered for CUDA (with fake_h100)."""
+    from experiments.triton_compile import loop_step
 
-    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), I_))
-    xs = jax.ShapeDtypeStruct((B_, T_, I_), dtype)
+    step, (params, xs) = loop_step(cell, B_, T_, I_, dtype)
     if cell.linear:
+        scan_mod = importlib.import_module("recur.scan")
+
         def run(p, x):
             rec = lambda a, b: linear_recurrence(a, b, False)
             return scan_mod._linear_scan(cell, p, cell.project(p, x), cell.initial_carry(B_), None, None,
                                          None, rec)[0]
-    else:
-        def run(p, x):
-            cell_k, p_k, us = padded(cell, p, cell.project(p, jnp.swapaxes(x, 0, 1)))
-            return deferred_scan(cell_k, 1, dispatch.loop_fn(B_, interpret=False))(
-                p_k, cell.initial_carry(B_), us, None, None, None)[0]
 
-    loss = lambda p, x: jnp.sum(run(p, x).astype(jnp.float32))
+        step = jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x).astype(jnp.float32)), argnums=(0, 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Pallas' Triton back end is deprecated
-        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, xs).lower(
-            lowering_platforms=("cuda",)).as_text()
-    return text
+        return step.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", GPU_CELLS)
