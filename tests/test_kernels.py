@@ -415,6 +415,11 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
     monkeypatch.delenv("RECUR_AUTOTUNE")  # unset: measures on a GPU only, not in interpret mode on a CPU
     assert choose("lstm:peepholes")[0] == "sequential" and len(asked) == n
     assert tuning.enabled(gpu=True) and not tuning.enabled(gpu=False)
+    with monkeypatch.context() as m:  # several processes: only when asked
+        m.setattr(jax, "process_count", lambda: 2)
+        assert not tuning.enabled(gpu=True)
+        m.setenv("RECUR_AUTOTUNE", "1")
+        assert tuning.enabled(gpu=True)
     monkeypatch.setenv("RECUR_AUTOTUNE", "1")
     tuning.cache_path().write_text("{not json")  # a damaged cache file: measured again, and rewritten
     tuning._CHOSEN.clear()

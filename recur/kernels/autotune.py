@@ -21,7 +21,9 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
   ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), so a shape is measured once per
   machine; a candidate that fails to compile or run is dropped.
 
-It runs while the caller's function is being traced (inputs made under
+In a multi-process run (``jax.process_count() > 1``) it does not measure unless
+``RECUR_AUTOTUNE=1``: processes timing apart could choose apart and compile different programs
+for one step. It runs while the caller's function is being traced (inputs made under
 ``jax.ensure_compile_time_eval``, each candidate compiled ahead of time and called), once per new shape: a few compilations, seconds. ``RECUR_AUTOTUNE=0`` turns it off (``auto`` then takes
 the fixed table: the sequential scan, or the linear kernel for linear cells); ``RECUR_AUTOTUNE=1``
 turns it on also in Pallas' interpret mode (``RECUR_PALLAS_INTERPRET=1``), which is how the tests
@@ -54,11 +56,13 @@ _log = logging.getLogger("recur")
 
 
 def enabled(gpu: bool) -> bool:
-    """Whether ``auto`` measures: on a GPU unless RECUR_AUTOTUNE=0; elsewhere only with RECUR_AUTOTUNE=1."""
+    """Whether ``auto`` measures: on a GPU unless RECUR_AUTOTUNE=0, and only in a single-process
+    run (processes that measured apart could choose apart and compile different programs for one
+    multi-host step); elsewhere, or with several processes, only with RECUR_AUTOTUNE=1."""
     flag = os.environ.get("RECUR_AUTOTUNE", "").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
-    return gpu or flag in ("1", "true", "yes", "on")
+    return (gpu and jax.process_count() == 1) or flag in ("1", "true", "yes", "on")
 
 
 def cache_path() -> pathlib.Path:
