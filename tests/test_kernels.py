@@ -7,6 +7,7 @@ GPU compiler path cannot express fails here rather than only on a GPU.
 """
 import importlib
 import json
+import types
 import warnings
 
 import jax
@@ -397,18 +398,30 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
     stored = json.loads((tuning.cache_path()).read_text())
     assert [v["choice"] for v in stored.values()] == ["kernel"]
     assert list(stored.values())[0]["ms"] == {"sequential": 1000.0, "kernel": 500.0, "cudnn": 2000.0}
-    # the scan's options are part of the key; cuDNN cannot restart sequences
+    assert tuning.DECISIONS[-3:] == ["auto measured sequential 1000.000 ms, kernel 500.000 ms, cudnn 2000.000 ms: "
+                                     "took kernel", "auto took kernel (measured earlier in this process)",
+                                     f"auto took kernel as measured before ({tuning.cache_path()})"]
+    # the scan's options are part of the key; cuDNN cannot restart sequences; a choice with a
+    # failed candidate is not written to the file (the failure may pass)
     timings.update(kernel=None, sequential=3.0)
     assert choose("lstm", masked=True, resets=True, unroll=8) == ("sequential", False, None)
     assert asked[-1] == ("lstm", ("sequential", "kernel"), True, True, 8)
-    timings.update(sequential=None, kernel=None, parallel=None)  # nothing ran: the plain scan
+    assert len(json.loads((tuning.cache_path()).read_text())) == 1
+    timings.update(kernel=2.95, sequential=3.0, cudnn=5.0)  # within MARGIN of the plain scan: the plain scan
+    assert choose("lstm", unroll=2) == ("sequential", False, None)
+    timings.update(sequential=None, kernel=None, parallel=None, cudnn=None)  # nothing ran: the plain scan
     assert choose("mgu")[0] == "sequential" and asked[-1][1] == ("sequential", "kernel")
     assert choose("mingru")[0] == "parallel" and asked[-1][1] == ("parallel", "kernel")
     timings.update(kernel=0.1)
     assert choose("gru", masked=True)[0] == "loop"
     cell, params, xs = make("gru")
     jaxpr = str(jax.make_jaxpr(lambda p: recur.scan(cell, p, xs, mode="auto", lengths=jnp.array([7, 2, 0]))[0])(params))
-    assert "pallas_call" in jaxpr and len(asked) == 5  # the kernel measured faster, the choice kept
+    assert "pallas_call" in jaxpr and len(asked) == 6  # the kernel measured faster, the choice kept
+    # inside shard_map the kernels do not lower: the plain scan, nothing measured
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.jit(jax.shard_map(lambda x: recur.scan(cell, params, x, mode="auto", lengths=jnp.array([7, 2, 0]))[0],
+                                    mesh=mesh, in_specs=jax.P("b"), out_specs=jax.P("b")))
+    assert "pallas_call" not in str(jax.make_jaxpr(sharded)(xs)) and len(asked) == 6
     n = len(asked)
     monkeypatch.setenv("RECUR_AUTOTUNE", "0")  # off: the fixed table, measured on an H200
     assert choose("lstm:peepholes")[0] == "sequential" and choose("minlstm")[0] == "linear" and len(asked) == n
@@ -421,10 +434,13 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
         m.setenv("RECUR_AUTOTUNE", "1")
         assert tuning.enabled(gpu=True)
     monkeypatch.setenv("RECUR_AUTOTUNE", "1")
-    tuning.cache_path().write_text("{not json")  # a damaged cache file: measured again, and rewritten
-    tuning._CHOSEN.clear()
-    assert choose("gru", masked=True)[0] == "loop" and len(asked) == n + 1
-    assert len(json.loads(tuning.cache_path().read_text())) == 1
+    timings.update(sequential=1.0, kernel=0.1, cudnn=2.0)
+    for damaged in ("{not json", "[]", json.dumps({k: {"choice": ["kernel"]} for k in stored})):
+        tuning.cache_path().write_text(damaged)  # measured again, and rewritten
+        tuning._CHOSEN.clear()
+        assert choose("lstm")[0] == "loop" and len(asked) == n + 1, damaged
+        n += 1
+        assert [v["choice"] for v in json.loads(tuning.cache_path().read_text()).values()] == ["kernel"]
 
 
 def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplog):
@@ -444,6 +460,31 @@ def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplo
 
     got = traced(8, True)  # the loop kernel (B = 8; resets)
     assert got["nonsense"] is None and all(0 < got[m] < 1 for m in ("sequential", "kernel")), got
+    jit, compiled = jax.jit, []
+
+    def failing_later(*a, **k):  # the second candidate's step raises on its third call (a timing round)
+        lowered = jit(*a, **k).lower
+        n_jit = len(compiled)
+
+        class Step:
+            def lower(self, *args):
+                step = lowered(*args).compile()
+                calls = []
+
+                def call(*xs):
+                    calls.append(1)
+                    if n_jit == 1 and len(calls) == 3:
+                        raise RuntimeError("the device failed")
+                    return step(*xs)
+                return types.SimpleNamespace(compile=lambda: call)
+        compiled.append(1)
+        return Step()
+
+    with monkeypatch.context() as m:
+        m.setattr(tuning.jax, "jit", failing_later)
+        got = tuning.measure(cell, ["sequential", "kernel"], 8, 3, 4, remat="none", resets=False, projected=False,
+                             backward="deferred", masked=False, unroll=1, rounds=3)
+    assert got["kernel"] is None and 0 < got["sequential"] < 1, got
     barrier = persistent._grid_barrier
     monkeypatch.setattr(persistent, "MAX_SPINS", 3)
     monkeypatch.setattr(persistent, "_grid_barrier", lambda counter, n, *a, **k: barrier(counter, n + 1, *a, **k))

@@ -13,24 +13,33 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
 - each is compiled and timed on random inputs of the scan's shapes (B, T, I, with lengths or
   resets when the scan has them, the same unroll, remat and backward) for one training step:
   the gradient of sum(hs) for the parameters and the inputs, which is what training runs
-  (inference pays the same choice). The candidates run in turns, ``ROUNDS`` rounds, side by side
-  (a noisy machine slows them alike), and the median decides. A candidate whose gradients differ
-  from the plain scan's (:data:`AGREE`; NaN included) is dropped: a kernel that went wrong on
-  this GPU must not win by being fast;
-- the choice is kept per (GPU kind, jax version, cell, shapes, options) in memory and in
-  ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), so a shape is measured once per
-  machine; a candidate that fails to compile or run is dropped.
+  (inference pays the same choice). The candidates run in turns (a noisy machine slows them
+  alike): up to ``ROUNDS`` samples each, a sample being enough steps to last ``SAMPLE_S``,
+  within about ``BUDGET_S`` per candidate; the median decides, and another candidate must beat
+  the plain scan by ``MARGIN`` to be taken. A candidate that fails to compile or run, or whose
+  gradients differ from the plain scan's (:data:`AGREE`; NaN included), is dropped: a kernel
+  that went wrong on this GPU must not win by being fast;
+- the choice is kept in memory and, when every candidate ran, in
+  ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), keyed by the GPU kind, the jax
+  version, a hash of recur's source, the cell, the shapes, the options and the candidates, so a
+  shape is measured once per machine and code version.
 
-In a multi-process run (``jax.process_count() > 1``) it does not measure unless
-``RECUR_AUTOTUNE=1``: processes timing apart could choose apart and compile different programs
-for one step. It runs while the caller's function is being traced (inputs made under
-``jax.ensure_compile_time_eval``, each candidate compiled ahead of time and called), once per new shape: a few compilations, seconds. ``RECUR_AUTOTUNE=0`` turns it off (``auto`` then takes
-the fixed table: the sequential scan, or the linear kernel for linear cells); ``RECUR_AUTOTUNE=1``
-turns it on also in Pallas' interpret mode (``RECUR_PALLAS_INTERPRET=1``), which is how the tests
-run it on a CPU. :data:`RESULTS` holds the timings measured in this process.
+It runs while the caller's function is being traced (inputs made under
+``jax.ensure_compile_time_eval``, each candidate compiled ahead of time and called), once per new
+key: a few compilations, seconds; ``jax.eval_shape`` or ``jax.make_jaxpr`` of a function with such
+a scan measures too, and a function already traced keeps its choice. Not measured: inside
+shard_map (the kernels do not lower there; ``auto`` takes the plain scan) and in a multi-process
+run (``jax.process_count() > 1``) unless ``RECUR_AUTOTUNE=1``: processes timing apart could
+choose apart and compile different programs for one step. ``RECUR_AUTOTUNE=0`` turns it off
+(``auto`` then takes the fixed table: the sequential scan, or the linear kernel for linear
+cells); ``RECUR_AUTOTUNE=1`` turns it on also in Pallas' interpret mode
+(``RECUR_PALLAS_INTERPRET=1``), which is how the tests run it on a CPU. :data:`RESULTS` and
+:data:`ERRORS` hold the timings and disagreements measured in this process.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -43,15 +52,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROUNDS = 5  # turns per candidate (at most; fewer when one step of the slowest takes over BUDGET_S / ROUNDS)
+ROUNDS = 5  # samples per candidate (at most; fewer when the slowest's samples would exceed BUDGET_S)
 BUDGET_S = 2.0  # seconds of timed steps per candidate, roughly
+SAMPLE_S = 2e-3  # a sample runs the step enough times to last this long (a 0.2 ms step: 10 calls)
+MARGIN = 0.03  # another candidate must beat the plain scan (the first) by this fraction to be taken
 # a candidate whose gradients differ from the plain scan's (the first candidate) by more than this
 # (the largest ||got - want|| / ||want|| over the leaves) is dropped: a kernel that ran but went
 # wrong on this GPU (a grid that was not resident ends in NaN) must not win by being fast
 AGREE = {"float32": 2e-2, "float64": 1e-6}  # other (half) precisions: 0.1
 RESULTS: dict[str, dict[str, float | None]] = {}  # key -> {candidate: seconds per step, None if it failed}
-DECISIONS: list[str] = []  # a line per choice this process made (measured, or read from the cache file)
+ERRORS: dict[str, dict[str, float]] = {}  # key -> {candidate: its gradients' disagreement with the plain scan's}
+DECISIONS: list[str] = []  # a line per scan that chose (measured, from the cache file, or earlier here)
 _CHOSEN: dict[str, str] = {}
+_last_errors: dict[str, float] = {}  # measure's disagreements, for pick to record
 _log = logging.getLogger("recur")
 
 
@@ -70,12 +83,25 @@ def cache_path() -> pathlib.Path:
     return pathlib.Path(base) / "autotune.json"
 
 
-def key(cell, B, T, I, **options) -> str:
-    """The cache key: this machine's accelerator kind and jax version, the cell (its repr holds every
-    field, dtypes included), the shapes and the scan's options."""
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of recur's source: a choice measured with other kernels or cells is not reused."""
+    digest = hashlib.sha1()
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def key(cell, B, T, I, candidates=(), **options) -> str:
+    """The cache key: this machine's accelerator kind, the jax version and a hash of recur's code,
+    the cell (its repr holds every field, dtypes included), the shapes, the scan's options and the
+    candidates. B is the batch the scan sees (per example under vmap, per shard under pjit)."""
     device = jax.devices()[0]
     opts = ",".join(f"{k}={options[k]!r}" for k in sorted(options))
-    return f"{device.platform}:{device.device_kind}|jax {jax.__version__}|{cell!r}|B={B},T={T},I={I}|{opts}"
+    return (f"{device.platform}:{device.device_kind}|jax {jax.__version__}|recur {_code_version()}|{cell!r}"
+            f"|B={B},T={T},I={I}|{opts}|{'/'.join(candidates)}")
 
 
 def _load() -> dict:
@@ -86,42 +112,56 @@ def _load() -> dict:
         return {}
 
 
-def _store(k: str, choice: str, timings: dict):
+def _store(k: str, entry: dict):
     path = cache_path()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     data = _load()
-    data[k] = {"choice": choice, "ms": {m: None if s is None else round(s * 1e3, 4) for m, s in timings.items()}}
+    data[k] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError as e:  # the choice still holds for this process
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         warnings.warn(f"recur autotune: could not write {path} ({e}); set RECUR_CACHE_DIR to a writable folder",
                       RuntimeWarning, stacklevel=2)
 
 
 def pick(candidates: dict, k: str, measure) -> str:
-    """The fastest of ``candidates`` (names; the first is the fallback) for key ``k``: from this
-    process's choices, else the cache file, else ``measure(names) -> {name: seconds or None}``."""
+    """The fastest of ``candidates`` (names; the first, the plain scan, is the fallback and wins
+    ties within MARGIN) for key ``k``: from this process's choices, else the cache file, else
+    ``measure(names) -> {name: seconds or None}``. A choice with a failed candidate is kept in
+    memory only (the failure may pass: memory held by the caller at the time, say)."""
     names = list(candidates)
     if len(names) == 1:
         return names[0]
     if _CHOSEN.get(k) in candidates:
+        DECISIONS.append(f"auto took {_CHOSEN[k]} (measured earlier in this process)")
         return _CHOSEN[k]
     stored = _load().get(k)
-    if isinstance(stored, dict) and stored.get("choice") in candidates:
-        _CHOSEN[k] = stored["choice"]
-        DECISIONS.append(f"auto took {_CHOSEN[k]} as measured before ({cache_path()})")
-        return _CHOSEN[k]
+    choice = stored.get("choice") if isinstance(stored, dict) else None
+    if isinstance(choice, str) and choice in candidates:  # an entry of another form: measured again
+        _CHOSEN[k] = choice
+        DECISIONS.append(f"auto took {choice} as measured before ({cache_path()})")
+        return choice
+    _last_errors.clear()
     timings = measure(names)
-    RESULTS[k] = timings
+    RESULTS[k], ERRORS[k] = timings, dict(_last_errors)
     ran = {m: s for m, s in timings.items() if s is not None}
     choice = min(ran, key=ran.get) if ran else names[0]
+    if names[0] in ran and ran[choice] > ran[names[0]] * (1 - MARGIN):
+        choice = names[0]
     _CHOSEN[k] = choice
     summary = ", ".join(f"{m} {'failed' if s is None else f'{s * 1e3:.3f} ms'}" for m, s in timings.items())
     DECISIONS.append(f"auto measured {summary}: took {choice}")
-    _log.info("recur.scan(mode='auto'): %s -> %s (%s)", k, choice, summary)
-    _store(k, choice, timings)
+    _log.info("recur.scan(mode='auto'): %s -> %s (%s; gradients' disagreement with %s: %s)", k, choice, summary,
+              names[0], ERRORS[k])
+    if len(ran) == len(names):
+        _store(k, {"choice": choice, "ms": {m: round(s * 1e3, 4) for m, s in timings.items()},
+                   "disagreement": {m: float(f"{e:.3g}") for m, e in ERRORS[k].items()}})
     return choice
 
 
@@ -163,29 +203,40 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 jax.block_until_ready(step(*args))
                 elapsed = time.perf_counter() - t1
                 want = got if want is None else want
-                err = _disagreement(got, want)
+                err = _last_errors[m] = _disagreement(got, want)
                 if not err <= tol:  # NaN too
                     raise ValueError(f"its gradients differ from {modes[0]}'s by {err:.2g} (tolerance {tol:g})")
-                steps[m], times[m] = step, [elapsed]
+                steps[m], times[m] = (step, max(1, int(SAMPLE_S / max(elapsed, 1e-9)))), []
                 _log.debug("recur autotune: %s compiled and ran in %.2f s", m, t1 - t0)
             except Exception as e:  # a candidate that does not compile or run here is dropped
                 _log.info("recur autotune: %s failed for %s: %s", m, cell.name, str(e).splitlines()[0][:200])
             if want is None:  # the reference failed: nothing to check the others against, drop them
                 break
-        slowest = max((t[0] for t in times.values() if t), default=0.0)
-        turns = max(1, min(rounds, int(budget_s / max(slowest, 1e-9))))
-        for _ in range(turns - 1):
-            for m, step in steps.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(step(*args))
-                times[m].append(time.perf_counter() - t0)
-    return {m: None if t is None else statistics.median(t) for m, t in times.items()}
+        # up to `rounds` samples of `calls` steps each, the candidates in turns, within the budget
+        for _ in range(rounds):
+            for m, (step, calls) in list(steps.items()):
+                try:
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        out = step(*args)
+                    jax.block_until_ready(out)
+                    times[m].append((time.perf_counter() - t0) / calls)
+                except Exception as e:  # failed after its warm-up: dropped like one that failed then
+                    _log.info("recur autotune: %s failed for %s: %s", m, cell.name, str(e).splitlines()[0][:200])
+                    del steps[m]
+                    times[m] = None
+            spent = sum(sum(t) * steps[m][1] for m, t in times.items() if t and m in steps)
+            if spent > budget_s * max(len(steps), 1):
+                break
+    return {m: statistics.median(t) if t else None for m, t in times.items()}
 
 
 def _disagreement(got, want) -> float:
-    """max over the leaves of ||got - want|| / ||want|| (NaN if got has a non-finite value); in NumPy,
-    since the caller's trace may be open."""
+    """max over the leaves of ||got - want|| / ||want|| (NaN if got has a non-finite value); a leaf
+    whose reference is 0 is measured against the largest leaf's norm instead. In NumPy, since the
+    caller's trace may be open."""
     wide = lambda x: np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel()
-    errs = [float(np.linalg.norm(wide(a) - wide(b)) / (np.linalg.norm(wide(b)) + 1e-30))
-            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-    return max(errs, default=0.0)
+    pairs = [(wide(a), wide(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    scale = max((float(np.linalg.norm(b)) for _, b in pairs), default=0.0) + 1e-30
+    errs = [float(np.linalg.norm(a - b)) / (float(np.linalg.norm(b)) or scale) for a, b in pairs]
+    return float("nan") if any(np.isnan(errs)) else max(errs, default=0.0)

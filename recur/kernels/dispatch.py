@@ -93,6 +93,10 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     gpu = _on_gpu()
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
+    if mode == "auto" and (gpu or interpret) and T > 0 and _in_shard_map():
+        # the Pallas kernels do not lower inside shard_map (pallas_call's outputs carry no
+        # varying-axes type): the plain scan, without measuring
+        return plain, False, None
     if mode == "auto" and (gpu or interpret) and T > 0 and not probing():
         from recur.kernels import autotune
 
@@ -150,15 +154,21 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
     this scan, measured once per cell and shape (recur/kernels/autotune.py)."""
     from recur.kernels import autotune
 
-    plain = "parallel" if cell.linear else "sequential"
+    plain = "parallel" if cell.linear else "sequential"  # first: the reference and the fallback
     candidates = {plain: (plain, False)}
     for mode in ("kernel", "cudnn"):
         impl, interp, why = choose(cell, mode, B, T, I, remat, **{k: v for k, v in options.items() if k != "unroll"})
         if why is None and impl not in ("sequential", "parallel"):
             candidates[mode] = (impl, interp)
-    name = autotune.pick(candidates, autotune.key(cell, B, T, I, remat=remat, interpret=interpret, **options),
+    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **options)
+    name = autotune.pick(candidates, k,
                          lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options))
     return (*candidates[name], None)
+
+
+def _in_shard_map() -> bool:
+    """Whether the scan is being traced inside shard_map (manual mesh axes)."""
+    return bool(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 
 
 @functools.lru_cache(maxsize=256)
