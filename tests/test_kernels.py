@@ -443,6 +443,23 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
         assert [v["choice"] for v in json.loads(tuning.cache_path().read_text()).values()] == ["kernel"]
 
 
+def test_auto_on_a_gpu_compiles_each_kernel_once_in_its_measurement(monkeypatch, tmp_path):
+    """On a GPU, mode="kernel" compiles the kernel (dispatch's probe) before choosing it; auto's
+    measurement compiles it anyway, so neither the choice of candidates nor the measured scans
+    probe, and a kernel that does not compile is dropped there (here: no GPU to compile for)."""
+    from recur.kernels import autotune
+
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
+    monkeypatch.setenv("RECUR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    monkeypatch.setattr(autotune, "RESULTS", {})
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    monkeypatch.setattr(dispatch, "_gpu_problem", lambda *a: pytest.fail(f"probed {a}"))
+    assert dispatch.choose(make("mingru")[0], "auto", B, T, 4, "none") == ("parallel", False, None)
+    (timings,) = autotune.RESULTS.values()
+    assert set(timings) == {"parallel", "kernel"} and timings["kernel"] is None and timings["parallel"] > 0
+
+
 def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplog):
     """measure compiles each candidate ahead of time and runs it while the caller's function is
     being traced (where the scan chooses); a candidate that fails, or whose gradients are not the

@@ -8,7 +8,7 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
 
 - the candidates are the plain scan (``sequential``; ``parallel`` for a cell linear in its
   state), the kernel that ``mode="kernel"`` would run where it runs (persistent, loop or linear:
-  ``dispatch.choose`` decides, after compiling it for this GPU), and cuDNN's LSTM where
+  ``dispatch.choose`` decides, without its probe: the measurement compiles it), and cuDNN's LSTM where
   ``mode="cudnn"`` takes the cell;
 - each is compiled and timed on random inputs of the scan's shapes (B, T, I, with lengths or
   resets when the scan has them, the same unroll, remat and backward) for one training step:
@@ -171,6 +171,7 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
     each mode, timed in turns on random inputs of these shapes; None for a mode that failed or
     whose gradients disagree with the first mode's (see AGREE)."""
     import recur
+    from recur.kernels import dispatch
 
     rounds = ROUNDS if rounds is None else rounds
     budget_s = BUDGET_S if budget_s is None else budget_s
@@ -197,7 +198,9 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 # compiled ahead of time: a compiled call runs now even inside the caller's trace
                 # (kernel bodies must not be traced under ensure_compile_time_eval)
                 t0 = time.perf_counter()
-                step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+                with dispatch._probing():  # compiled once, here: mode="kernel" does not probe it first
+                    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args)
+                step = lowered.compile()
                 got = jax.block_until_ready(step(*args))  # warm up
                 t1 = time.perf_counter()
                 jax.block_until_ready(step(*args))

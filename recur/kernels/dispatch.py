@@ -156,10 +156,11 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
 
     plain = "parallel" if cell.linear else "sequential"  # first: the reference and the fallback
     candidates = {plain: (plain, False)}
-    for mode in ("kernel", "cudnn"):
-        impl, interp, why = choose(cell, mode, B, T, I, remat, **{k: v for k, v in options.items() if k != "unroll"})
-        if why is None and impl not in ("sequential", "parallel"):
-            candidates[mode] = (impl, interp)
+    with _probing():  # no probe: the measurement compiles the kernel, and a failure there drops it
+        for mode in ("kernel", "cudnn"):
+            impl, interp, why = choose(cell, mode, B, T, I, remat, **{k: v for k, v in options.items() if k != "unroll"})
+            if why is None and impl not in ("sequential", "parallel"):
+                candidates[mode] = (impl, interp)
     k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **options)
     name = autotune.pick(candidates, k,
                          lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options))
