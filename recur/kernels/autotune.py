@@ -88,9 +88,12 @@ def _code_version() -> str:
     """A hash of recur's source: a choice measured with other kernels or cells is not reused."""
     digest = hashlib.sha1()
     root = pathlib.Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
+    try:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    except OSError:  # source not readable (a zipped install): the per-process choice still holds
+        return f"unreadable-{os.getpid()}"
     return digest.hexdigest()[:12]
 
 
