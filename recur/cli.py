@@ -57,6 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if overrides and args.command != "train":
         parser.error("--config.KEY overrides apply to `recur train` only")
+    show_notices()
     try:
         if args.command == "train":
             return _train(args, overrides)
@@ -66,6 +67,19 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"recur {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def show_notices():
+    """recur's INFO messages (what ``scan_mode="auto"`` measured and took on a GPU) on stderr,
+    which keeps stdout for results; once, unless the "recur" logger already has a handler."""
+    import logging
+
+    log = logging.getLogger("recur")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _train(args, overrides):

@@ -109,3 +109,19 @@ def test_config_errors_name_the_key_and_the_nearest_valid_ones(spec, overrides, 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     assert cli(["train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.model.hiden=3"]) == 2
     assert "did you mean model.hidden" in capsys.readouterr().err
+
+
+def test_cli_shows_recurs_notices_on_stderr(tmp_path, monkeypatch, capsys):
+    """`recur ...` prints recur's INFO messages (what scan_mode="auto" measured and took) on stderr,
+    keeping stdout for results."""
+    import logging
+
+    log = logging.getLogger("recur")
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "level", logging.NOTSET)
+    from recur.train import run
+
+    monkeypatch.setattr(run, "evaluate_workdir", lambda *a: log.info("auto took kernel") or {"loss": 1.0})
+    assert cli(["eval", "--workdir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "auto took kernel" in err and "auto took kernel" not in out and '"loss": 1.0' in out

@@ -133,11 +133,12 @@ def _store(k: str, entry: dict):
                       RuntimeWarning, stacklevel=2)
 
 
-def pick(candidates: dict, k: str, measure) -> str:
+def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
     """The fastest of ``candidates`` (names; the first, the plain scan, is the fallback and wins
     ties within MARGIN) for key ``k``: from this process's choices, else the cache file, else
     ``measure(names) -> {name: seconds or None}``. A choice with a failed candidate is kept in
-    memory only (the failure may pass: memory held by the caller at the time, say)."""
+    memory only (the failure may pass: memory held by the caller at the time, say). label: what
+    the log line calls the scan (default: the key)."""
     names = list(candidates)
     if len(names) == 1:
         return names[0]
@@ -160,8 +161,8 @@ def pick(candidates: dict, k: str, measure) -> str:
     _CHOSEN[k] = choice
     summary = ", ".join(f"{m} {'failed' if s is None else f'{s * 1e3:.3f} ms'}" for m, s in timings.items())
     DECISIONS.append(f"auto measured {summary}: took {choice}")
-    _log.info("recur.scan(mode='auto'): %s -> %s (%s; gradients' disagreement with %s: %s)", k, choice, summary,
-              names[0], ERRORS[k])
+    _log.info("recur.scan(mode='auto'), %s: %s; took %s (gradients' disagreement with %s: %s)", label or k,
+              summary, choice, names[0], ", ".join(f"{m} {e:.2g}" for m, e in ERRORS[k].items() if m != names[0]))
     if len(ran) == len(names):
         _store(k, {"choice": choice, "ms": {m: round(s * 1e3, 4) for m, s in timings.items()},
                    "disagreement": {m: float(f"{e:.3g}") for m, e in ERRORS[k].items()}})

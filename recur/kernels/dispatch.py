@@ -162,8 +162,9 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
             if why is None and impl not in ("sequential", "parallel"):
                 candidates[mode] = (impl, interp)
     k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **options)
-    name = autotune.pick(candidates, k,
-                         lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options))
+    label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}"
+    name = autotune.pick(candidates, k, lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options),
+                         label)
     return (*candidates[name], None)
 
 
