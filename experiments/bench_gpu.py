@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import recur
 from recur.cells import split_specs
 from recur.kernels import autotune
-from recur.kernels.dispatch import KernelFallback
+from recur.kernels.dispatch import KernelFallback, first_line
 
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts), GB/s
 
@@ -204,7 +204,7 @@ def _time(fns, repeats):
             if NOTES[name]:
                 print(f"  {name}: {NOTES[name]}")
         except Exception as e:  # a system that does not run here (no cuDNN, bf16 unsupported...)
-            print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            print(f"  {name}: skipped ({type(e).__name__}: {first_line(e)})")
             fns[name] = None
         first[name] = time.perf_counter() - t
     for _ in range(repeats):

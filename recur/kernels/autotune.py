@@ -64,7 +64,6 @@ RESULTS: dict[str, dict[str, float | None]] = {}  # key -> {candidate: seconds p
 ERRORS: dict[str, dict[str, float]] = {}  # key -> {candidate: its gradients' disagreement with the plain scan's}
 DECISIONS: list[str] = []  # a line per scan that chose (measured, from the cache file, or earlier here)
 _CHOSEN: dict[str, str] = {}
-_last_errors: dict[str, float] = {}  # measure's disagreements, for pick to record
 _log = logging.getLogger("recur")
 
 
@@ -136,7 +135,8 @@ def _store(k: str, entry: dict):
 def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
     """The fastest of ``candidates`` (names; the first, the plain scan, is the fallback and wins
     ties within MARGIN) for key ``k``: from this process's choices, else the cache file, else
-    ``measure(names) -> {name: seconds or None}``. A choice with a failed candidate is kept in
+    ``measure(names, errors) -> {name: seconds or None}`` (filling ``errors`` with each
+    candidate's disagreement with the plain scan). A choice with a failed candidate is kept in
     memory only (the failure may pass: memory held by the caller at the time, say). label: what
     the log line calls the scan (default: the key)."""
     names = list(candidates)
@@ -151,9 +151,9 @@ def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
         _CHOSEN[k] = choice
         DECISIONS.append(f"auto took {choice} as measured before ({cache_path()})")
         return choice
-    _last_errors.clear()
-    timings = measure(names)
-    RESULTS[k], ERRORS[k] = timings, dict(_last_errors)
+    errors = {}
+    timings = measure(names, errors)
+    RESULTS[k], ERRORS[k] = timings, errors
     ran = {m: s for m, s in timings.items() if s is not None}
     choice = min(ran, key=ran.get) if ran else names[0]
     if names[0] in ran and ran[choice] > ran[names[0]] * (1 - MARGIN):
@@ -170,15 +170,24 @@ def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
 
 
 def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked, unroll,
-            rounds=None, budget_s=None) -> dict:
+            rounds=None, budget_s=None, errors=None) -> dict:
     """Seconds per training step (the gradient of sum(hs) for params and xs) of ``recur.scan`` in
     each mode, timed in turns on random inputs of these shapes; None for a mode that failed or
-    whose gradients disagree with the first mode's (see AGREE)."""
+    whose gradients disagree with the first mode's (see AGREE). errors: a dict to receive each
+    mode's disagreement."""
     import recur
     from recur.kernels import dispatch
 
     rounds = ROUNDS if rounds is None else rounds
     budget_s = BUDGET_S if budget_s is None else budget_s
+    errors = {} if errors is None else errors
+    steps, times = {}, {m: None for m in modes}  # mode -> (compiled step, calls per sample); samples
+
+    def drop(m, e):  # a candidate that does not compile or run here
+        _log.info("recur autotune: %s failed for %s: %s", m, cell.name, dispatch.first_line(e))
+        steps.pop(m, None)
+        times[m] = None
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a candidate's own notices: it was chosen as able to run
         with jax.ensure_compile_time_eval():  # concrete inputs, also while the caller is being traced
@@ -190,7 +199,7 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
             lengths = jnp.full((B,), T, jnp.int32) if masked else None
             flags = jnp.zeros((B, T), bool).at[:, T // 2].set(True) if resets else None
         args = (params, xs, lengths, flags)
-        steps, times, want = {}, {m: None for m in modes}, None
+        want = None
         tol = AGREE.get(jnp.dtype(cell.dtype).name, 0.1)
         for m in modes:
             def loss(p, x, n, r, m=m):
@@ -210,13 +219,13 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 jax.block_until_ready(step(*args))
                 elapsed = time.perf_counter() - t1
                 want = got if want is None else want
-                err = _last_errors[m] = _disagreement(got, want)
+                err = errors[m] = _disagreement(got, want)
                 if not err <= tol:  # NaN too
                     raise ValueError(f"its gradients differ from {modes[0]}'s by {err:.2g} (tolerance {tol:g})")
                 steps[m], times[m] = (step, max(1, int(SAMPLE_S / max(elapsed, 1e-9)))), []
                 _log.debug("recur autotune: %s compiled and ran in %.2f s", m, t1 - t0)
-            except Exception as e:  # a candidate that does not compile or run here is dropped
-                _log.info("recur autotune: %s failed for %s: %s", m, cell.name, str(e).splitlines()[0][:200])
+            except Exception as e:
+                drop(m, e)
             if want is None:  # the reference failed: nothing to check the others against, drop them
                 break
         # up to `rounds` samples of `calls` steps each, the candidates in turns, within the budget
@@ -229,9 +238,7 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                     jax.block_until_ready(out)
                     times[m].append((time.perf_counter() - t0) / calls)
                 except Exception as e:  # failed after its warm-up: dropped like one that failed then
-                    _log.info("recur autotune: %s failed for %s: %s", m, cell.name, str(e).splitlines()[0][:200])
-                    del steps[m]
-                    times[m] = None
+                    drop(m, e)
             spent = sum(sum(t) * steps[m][1] for m, t in times.items() if t and m in steps)
             if spent > budget_s * max(len(steps), 1):
                 break

@@ -93,20 +93,20 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     gpu = _on_gpu()
     plain = "parallel" if (cell.linear and gpu) else "sequential"
     wanted = "linear" if cell.linear else "loop"
-    if mode == "auto" and (gpu or interpret) and T > 0 and _in_shard_map():
-        # the Pallas kernels do not lower inside shard_map (pallas_call's outputs carry no
-        # varying-axes type): the plain scan, without measuring
-        return plain, False, None
-    if mode == "auto" and (gpu or interpret) and T > 0 and not probing():
+    if mode == "auto" and (gpu or interpret):
         from recur.kernels import autotune
 
-        if autotune.enabled(gpu):
+        if T > 0 and _in_shard_map():
+            # the Pallas kernels do not lower inside shard_map (pallas_call's outputs carry no
+            # varying-axes type): the plain scan, without measuring
+            return plain, False, None
+        if T > 0 and not probing() and autotune.enabled(gpu):
             return _fastest(cell, B, T, I, remat, interpret, resets=resets, projected=projected,
                             backward=backward, masked=masked, unroll=unroll)
-    if mode == "auto" and (gpu or interpret) and not cell.linear:
-        # measured on an H200 (docs/benchmarks.md): the deferred scan, input projection hoisted
-        # and 8 steps unrolled, beats both cuDNN's LSTM and the loop kernel for every cell
-        return "sequential", False, None
+        if not cell.linear:
+            # measured on an H200 (docs/benchmarks.md): the deferred scan, input projection hoisted
+            # and 8 steps unrolled, beats both cuDNN's LSTM and the loop kernel for every cell
+            return "sequential", False, None
     if mode == "cudnn" and (gpu or interpret) and T > 0:
         from recur.kernels import cudnn
 
@@ -158,13 +158,13 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
     candidates = {plain: (plain, False)}
     with _probing():  # no probe: the measurement compiles the kernel, and a failure there drops it
         for mode in ("kernel", "cudnn"):
-            impl, interp, why = choose(cell, mode, B, T, I, remat, **{k: v for k, v in options.items() if k != "unroll"})
+            impl, interp, why = choose(cell, mode, B, T, I, remat, **options)
             if why is None and impl not in ("sequential", "parallel"):
                 candidates[mode] = (impl, interp)
     k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **options)
     label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}"
-    name = autotune.pick(candidates, k, lambda names: autotune.measure(cell, names, B, T, I, remat=remat, **options),
-                         label)
+    name = autotune.pick(candidates, k, lambda names, errors: autotune.measure(
+        cell, names, B, T, I, remat=remat, errors=errors, **options), label)
     return (*candidates[name], None)
 
 
@@ -195,9 +195,14 @@ def _gpu_problem(cell, wanted, B, T, I, remat="none", masked=False, resets=False
             if _on_gpu():  # Triton compiles the kernels here: a failure there falls back too
                 lowered.compile()
     except Exception as e:  # a lowering or compilation the Triton back end does not support
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"the {wanted} kernel does not lower for {cell.name} at B={B}, T={T}: {first[:200]}"
+        return f"the {wanted} kernel does not lower for {cell.name} at B={B}, T={T}: {first_line(e)}"
     return None
+
+
+def first_line(e: Exception) -> str:
+    """An exception's first line of text (at most 200 characters), or its type's name if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 _PROBING = []
