@@ -121,6 +121,8 @@ def _check_projected(cell, params, us, where):
 
 def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, where="recur.scan",
                   backward="deferred", chunk=256, projected=False, reset_carry=None):
+    """Raise a ValueError (TypeError for a non-cell) naming what is wrong; return the carry's
+    shapes and dtypes (``jax.eval_shape`` of ``cell.initial_carry(B)``)."""
     if not isinstance(cell, Cell):
         raise TypeError(f"{where}: cell must be a recur cell, got {type(cell).__name__}")
     if projected:
@@ -178,6 +180,7 @@ def _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat,
         raise ValueError(f"{where}: backward must be one of {BACKWARDS}, got {backward!r}")
     if not (remat in ("none", "step", "sqrt") or (isinstance(remat, int) and remat > 0)):
         raise ValueError(f"{where}: remat must be 'none', 'step', 'sqrt' or a positive int, got {remat!r}")
+    return want
 
 
 def reverse_index(lengths_B, T: int):
@@ -196,7 +199,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
          reverse=False, mode="sequential", unroll=None, remat="none", backward="deferred", chunk=256,
          projected=False):
     """Run ``cell`` over xs [B, T, I]; returns (hs [B, T, O] in cell.dtype, final carry)."""
-    _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward,
+    # state: the shapes and dtypes of the cell's carry
+    state = _check_inputs(cell, params, xs, lengths, resets, initial_carry, mode, remat, backward=backward,
                   chunk=chunk, projected=projected, reset_carry=reset_carry)
     B, T = jax.tree.leaves(xs)[0].shape[:2]
     unroll = default_unroll() if unroll is None else unroll
@@ -217,7 +221,6 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
             resets = _gather_time(ends if mask is None else ends & mask, idx)
     # a given carry in a narrower dtype than the cell's state is widened to it (the state dtype is
     # what each step returns), so every mode runs in the state dtype at least
-    state = jax.eval_shape(lambda: cell.initial_carry(B))
     widen = lambda tree: jax.tree.map(lambda c, w: c.astype(jnp.promote_types(c.dtype, w.dtype)), tree, state)
     carry0 = cell.initial_carry(B) if initial_carry is None else widen(initial_carry)
     if resets is None:
