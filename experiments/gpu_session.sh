@@ -14,6 +14,10 @@
 #                                             # the layer-norm LSTM, LSTMP; kernel+step: remat="step")
 #                                             # against the sequential scan and cuDNN, then the LSTM's
 #                                             # Triton settings (~9 min)
+#   bash experiments/gpu_session.sh lent      # the first call of a session: persistent_check, then the
+#                                             # persistent kernels against cuDNN at both sizes (~9 min)
+#   bash experiments/gpu_session.sh next      # after lent: lstm:ln's fused backward, the linear scans, the
+#                                             # LSTM variants not yet timed (~8 min)
 #   bash experiments/gpu_session.sh variants  # the persistent kernels of the LSTM with gate recurrence,
 #                                             # Greff's variants with layer norm, Sak's LSTMP with
 #                                             # peepholes and LSTMP with layer norm, H=1024 (~5 min)
@@ -85,8 +89,25 @@ case $plan in
       --repeats 5 --parts cells --out "$OUT/variants"
     part 80 $E --parts persistent --hidden 1024 --repeats 5 \
       --persist-configs 128/8/3,128/4/1,256/8/1,128/8/3/x --out "$OUT/sweep" ;;
+  lent)
+    # one call on a freshly lent machine (15 device-minutes a session): the persistent kernels'
+    # correctness with lengths and reverse reading, then their speed against cuDNN (~9 min)
+    part 90 $PY -m experiments.persistent_check --batch 64 --hidden 1024 --length 64 --cells lstm gru elman
+    part 240 $B --hidden 1024 --cells lstm,gru,elman --modes sequential,kernel --baselines torch --repeats 5 \
+      --parts cells --out "$OUT/h1024"
+    part 80 $B --hidden 256 --cells lstm,gru --modes sequential,kernel --baselines torch --repeats 5 \
+      --parts cells --out "$OUT/h256"
+    part 110 $B --hidden 1024 --cells mgu,lstm:cifg,lstm:ln,gru:cho --modes sequential,kernel --baselines none \
+      --repeats 5 --parts cells --out "$OUT/variants" ;;
+  next)
+    # what call 4 left: the layer-norm LSTM's float32 shortfall (its hand-written backward step),
+    # the linear scans at the lengths of issue 7's 2x target, then the untimed LSTM variants (~9 min)
+    part 100 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --tasks train --out "$OUT/ln"
+    part 100 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 280 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:proj_size=512,lstm:ln,proj_size=512 \
+      --modes sequential,kernel --baselines none --repeats 5 --parts cells --out "$OUT/variants2" ;;
   variants)
     part 280 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:nig,noaf,ln,lstm:proj_size=512,peepholes,lstm:ln,proj_size=512 --modes sequential,kernel \
       --baselines none --repeats 5 --parts cells --out "$OUT/variants2" ;;
-  *) echo "plan must be table, kernels, explore, remaining, persistent or variants, got $plan" >&2; exit 2 ;;
+  *) echo "plan must be table, kernels, explore, remaining, persistent, lent, next or variants, got $plan" >&2; exit 2 ;;
 esac

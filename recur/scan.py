@@ -41,9 +41,9 @@ Semantics, for batch row b:
   else. ``mode="auto"`` takes the fastest: on a GPU it times the plain scan, the kernel and
   cuDNN's LSTM (those that can run this scan) for one training step at the scan's shapes, once
   per cell and shape, and keeps the choice in ``$RECUR_CACHE_DIR/autotune.json``
-  (recur/kernels/autotune.py; ``RECUR_AUTOTUNE=0`` takes the fixed table instead: the sequential
-  scan, which beat cuDNN's LSTM and the loop kernel on an H200, and the chunked kernel for linear
-  cells); on a CPU the sequential scan (the compiled chunked scan for a float32 minGRU /
+  (recur/kernels/autotune.py; ``RECUR_AUTOTUNE=0`` takes the fixed table instead: in float32
+  the sequential scan, which beat cuDNN's LSTM and the kernels on an H200, in half precision the
+  persistent kernels where they run, and the chunked kernel for linear cells); on a CPU the sequential scan (the compiled chunked scan for a float32 minGRU /
   minLSTM). docs/kernels.md has the table per cell.
 - ``chunk``: steps per chunk of ``mode="chunked"`` (a positive int; chunk >= T is one chunk).
 - ``unroll``: steps per loop iteration of ``jax.lax.scan``; None (the default) is 8 on a GPU,

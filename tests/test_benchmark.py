@@ -42,7 +42,9 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path, monkeypatch):
     assert "needs a GPU" in notes["recur lstm kernel"] and notes["recur lstm sequential"] == ""
     # kernel rows are checked against the sequential scan (here the same program: tiny error)
     errs = {r["system"]: r["err_vs_seq"] for r in rows if r["part"] == "cells"}
-    assert float(errs["recur gru kernel"]) < 1e-6 and errs["recur gru sequential"] == "" == errs["lax.scan lstm"]
+    assert float(errs["recur gru kernel"]) < 1e-6 and errs["lax.scan lstm"] == ""
+    # and the sequential rows say how far rounding-sized changes of the weights move them
+    assert all(0 < float(r["err_vs_seq"]) < 0.1 for r in rows if r["system"] == "recur gru sequential")
     # the bare recurrence: the kernel (interpret mode here) against the associative scan, and a copy
     scan = [r for r in rows if r["part"] == "scan"]
     assert {(r["system"], r["T"]) for r in scan} == {(n, T) for T in (16, 64) for n in (

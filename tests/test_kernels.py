@@ -5,6 +5,7 @@ kernel's own code: its indexing, blocking over batch rows and chunking over time
 lowers the kernels for an H100 through the Triton back end without a GPU, so a kernel that the
 GPU compiler path cannot express fails here rather than only on a GPU.
 """
+import functools
 import importlib
 import json
 import types
@@ -512,6 +513,53 @@ def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplo
         got = traced(16, False)
     assert got["kernel"] is None and 0 < got["sequential"] < 1, got
     assert "kernel failed for elman: its gradients differ from sequential's by nan" in caplog.text
+
+
+def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeypatch):
+    """A candidate may differ from the plain scan by AGREE, or by JITTER_FACTOR times what the
+    plain scan's own gradients do when its weights move by one rounding unit (a chaotic recurrence:
+    there no two correct implementations agree better), whichever is larger."""
+    cell = recur.get_cell("elman", 16)
+    params = cell.init(jax.random.key(0), 4)
+    for dtype, u in ((jnp.bfloat16, 2.0 ** -8), (jnp.float32, 2.0 ** -11)):  # each weight by +-u of itself
+        ratio = jax.tree.map(lambda a, b: np.abs(np.asarray(a / b)) - 1, tuning.nudge(params, dtype), params)
+        assert all(np.allclose(np.abs(r[np.isfinite(r)]), u, rtol=1e-2) for r in jax.tree.leaves(ratio))
+    run = functools.partial(tuning.measure, cell, ["sequential", "kernel"], 8, 3, 4, remat="none", resets=False,
+                            projected=False, backward="deferred", masked=False, unroll=1, rounds=1)
+    monkeypatch.setitem(tuning.AGREE, "float32", 1e-12)  # below the kernel's own rounding (~1e-7)
+    errors = {}
+    got = run(errors=errors)  # the plain scan moves by ~1e-3 under a 2^-11 nudge: the kernel passes
+    assert 1e-5 < errors["sequential"] < 1e-1 and 0 < errors["kernel"] < tuning.JITTER_FACTOR * errors["sequential"]
+    assert got["kernel"] is not None, (got, errors)
+    monkeypatch.setattr(tuning, "nudge", lambda params, dtype: params)  # no move: AGREE alone
+    errors = {}
+    got = run(errors=errors)
+    assert errors["sequential"] == 0 and errors["kernel"] > 1e-12 and got["kernel"] is None, (got, errors)
+    assert got["sequential"] is not None
+
+
+def test_the_fixed_table_sends_half_precision_to_the_persistent_kernels(monkeypatch):
+    """Without measuring (RECUR_AUTOTUNE=0), auto on a GPU takes the H200's fixed table: the
+    sequential scan in float32, the persistent kernels in half precision where they can run
+    (else the sequential scan, silently), the chunked kernel for linear cells."""
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
+    monkeypatch.setenv("RECUR_AUTOTUNE", "0")
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    problems = {}
+    monkeypatch.setattr(dispatch, "_gpu_problem", lambda cell, impl, *a: problems.get(impl))
+
+    def auto(name, dtype, B=16, **kw):
+        return dispatch.choose(recur.get_cell(name, 32, dtype=dtype), "auto", B, 8, 4, "none", **kw)
+
+    for name in ("lstm", "gru", "elman", "mgu", "lstm:ln"):
+        assert auto(name, jnp.float32) == ("sequential", False, None), name
+        assert auto(name, jnp.bfloat16) == ("persistent", False, None), name
+    assert auto("lstm", jnp.float16)[0] == "persistent"
+    assert auto("lstm", jnp.bfloat16, resets=True) == ("sequential", False, None)  # the kernels take no resets
+    assert auto("lstm", jnp.bfloat16, B=8) == ("sequential", False, None)  # B not a multiple of 16
+    problems["persistent"] = "Triton could not lower it"
+    assert auto("lstm", jnp.bfloat16) == ("sequential", False, None)
+    assert auto("mingru", jnp.bfloat16)[0] == "linear" and auto("mingru", jnp.float32)[0] == "linear"
 
 
 def test_the_gpu_probe_lowers_the_form_that_runs(monkeypatch):

@@ -1,9 +1,10 @@
 """``recur.scan(mode="auto")`` on a GPU: time the implementations that can run, keep the fastest.
 
 Which time loop is fastest depends on the cell, the shapes, the precision and the GPU: on an H200
-recur's unrolled sequential scan beat cuDNN's LSTM and the loop kernel at B=64, T=512 (H=256 and
-1024), the persistent kernels are not measured yet, and the chunked linear kernel beat the
-associative scan by 1.15-1.3x (docs/benchmarks.md). A fixed table cannot cover every GPU and
+at B=64, T=512 (H=256 and 1024) recur's unrolled sequential scan beat cuDNN's LSTM, the loop
+kernel and, for most cells, the persistent kernels in float32, the persistent kernels beat it in
+bfloat16, and the chunked linear kernel beat the associative scan by 1.15-1.3x
+(docs/benchmarks.md). A fixed table cannot cover every GPU and
 shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algorithm search do:
 
 - the candidates are the plain scan (``sequential``; ``parallel`` for a cell linear in its
@@ -18,7 +19,10 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
   within about ``BUDGET_S`` per candidate; the median decides, and another candidate must beat
   the plain scan by ``MARGIN`` to be taken. A candidate that fails to compile or run, or whose
   gradients differ from the plain scan's (:data:`AGREE`; NaN included), is dropped: a kernel
-  that went wrong on this GPU must not win by being fast;
+  that went wrong on this GPU must not win by being fast. Where the plain scan's own gradients
+  move by more than that when its weights move by one rounding unit (:func:`nudge`; a long
+  layer-norm LSTM's do, ~100% at T = 512), the tolerance is :data:`JITTER_FACTOR` times their
+  move: there no two correct implementations agree better;
 - the choice is kept in memory and, when every candidate ran, in
   ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), keyed by the GPU kind, the jax
   version, a hash of recur's source, the cell, the shapes, the options and the candidates, so a
@@ -31,8 +35,8 @@ a scan measures too, and a function already traced keeps its choice. Not measure
 shard_map (the kernels do not lower there; ``auto`` takes the plain scan) and in a multi-process
 run (``jax.process_count() > 1``) unless ``RECUR_AUTOTUNE=1``: processes timing apart could
 choose apart and compile different programs for one step. ``RECUR_AUTOTUNE=0`` turns it off
-(``auto`` then takes the fixed table: the sequential scan, or the linear kernel for linear
-cells); ``RECUR_AUTOTUNE=1`` turns it on also in Pallas' interpret mode
+(``auto`` then takes the fixed table: the sequential scan in float32, the persistent kernels in
+half precision where they run, the linear kernel for linear cells); ``RECUR_AUTOTUNE=1`` turns it on also in Pallas' interpret mode
 (``RECUR_PALLAS_INTERPRET=1``), which is how the tests run it on a CPU. :data:`RESULTS` and
 :data:`ERRORS` hold the timings and disagreements measured in this process.
 """
@@ -60,6 +64,15 @@ MARGIN = 0.03  # another candidate must beat the plain scan (the first) by this 
 # (the largest ||got - want|| / ||want|| over the leaves) is dropped: a kernel that ran but went
 # wrong on this GPU (a grid that was not resident ends in NaN) must not win by being fast
 AGREE = {"float32": 2e-2, "float64": 1e-6}  # other (half) precisions: 0.1
+# ... unless the plain scan's own gradients move by more than AGREE / JITTER_FACTOR when its weights
+# move by one rounding unit of the matmuls' precision (:func:`nudge`): a long layer-norm LSTM's
+# gradient of sum(hs) at T = 512 changes by ~100% under a 2^-11 nudge, so any two correct
+# implementations disagree that much; there the tolerance is JITTER_FACTOR times that change (a
+# kernel's NaN still fails)
+JITTER_FACTOR = 4.0
+# the relative size of a rounding-sized change of a weight, by the cell's dtype: float32 matmuls run
+# in TF32 on a GPU (Triton's and XLA's default), a 10-bit mantissa
+ROUNDING = {"float32": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float64": 2.0 ** -53}
 RESULTS: dict[str, dict[str, float | None]] = {}  # key -> {candidate: seconds per step, None if it failed}
 ERRORS: dict[str, dict[str, float]] = {}  # key -> {candidate: its gradients' disagreement with the plain scan's}
 DECISIONS: list[str] = []  # a line per scan that chose (measured, from the cache file, or earlier here)
@@ -161,8 +174,10 @@ def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
     _CHOSEN[k] = choice
     summary = ", ".join(f"{m} {'failed' if s is None else f'{s * 1e3:.3f} ms'}" for m, s in timings.items())
     DECISIONS.append(f"auto measured {summary}: took {choice}")
-    _log.info("recur.scan(mode='auto'), %s: %s; took %s (gradients' disagreement with %s: %s)", label or k,
-              summary, choice, names[0], ", ".join(f"{m} {e:.2g}" for m, e in ERRORS[k].items() if m != names[0]))
+    _log.info("recur.scan(mode='auto'), %s: %s; took %s (gradients' disagreement with %s: %s; %s's own with "
+              "its weights moved by one rounding: %s)", label or k, summary, choice, names[0],
+              ", ".join(f"{m} {e:.2g}" for m, e in ERRORS[k].items() if m != names[0]), names[0],
+              f"{ERRORS[k][names[0]]:.2g}" if names[0] in ERRORS[k] else "not measured")
     if len(ran) == len(names):
         _store(k, {"choice": choice, "ms": {m: round(s * 1e3, 4) for m, s in timings.items()},
                    "disagreement": {m: float(f"{e:.3g}") for m, e in ERRORS[k].items()}})
@@ -173,8 +188,8 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
             rounds=None, budget_s=None, errors=None) -> dict:
     """Seconds per training step (the gradient of sum(hs) for params and xs) of ``recur.scan`` in
     each mode, timed in turns on random inputs of these shapes; None for a mode that failed or
-    whose gradients disagree with the first mode's (see AGREE). errors: a dict to receive each
-    mode's disagreement."""
+    whose gradients disagree with the first mode's (see AGREE and JITTER_FACTOR). errors: a dict to
+    receive each mode's disagreement, and for the first mode its own under :func:`nudge`."""
     import recur
     from recur.kernels import dispatch
 
@@ -222,6 +237,12 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 err = errors[m] = _disagreement(got, want)
                 if not err <= tol:  # NaN too
                     raise ValueError(f"its gradients differ from {modes[0]}'s by {err:.2g} (tolerance {tol:g})")
+                if m == modes[0]:  # the reference: how much do its own gradients move with rounding?
+                    with jax.ensure_compile_time_eval():
+                        nudged = nudge(params, cell.dtype)
+                    jitter = errors[m] = _disagreement(jax.block_until_ready(step(nudged, *args[1:])), want)
+                    if JITTER_FACTOR * jitter > tol:  # False for NaN
+                        tol = JITTER_FACTOR * jitter
                 steps[m], times[m] = (step, max(1, int(SAMPLE_S / max(elapsed, 1e-9)))), []
                 _log.debug("recur autotune: %s compiled and ran in %.2f s", m, t1 - t0)
             except Exception as e:
@@ -243,6 +264,17 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
             if spent > budget_s * max(len(steps), 1):
                 break
     return {m: statistics.median(t) if t else None for m, t in times.items()}
+
+
+def nudge(params, dtype):
+    """params with every floating-point weight w moved to w (1 +- u), u = ROUNDING[dtype] (the
+    signs random, fixed): the change rounding makes, to see how much a result depends on it."""
+    u = ROUNDING.get(jnp.dtype(dtype).name, 2.0 ** -11)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(11), max(len(leaves), 1))
+    moved = [w * (1 + u * jax.random.rademacher(k, w.shape, jnp.float32)).astype(w.dtype)
+             if jnp.issubdtype(w.dtype, jnp.inexact) else w for w, k in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, moved)
 
 
 def _disagreement(got, want) -> float:

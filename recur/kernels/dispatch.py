@@ -9,10 +9,10 @@ Implementations (see docs/kernels.md for the table per cell):
   persistent_fgr.py, persistent_proj.py), the forward and reverse time loops of the LSTM (plain,
   Greff's variants, with layer norm, with gate recurrence, with a projection), the GRU (both
   forms), the MGU and the Elman RNN, W_h split across a grid of programs that meet at a
-  barrier each step (``mode="kernel"`` only: B and H multiples of 16, no resets, remat "none"
-  or "step" (the reverse loop recomputes the gates); the weight gradients stay the deferred
-  scan's large matmuls). Not measured on a GPU yet: ``auto`` takes it where its own measurement
-  finds it faster.
+  barrier each step (B and H multiples of 16, no resets, remat "none" or "step" (the reverse
+  loop recomputes the gates); the weight gradients stay the deferred scan's large matmuls).
+  Measured on an H200: faster than the sequential scan in half precision, slower in float32
+  but for two cells; ``auto`` takes it where its own measurement finds it faster.
 - ``linear``: recur/kernels/linear.py, the chunked kernel for cells linear in their state (for
   a minGRU, minLSTM or LRU recur.scan runs recur/kernels/gated.py, the same
   kernel with the coefficients computed inside it).
@@ -26,11 +26,13 @@ scan falls back to ``sequential`` (``parallel`` for linear cells on a GPU) with 
 :class:`KernelFallback` warning, never an error. ``mode="auto"`` picks the fastest, silently. On
 a GPU it measures (recur/kernels/autotune.py): the plain scan, the kernel ``mode="kernel"`` would
 run and cuDNN's LSTM, where each can take the scan, timed once per cell and shape on this GPU and
-kept in a cache file. With ``RECUR_AUTOTUNE=0`` it takes the fixed table measured on an H200
-(B=64, T=512, H=256 and 1024; docs/benchmarks.md): the sequential scan for every cell that is
-not linear in its state (recur/backprop.py's deferred scan with the input projection hoisted and
-8 steps per loop iteration, ``unroll=None``, ran 1.6-2.9x faster than cuDNN's LSTM in float32
-and 2-5x faster than the loop kernel, whose programs each stream the whole W_h every step), and
+kept in a cache file. With ``RECUR_AUTOTUNE=0`` (or several processes) it takes the fixed table measured on
+an H200 (B=64, T=512, H=256 and 1024; docs/benchmarks.md): for a cell that is not linear in its
+state, in float32 the sequential scan (recur/backprop.py's deferred scan with the input
+projection hoisted and 8 steps per loop iteration, ``unroll=None``, ran 1.5-2.7x faster than
+cuDNN's LSTM and 2-5x faster than the loop kernel, whose programs each stream the whole W_h
+every step), in half precision the persistent kernels where they run (their training step took
+0.66-0.93x the sequential scan's time for the seven cells measured), else the sequential scan; and
 the chunked kernel for linear cells (1.15-1.2x the associative scan) where it lowers, else the
 associative scan. On CPU the sequential
 scan (measured faster than the associative one on CPU, docs/benchmarks.md), except for a float32
@@ -104,8 +106,14 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
             return _fastest(cell, B, T, I, remat, interpret, resets=resets, projected=projected,
                             backward=backward, masked=masked, unroll=unroll)
         if not cell.linear:
-            # measured on an H200 (docs/benchmarks.md): the deferred scan, input projection hoisted
-            # and 8 steps unrolled, beats both cuDNN's LSTM and the loop kernel for every cell
+            # the fixed table, measured on an H200 (docs/benchmarks.md, calls 3-4): in float32 the
+            # deferred scan (input projection hoisted, 8 steps unrolled) beats cuDNN's LSTM, the
+            # loop kernel and (but for two cells, by under 11%) the persistent kernels; in half
+            # precision the persistent kernels' training step beats it for every cell measured
+            if gpu and jnp.dtype(cell.dtype).itemsize < 4:
+                impl, interp, _ = choose(cell, "kernel", B, T, I, remat, resets=resets, projected=projected,
+                                         backward=backward, masked=masked, unroll=unroll)
+                return (impl, interp, None) if impl == "persistent" else ("sequential", False, None)
             return "sequential", False, None
     if mode == "cudnn" and (gpu or interpret) and T > 0:
         from recur.kernels import cudnn
