@@ -116,7 +116,7 @@ def scan_loop(unroll: int = 1):
 
 
 def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forward_fn=None,
-                  backward_fn=None):
+                  backward_fn=None, infer=None):
     """f(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (hs_T, final carry).
 
     Time-major inputs: us_T [T, B, ...], mask_T / resets_T [T, B] bools or None. Same values as
@@ -144,6 +144,12 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     stored carries and saved values. recur/kernels/persistent.py supplies both for the LSTM and
     its variants (layer norm, gate recurrence and projection included), the GRU (both forms), the MGU and the Elman RNN; the weight
     gradients stay as here, large matmuls after the loop.
+
+    ``infer`` runs the forward pass when it is not differentiated (custom_vjp's primal: jax.grad
+    and jax.jvp run the forward loop above, which stores what the reverse loop reads):
+    infer(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (final carry, hs) computing the
+    same values another way, or None for the forward loop above. It is called while the primal
+    is traced, so it may choose then (recur.scan's ``auto`` times inference apart from training).
     """
     # a cell's own backward step (step_saving / step_backward, see recur.cells.base) in the
     # lax.scan loops; the GPU kernels' loops keep the autodiff step (Triton has no concatenate)
@@ -186,7 +192,8 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
 
     @jax.custom_vjp
     def run(params, carry0, us, mask, resets, reset_carry):
-        carry, hs = forward(params, carry0, us, mask, resets, reset_carry, keep=False)
+        got = None if infer is None else infer(params, carry0, us, mask, resets, reset_carry)
+        carry, hs = forward(params, carry0, us, mask, resets, reset_carry, keep=False) if got is None else got
         return hs, carry
 
     def run_fwd(params, carry0, us, mask, resets, reset_carry):

@@ -260,7 +260,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # remat="step": the reverse loop recomputes the gates from the carries
         bwd = persistent.backward_fn(cell, interpret, remat=remat)  # None: the lax.scan reverse loop (BACKWARD)
         fwd = persistent.forward_fn(cell, interpret, remat=remat)
-        hs, carry = deferred_scan(cell, unroll, forward_fn=fwd, backward_fn=bwd)(
+        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, False)
+        hs, carry = deferred_scan(cell, unroll, forward_fn=fwd, backward_fn=bwd, infer=infer)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
     elif impl == "linear":
@@ -289,7 +290,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # with a fused backward step project each step's inputs inside the loop on a CPU
         xs_T = _time_major(xs)
         inside = projects_in_loop(cell, projected)
-        hs, carry = deferred_scan(cell, unroll, project=inside)(
+        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, inside)
+        hs, carry = deferred_scan(cell, unroll, project=inside, infer=infer)(
             params, carry0, xs_T if inside else project(xs_T), None if mask is None else mask.T,
             None if resets is None else resets.T, reset_carry)
         hs = jnp.swapaxes(hs, 0, 1)
@@ -307,6 +309,33 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     if reverse:
         hs = _gather_time(hs, idx)
     return hs, carry
+
+
+def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, mask, resets, inside):
+    """deferred_scan's ``infer`` for mode="auto": when the forward pass is not differentiated,
+    the implementation ``auto`` measures fastest for it (dispatch.inference_choice), if not the
+    training step's (``training``). inside: the deferred scan's inputs are the raw xs (projected
+    in its loop), not us."""
+    if mode != "auto":
+        return None
+
+    def infer(params, carry0, us_T, mask_T, resets_T, reset_carry):
+        from recur.backprop import deferred_scan
+        from recur.kernels import dispatch, persistent
+
+        got = dispatch.inference_choice(cell, training, B, T, cell.input_size(params), remat,
+                                        resets=resets is not None, projected=projected, backward=backward,
+                                        masked=mask is not None, unroll=unroll)
+        if got is None:
+            return None
+        impl, interpret = got
+        if impl == "persistent":  # (no resets: the kernels take none)
+            us_T = cell.project(params, us_T) if inside else us_T
+            return persistent.forward_fn(cell, interpret)(params, carry0, us_T, mask_T, False)
+        hs, carry = deferred_scan(cell, unroll, project=inside)(params, carry0, us_T, mask_T, resets_T, reset_carry)
+        return carry, hs
+
+    return infer
 
 
 def _time_major(tree):

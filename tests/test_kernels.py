@@ -515,6 +515,51 @@ def test_autotune_times_each_candidate_inside_a_trace(tuning, monkeypatch, caplo
     assert "kernel failed for elman: its gradients differ from sequential's by nan" in caplog.text
 
 
+def test_auto_times_inference_apart_from_training(tuning, monkeypatch):
+    """auto's forward pass that is not differentiated runs what auto measured fastest for the
+    forward pass alone (sequential scan or persistent kernel), jax.grad what it measured for the
+    training step; the values are the same either way."""
+    timings, asked = {}, []
+
+    def fake(cell, names, *a, train=True, **k):
+        asked.append((tuple(names), train))
+        return {m: timings[train].get(m, 1.0) for m in names}
+
+    monkeypatch.setattr(tuning, "measure", fake)
+    cell = recur.get_cell("elman", 16)
+    params = cell.init(jax.random.key(0), 4)
+    xs = jax.random.normal(jax.random.key(1), (16, 5, 4))
+    lengths = jnp.arange(16) % 6
+
+    def forward(mode):
+        return lambda p: recur.scan(cell, p, xs, mode=mode, lengths=lengths)[0]
+
+    def loss(mode):
+        return lambda p: jnp.sum(jnp.sin(forward(mode)(p)))
+
+    def ran_kernel(f):
+        return "pallas_call" in str(jax.make_jaxpr(f)(params))
+
+    for train_kernel, infer_kernel in ((False, True), (True, False)):
+        tuning._CHOSEN.clear()
+        tuning.cache_path().unlink(missing_ok=True)
+        timings.update({True: {"kernel": 0.5 if train_kernel else 2.0}, False: {"kernel": 0.5 if infer_kernel else 2.0}})
+        del asked[:]
+        assert ran_kernel(jax.grad(loss("auto"))) == train_kernel
+        assert asked == [(("sequential", "kernel"), True)]  # the training step's measurement only
+        assert ran_kernel(forward("auto")) == infer_kernel
+        assert asked[1:] == [(("sequential", "kernel"), False)]
+        assert ran_kernel(forward("auto")) == infer_kernel and len(asked) == 2  # kept
+        np.testing.assert_allclose(forward("auto")(params), forward("sequential")(params), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jax.grad(loss("auto"))(params)["W_h"], jax.grad(loss("sequential"))(params)["W_h"],
+                                   rtol=1e-4, atol=1e-6)
+    keys = list(json.loads(tuning.cache_path().read_text()))
+    assert len(keys) == 2 and sum("task='infer'" in k for k in keys) == 1, keys
+    # on a CPU without measuring, nothing is asked
+    monkeypatch.setenv("RECUR_AUTOTUNE", "0")
+    assert dispatch.inference_choice(cell, "sequential", 16, 5, 4, "none") is None and len(asked) == 2
+
+
 def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeypatch):
     """A candidate may differ from the plain scan by AGREE, or by JITTER_FACTOR times what the
     plain scan's own gradients do when its weights move by one rounding unit (a chaotic recurrence:
@@ -531,6 +576,9 @@ def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeyp
     got = run(errors=errors)  # the plain scan moves by ~1e-3 under a 2^-11 nudge: the kernel passes
     assert 1e-5 < errors["sequential"] < 1e-1 and 0 < errors["kernel"] < tuning.JITTER_FACTOR * errors["sequential"]
     assert got["kernel"] is not None, (got, errors)
+    errors = {}
+    got = run(errors=errors, train=False)  # the forward pass alone: its outputs compared
+    assert got["kernel"] is not None and errors["kernel"] < 1e-5 < errors["sequential"], (got, errors)
     monkeypatch.setattr(tuning, "nudge", lambda params, dtype: params)  # no move: AGREE alone
     errors = {}
     got = run(errors=errors)

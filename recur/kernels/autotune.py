@@ -13,8 +13,9 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
   ``mode="cudnn"`` takes the cell;
 - each is compiled and timed on random inputs of the scan's shapes (B, T, I, with lengths or
   resets when the scan has them, the same unroll, remat and backward) for one training step:
-  the gradient of sum(hs) for the parameters and the inputs, which is what training runs
-  (inference pays the same choice). The candidates run in turns (a noisy machine slows them
+  the gradient of sum(hs) for the parameters and the inputs, which is what training runs. A
+  forward pass that is not differentiated is timed apart (``train=False``: the sequential scan
+  against the persistent kernel, ``dispatch.inference_choice``). The candidates run in turns (a noisy machine slows them
   alike): up to ``ROUNDS`` samples each, a sample being enough steps to last ``SAMPLE_S``,
   within about ``BUDGET_S`` per candidate; the median decides, and another candidate must beat
   the plain scan by ``MARGIN`` to be taken. A candidate that fails to compile or run, or whose
@@ -174,7 +175,7 @@ def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
     _CHOSEN[k] = choice
     summary = ", ".join(f"{m} {'failed' if s is None else f'{s * 1e3:.3f} ms'}" for m, s in timings.items())
     DECISIONS.append(f"auto measured {summary}: took {choice}")
-    _log.info("recur.scan(mode='auto'), %s: %s; took %s (gradients' disagreement with %s: %s; %s's own with "
+    _log.info("recur.scan(mode='auto'), %s: %s; took %s (disagreement with %s: %s; %s's own with "
               "its weights moved by one rounding: %s)", label or k, summary, choice, names[0],
               ", ".join(f"{m} {e:.2g}" for m, e in ERRORS[k].items() if m != names[0]), names[0],
               f"{ERRORS[k][names[0]]:.2g}" if names[0] in ERRORS[k] else "not measured")
@@ -185,11 +186,12 @@ def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:
 
 
 def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked, unroll,
-            rounds=None, budget_s=None, errors=None) -> dict:
+            rounds=None, budget_s=None, errors=None, train=True) -> dict:
     """Seconds per training step (the gradient of sum(hs) for params and xs) of ``recur.scan`` in
     each mode, timed in turns on random inputs of these shapes; None for a mode that failed or
     whose gradients disagree with the first mode's (see AGREE and JITTER_FACTOR). errors: a dict to
-    receive each mode's disagreement, and for the first mode its own under :func:`nudge`."""
+    receive each mode's disagreement, and for the first mode its own under :func:`nudge`.
+    train=False: the forward pass alone (its outputs hs compared)."""
     import recur
     from recur.kernels import dispatch
 
@@ -217,17 +219,19 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
         want = None
         tol = AGREE.get(jnp.dtype(cell.dtype).name, 0.1)
         for m in modes:
-            def loss(p, x, n, r, m=m):
+            def outputs(p, x, n, r, m=m):
                 hs, _ = recur.scan(cell, p, x, mode=m, lengths=n, resets=r, remat=remat, unroll=unroll,
                                    backward=backward, projected=projected)
-                return jnp.sum(hs.astype(jnp.float32))
+                return hs.astype(jnp.float32)
+
+            fn = jax.grad(lambda *a: jnp.sum(outputs(*a)), argnums=(0, 1)) if train else outputs
 
             try:
                 # compiled ahead of time: a compiled call runs now even inside the caller's trace
                 # (kernel bodies must not be traced under ensure_compile_time_eval)
                 t0 = time.perf_counter()
                 with dispatch._probing():  # compiled once, here: mode="kernel" does not probe it first
-                    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args)
+                    lowered = jax.jit(fn).lower(*args)
                 step = lowered.compile()
                 got = jax.block_until_ready(step(*args))  # warm up
                 t1 = time.perf_counter()
@@ -236,7 +240,8 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                 want = got if want is None else want
                 err = errors[m] = _disagreement(got, want)
                 if not err <= tol:  # NaN too
-                    raise ValueError(f"its gradients differ from {modes[0]}'s by {err:.2g} (tolerance {tol:g})")
+                    raise ValueError(f"its {'gradients' if train else 'outputs'} differ from {modes[0]}'s by "
+                                     f"{err:.2g} (tolerance {tol:g})")
                 if m == modes[0]:  # the reference: how much do its own gradients move with rounding?
                     with jax.ensure_compile_time_eval():
                         nudged = nudge(params, cell.dtype)

@@ -176,6 +176,32 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
     return (*candidates[name], None)
 
 
+def inference_choice(cell, training, B, T, I, remat, **options):
+    """``auto``'s implementation for a forward pass that is not differentiated, as (impl,
+    interpret), where it differs from ``training`` (the training step's: sequential or
+    persistent), else None. Measured like the training step (recur/kernels/autotune.py), on the
+    forward pass alone, between the sequential scan and the persistent kernels, so that inference
+    does not pay the training step's choice (on an H200 in bfloat16 the GRU's kernel won its
+    training step and lost its inference by 36%). Only where ``auto`` measures."""
+    from recur.kernels import autotune
+
+    gpu, interpret = _on_gpu(), interpret_forced()
+    if cell.linear or T == 0 or not (gpu or interpret) or _in_shard_map() or probing() or not autotune.enabled(gpu):
+        return None
+    candidates = {"sequential": ("sequential", False)}
+    with _probing():  # no probe: the measurement compiles the kernel, and a failure there drops it
+        impl, interp, why = choose(cell, "kernel", B, T, I, remat, **options)
+    if why is None and impl == "persistent":
+        candidates["kernel"] = (impl, interp)
+    if len(candidates) == 1:
+        return None
+    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, task="infer", **options)
+    label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}, forward pass alone"
+    name = autotune.pick(candidates, k, lambda names, errors: autotune.measure(
+        cell, names, B, T, I, remat=remat, errors=errors, train=False, **options), label)
+    return None if candidates[name][0] == training else candidates[name]
+
+
 def _in_shard_map() -> bool:
     """Whether the scan is being traced inside shard_map (manual mesh axes)."""
     return bool(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))

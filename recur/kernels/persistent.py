@@ -12,7 +12,7 @@ design in Pallas:
 
 - the grid is (B / BB row blocks) x (H / U unit blocks), at most one program per SM so that all
   are resident at once. Program (ib, iu) owns batch rows [ib*BB, (ib+1)*BB) and hidden units
-  [iu*U, (iu+1)*U): the gate columns of those units are a [H, gates*U] slice of W_h^T (64 KiB
+  [iu*U, (iu+1)*U): the gate columns of those units are a [H, gates*U] slice of W_h^T (128 KiB
   in bfloat16 for the LSTM at H = 1024, U = 16), read from L2 / L1 each step by that program only;
 - step t: h_{t-1} (rows of it, all H columns, in the compute dtype) from a [T + 1, B, H] buffer
   in global memory, dots of K_BLOCK columns into [BB, gates*U] float32 accumulators (the GRU's
