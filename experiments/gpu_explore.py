@@ -38,6 +38,9 @@ def main(argv=None):
                         "fourth field x runs the reverse loop as the deferred scan's lax.scan (BACKWARD=False)")
     p.add_argument("--ln-fused", action="store_true", help="cells: also time each layer-norm LSTM with its "
                    "hand-written backward step (recur.cells.lstm.LN_FUSED_BACKWARD)")
+    p.add_argument("--pad-three", action="store_true", help="cells: also time each cell's persistent kernel "
+                   "(mode='kernel') as it is and with 3 gate blocks as one padded window of 4 "
+                   "(recur.kernels.persistent.PAD_THREE), with their errors against the sequential scan")
     p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -56,6 +59,9 @@ def main(argv=None):
                 scan_mod.projects_in_loop = default
             return f
         return made
+    from recur.cells import lstm
+    from recur.kernels import persistent as ps
+
     rows = []
     for H, task, train, prec, jdt in _shapes(a) if "cells" in a.parts else []:
         fns = {}
@@ -71,14 +77,24 @@ def main(argv=None):
             for u in [int(u) for u in a.unrolls.split(",")]:
                 fns[f"recur {cell} hoisted u{u}"] = with_switch(
                     False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u))
-                if a.ln_fused and bg.recur.get_cell(cell, H).layer_norm_fusable:
-                    fns[f"recur {cell} ln-fused hoisted u{u}"] = ln_fused(with_switch(
+                if a.ln_fused and getattr(bg.recur.get_cell(cell, H), "layer_norm_fusable", False):
+                    fns[f"recur {cell} ln-fused hoisted u{u}"] = with_attr(lstm, "LN_FUSED_BACKWARD", True, with_switch(
                         False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u)))
+            if a.pad_three:
+                kernel = lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "kernel", train)
+                fns[f"recur {cell} kernel"] = kernel
+                fns[f"recur {cell} kernel pad-three"] = with_attr(ps, "PAD_THREE", True, kernel)
         print(f"H={H} {prec} {task}", flush=True)
+        first_unroll = a.unrolls.split(",")[0]
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():
+            # a kernel row's loss or gradients against its cell's sequential scan
+            ref = bg.RESULTS.get(f"recur {name.split()[1]} hoisted u{first_unroll}") if " kernel" in name else None
+            err = bg.rel_err(bg.RESULTS[name], ref) if ref is not None else ""
             rows.append(dict(part="explore", system=name, H=H, precision=prec, task=task, T=a.length, B=a.batch,
-                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), note=bg.NOTES.get(name, "")))
-            print(f"  {name:32s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)", flush=True)
+                             ms=round(t * 1e3, 3), compile_s=round(compile_s, 2), note=bg.NOTES.get(name, ""),
+                             err_vs_seq=bg.fmt_err(err)))
+            print(f"  {name:32s} {t * 1e3:9.3f} ms   (first call {compile_s:.1f} s)"
+                  + (f"  rel. err vs sequential {err:.1e}" if err != "" else ""), flush=True)
         bg.RESULTS.clear()
         if a.out:
             bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
@@ -132,16 +148,19 @@ def persistent(a, rows, have_torch):
             bg.write(rows, a.out, bg.jax.devices()[0].device_kind)
 
 
-def ln_fused(make):
-    """make, traced and compiled with the layer-norm LSTM's hand-written backward step."""
-    from recur.cells import lstm
-
+def with_attr(obj, name, value, make):
+    """make, its function traced and compiled (called once) with obj.name set to value: the
+    switches recur reads while tracing (the layer-norm LSTM's hand-written backward step, the
+    persistent kernels' padded three gates)."""
     def made():
-        before, lstm.LN_FUSED_BACKWARD = lstm.LN_FUSED_BACKWARD, True
+        before = getattr(obj, name)
+        setattr(obj, name, value)
         try:
-            return make()
+            f = make()
+            f()
+            return f
         finally:
-            lstm.LN_FUSED_BACKWARD = before
+            setattr(obj, name, before)
     return made
 
 

@@ -16,8 +16,8 @@
 #                                             # Triton settings (~9 min)
 #   bash experiments/gpu_session.sh lent      # the first call of a session: persistent_check, then the
 #                                             # persistent kernels against cuDNN at both sizes (~9 min)
-#   bash experiments/gpu_session.sh next      # after lent: lstm:ln's fused backward, the linear scans, the
-#                                             # LSTM variants not yet timed (~8 min)
+#   bash experiments/gpu_session.sh next      # after lent: lstm:ln's fused backward, the padded 3-gate
+#                                             # kernels, the linear scans, the LSTM variants not yet timed (~9 min)
 #   bash experiments/gpu_session.sh variants  # the persistent kernels of the LSTM with gate recurrence,
 #                                             # Greff's variants with layer norm, Sak's LSTMP with
 #                                             # peepholes and LSTMP with layer norm, H=1024 (~5 min)
@@ -101,10 +101,13 @@ case $plan in
       --repeats 5 --parts cells --out "$OUT/variants" ;;
   next)
     # what call 4 left: the layer-norm LSTM's float32 shortfall (its hand-written backward step),
-    # the linear scans at the lengths of issue 7's 2x target, then the untimed LSTM variants (~9 min)
-    part 100 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --tasks train --out "$OUT/ln"
-    part 100 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
-    part 280 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:proj_size=512,lstm:ln,proj_size=512 \
+    # the 3-gate kernels as one padded window (the GRU's and lstm:cifg's float32 kernels ran 3.4x
+    # the LSTM's), the linear scans at the lengths of issue 7's 2x target, then the untimed LSTM
+    # variants (~9 min; the last part is cut first)
+    part 90 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --tasks train --out "$OUT/ln"
+    part 120 $E --parts cells --hidden 1024 --cells gru,lstm:cifg --unrolls 8 --pad-three --out "$OUT/pad3"
+    part 90 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 200 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:proj_size=512,lstm:ln,proj_size=512 \
       --modes sequential,kernel --baselines none --repeats 5 --parts cells --out "$OUT/variants2" ;;
   variants)
     part 280 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:nig,noaf,ln,lstm:proj_size=512,peepholes,lstm:ln,proj_size=512 --modes sequential,kernel \

@@ -484,6 +484,43 @@ def test_remat_step_recomputes_the_gates_in_the_reverse_loop(interpret, name, dt
         assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, a.shape
 
 
+@pytest.mark.parametrize("name,dtype,remat,tol", [
+    ("gru", jnp.float32, "none", 2e-5), ("lstm:peepholes,cifg", jnp.bfloat16, "step", 1.5e-2),
+    ("lstm:peepholes,cifg,ln", jnp.float32, "step", 2e-5), ("lstm:fgr,peepholes", jnp.float32, "none", 2e-5)])
+def test_three_gate_blocks_as_one_padded_window(interpret, monkeypatch, name, dtype, remat, tol):
+    """PAD_THREE: the kernels multiply three gate blocks (the GRU's, lstm:cifg's, the gate
+    recurrence's R) as one window of four, the fourth zero, instead of two; the same values and
+    gradients as the sequential scan (with lengths and reverse reading), and one dot per K block
+    where there were two."""
+    cell, params, xs, carry0 = _setup(dtype, name)
+    dots = lambda: str(jax.make_jaxpr(lambda p: recur.scan(cell, p, xs, mode="kernel")[0])(params)).count("dot_general")
+    two = dots()
+    monkeypatch.setattr(persistent, "PAD_THREE", True)
+    assert dots() < two
+    kw = {"lengths": jnp.arange(B) % (T + 1), "reverse": True}
+    (_, (hw, cw)), gw = _run(cell, "sequential", **kw)(params, xs, carry0)
+    (_, (hg, cg)), gg = _run(cell, "kernel", remat=remat, **kw)(params, xs, carry0)
+    for a, b in zip(jax.tree.leaves((hw, cw, gw)), jax.tree.leaves((hg, cg, gg))):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = float(np.max(np.abs(a)))
+        assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, a.shape
+
+
+def test_padded_three_gate_kernels_fit_an_h100_without_spills(monkeypatch):
+    """With PAD_THREE the GRU's float32 kernels (B=64, H=1024) still compile for sm_90 without
+    spills, and the forward's IR holds fewer dots."""
+    pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    from experiments.triton_compile import compile_sm90, persistent_ir
+
+    two = persistent_ir(1024, jnp.float32, cell="gru")[0].count("tt.dot")
+    monkeypatch.setattr(persistent, "PAD_THREE", True)
+    forward, backward = persistent_ir(1024, jnp.float32, cell="gru")
+    assert forward.count("tt.dot") < two
+    for text in (forward, backward):
+        shared, regs, spill_st, spill_ld = compile_sm90(text, persistent.NUM_WARPS, persistent.NUM_STAGES)
+        assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
+
+
 @pytest.mark.parametrize("name,dtype,spill", [("lstm", jnp.bfloat16, 0), ("gru", jnp.float32, 0),
                                               ("lstm:fgr,peepholes", jnp.float32, 128), ("lstm:ln", jnp.bfloat16, 0),
                                               ("gru:cho", jnp.bfloat16, 0)])

@@ -224,7 +224,7 @@ def measure(cell, modes, B, T, I, *, remat, resets, projected, backward, masked,
                                    backward=backward, projected=projected)
                 return hs.astype(jnp.float32)
 
-            fn = jax.grad(lambda *a: jnp.sum(outputs(*a)), argnums=(0, 1)) if train else outputs
+            fn = jax.grad(lambda *a, f=outputs: jnp.sum(f(*a)), argnums=(0, 1)) if train else outputs
 
             try:
                 # compiled ahead of time: a compiled call runs now even inside the caller's trace

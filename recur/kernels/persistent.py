@@ -71,6 +71,12 @@ NUM_STAGES = 3
 # thread in float32, 44 in bfloat16), the layer-norm LSTM (28 in bfloat16) and Cho's GRU (12 in
 # bfloat16) spill at B = 64, H = 1024 on sm_90; at 64 only the FGR LSTM's does (116, 20)
 RECOMPUTE_KB = 64
+# three gate blocks (the GRU, lstm:cifg, the gate recurrence's R) as one dot window of 4U columns,
+# the fourth zero, instead of two (2U + U: Triton's blocks are powers of 2). On an H200 the
+# two-window GRU and lstm:cifg forward kernels ran 3.4x slower than the LSTM's one window in float32
+# (19.9 against 6.7 ms, B=64 T=512 H=1024) and 1.4x in bfloat16; off until a GPU times it
+# (experiments/gpu_explore.py --parts persistent --pad-three)
+PAD_THREE = False
 
 
 def _pow2_divisor(n, cap):
@@ -156,9 +162,12 @@ class _Grid:
         """Columns of gate block g (of a [.., 4H] array; g = 0 for a [.., H] one) for unit block iu."""
         return pl.ds(g * self.H + iu * self.U, self.U)
 
-    def by_program(self, W, gates):
+    def by_program(self, W, gates, pad=True):
         """W [gates * H, D] (gate blocks of the H units) as W^T [D, gates * H] with each program's
-        gates * U columns together, ordered (gate, unit): the forward's product reads one window."""
+        gates * U columns together, ordered (gate, unit): the forward's product reads one window.
+        Three gates with PAD_THREE (and pad): a zero fourth block, as :meth:`gate_product` reads."""
+        if pad and PAD_THREE and gates == 3:
+            W, gates = jnp.concatenate([W, jnp.zeros((W.shape[0] // 3, W.shape[1]), W.dtype)]), 4
         D = W.shape[1]
         return jnp.transpose(W.astype(self.cdt)).reshape(D, gates, self.nu, self.U).transpose(0, 2, 1, 3).reshape(
             D, gates * self.H)
@@ -171,7 +180,11 @@ class _Grid:
 
     def gate_product(self, src_ref, t, ib, iu, w_ref, depth, gates, **kw):
         """The ``gates`` [BB, U] blocks of (src_ref[t]'s rows of block ib) @ (program iu's window of
-        :meth:`by_program`'s layout), in power-of-2 windows (Triton's blocks: 3 gates as 2 + 1)."""
+        :meth:`by_program`'s layout), in power-of-2 windows (Triton's blocks: 3 gates as 2 + 1, or
+        with PAD_THREE as one window of 4, the zero fourth block dropped)."""
+        if PAD_THREE and gates == 3:
+            (acc,) = self.product(src_ref, t, ib, w_ref, depth, [(iu * 4 * self.U, 4 * self.U)], **kw)
+            return halved(acc, 4)[:3]
         accs = self.product(src_ref, t, ib, w_ref, depth,
                             [((iu * gates + g0) * self.U, size * self.U) for g0, size in _groups(gates)], **kw)
         return [block for acc, (_, size) in zip(accs, _groups(gates)) for block in halved(acc, size)]

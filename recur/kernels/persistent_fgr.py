@@ -136,7 +136,7 @@ def run_backward(dhs_T, saved, c_prev, W_h, R, dcarry_T, mask_T=None, *, dtype, 
     shared = cdt != jnp.dtype(f32)  # a copy of d pre in dtype for the other programs' products
     # W_h's [4H, U] column slice per program; R_gates with each program's 3U columns (i, f, o of its
     # units) together: row k of block b is pre row b * H + k's weights into the program's gates
-    inputs = [dhs_T, c_prev, grid.program_slices(W_h), grid.by_program(R.T, 3)]
+    inputs = [dhs_T, c_prev, grid.program_slices(W_h), grid.by_program(R.T, 3, pad=False)]
     inputs += [dcarry_T["h"].astype(f32), dcarry_T["c"].astype(f32), dcarry_T["gates"].astype(f32)]
     inputs += ([mask_T.astype(jnp.int32)] if has_mask else []) + [peepholes[k].astype(f32) for k in names]
     n_fixed = len(inputs)
