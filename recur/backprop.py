@@ -146,7 +146,9 @@ def deferred_scan(cell, unroll: int = 1, loop=None, project: bool = False, forwa
     gradients stay as here, large matmuls after the loop.
 
     ``infer`` runs the forward pass when it is not differentiated (custom_vjp's primal: jax.grad
-    and jax.jvp run the forward loop above, which stores what the reverse loop reads):
+    and jax.vjp run the forward loop above, which stores what the reverse loop reads; the primal
+    is traced too where a jitted, checkpointed or lax.scan-ned function is differentiated after
+    it was traced, and then goes unused):
     infer(params, carry0, us_T, mask_T, resets_T, reset_carry) -> (final carry, hs) computing the
     same values another way, or None for the forward loop above. It is called while the primal
     is traced, so it may choose then (recur.scan's ``auto`` times inference apart from training).

@@ -316,12 +316,14 @@ def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, m
     the implementation ``auto`` measures fastest for it (dispatch.inference_choice), if not the
     training step's (``training``). inside: the deferred scan's inputs are the raw xs (projected
     in its loop), not us."""
-    if mode != "auto":
-        return None
+    from recur.kernels import autotune, dispatch
+
+    gpu = dispatch._on_gpu()
+    if mode != "auto" or not ((gpu or dispatch.interpret_forced()) and autotune.enabled(gpu)):
+        return None  # auto does not measure here (a CPU, or RECUR_AUTOTUNE=0): training's choice
 
     def infer(params, carry0, us_T, mask_T, resets_T, reset_carry):
         from recur.backprop import deferred_scan
-        from recur.kernels import dispatch, persistent
 
         got = dispatch.inference_choice(cell, training, B, T, cell.input_size(params), remat,
                                         resets=resets is not None, projected=projected, backward=backward,
@@ -330,6 +332,8 @@ def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, m
             return None
         impl, interpret = got
         if impl == "persistent":  # (no resets: the kernels take none)
+            from recur.kernels import persistent
+
             us_T = cell.project(params, us_T) if inside else us_T
             return persistent.forward_fn(cell, interpret)(params, carry0, us_T, mask_T, False)
         hs, carry = deferred_scan(cell, unroll, project=inside)(params, carry0, us_T, mask_T, resets_T, reset_carry)

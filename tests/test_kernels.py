@@ -555,9 +555,15 @@ def test_auto_times_inference_apart_from_training(tuning, monkeypatch):
                                    rtol=1e-4, atol=1e-6)
     keys = list(json.loads(tuning.cache_path().read_text()))
     assert len(keys) == 2 and sum("task='infer'" in k for k in keys) == 1, keys
-    # on a CPU without measuring, nothing is asked
+    # without measuring, nothing is asked, and the scan has no inference hook
     monkeypatch.setenv("RECUR_AUTOTUNE", "0")
     assert dispatch.inference_choice(cell, "sequential", 16, 5, 4, "none") is None and len(asked) == 2
+    scan_module = importlib.import_module("recur.scan")
+    assert scan_module._inference(cell, "auto", "sequential", 16, 5, "none", 1, False, "deferred", None, None,
+                                  False) is None
+    monkeypatch.setenv("RECUR_AUTOTUNE", "1")
+    assert scan_module._inference(cell, "auto", "sequential", 16, 5, "none", 1, False, "deferred", None, None,
+                                  False) is not None
 
 
 def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeypatch):
@@ -579,6 +585,14 @@ def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeyp
     errors = {}
     got = run(errors=errors, train=False)  # the forward pass alone: its outputs compared
     assert got["kernel"] is not None and errors["kernel"] < 1e-5 < errors["sequential"], (got, errors)
+    def failing(params, dtype):
+        raise RuntimeError("out of memory")
+
+    for nudged in (failing, lambda params, dtype: jax.tree.map(lambda w: w * jnp.inf, params)):
+        monkeypatch.setattr(tuning, "nudge", nudged)
+        errors = {}  # the nudged run fails, or moves by inf: the plain scan stays, AGREE alone judges
+        got = run(errors=errors)
+        assert got["sequential"] is not None and got["kernel"] is None, (got, errors)
     monkeypatch.setattr(tuning, "nudge", lambda params, dtype: params)  # no move: AGREE alone
     errors = {}
     got = run(errors=errors)
@@ -593,8 +607,8 @@ def test_the_fixed_table_sends_half_precision_to_the_persistent_kernels(monkeypa
     monkeypatch.delenv("RECUR_PALLAS_INTERPRET", raising=False)
     monkeypatch.setenv("RECUR_AUTOTUNE", "0")
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    problems = {}
-    monkeypatch.setattr(dispatch, "_gpu_problem", lambda cell, impl, *a: problems.get(impl))
+    problems, probed = {}, []
+    monkeypatch.setattr(dispatch, "_gpu_problem", lambda cell, impl, *a: probed.append(impl) or problems.get(impl))
 
     def auto(name, dtype, B=16, **kw):
         return dispatch.choose(recur.get_cell(name, 32, dtype=dtype), "auto", B, 8, 4, "none", **kw)
@@ -603,8 +617,13 @@ def test_the_fixed_table_sends_half_precision_to_the_persistent_kernels(monkeypa
         assert auto(name, jnp.float32) == ("sequential", False, None), name
         assert auto(name, jnp.bfloat16) == ("persistent", False, None), name
     assert auto("lstm", jnp.float16)[0] == "persistent"
+    assert probed == ["persistent"] * 6
     assert auto("lstm", jnp.bfloat16, resets=True) == ("sequential", False, None)  # the kernels take no resets
     assert auto("lstm", jnp.bfloat16, B=8) == ("sequential", False, None)  # B not a multiple of 16
+    assert len(probed) == 6  # nothing compiled for them (the loop kernel's probe would, on a GPU)
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")  # interpreted kernels on a GPU: far too slow to pick
+    assert auto("lstm", jnp.bfloat16) == ("sequential", False, None)
+    monkeypatch.delenv("RECUR_PALLAS_INTERPRET")
     problems["persistent"] = "Triton could not lower it"
     assert auto("lstm", jnp.bfloat16) == ("sequential", False, None)
     assert auto("mingru", jnp.bfloat16)[0] == "linear" and auto("mingru", jnp.float32)[0] == "linear"

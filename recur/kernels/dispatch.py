@@ -110,10 +110,16 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
             # deferred scan (input projection hoisted, 8 steps unrolled) beats cuDNN's LSTM, the
             # loop kernel and (but for two cells, by under 11%) the persistent kernels; in half
             # precision the persistent kernels' training step beats it for every cell measured
-            if gpu and jnp.dtype(cell.dtype).itemsize < 4:
-                impl, interp, _ = choose(cell, "kernel", B, T, I, remat, resets=resets, projected=projected,
-                                         backward=backward, masked=masked, unroll=unroll)
-                return (impl, interp, None) if impl == "persistent" else ("sequential", False, None)
+            if gpu and not interpret and jnp.dtype(cell.dtype).itemsize < 4:
+                from recur.kernels import persistent
+
+                # (asked only where the persistent kernels take the scan: else choose would probe,
+                # and compile, the loop kernel, to be thrown away)
+                if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
+                    impl, interp, _ = choose(cell, "kernel", B, T, I, remat, resets=resets, projected=projected,
+                                             backward=backward, masked=masked, unroll=unroll)
+                    if impl == "persistent":
+                        return impl, interp, None
             return "sequential", False, None
     if mode == "cudnn" and (gpu or interpret) and T > 0:
         from recur.kernels import cudnn
