@@ -229,13 +229,15 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         reset_carry = cell.initial_carry(B)
     else:
         reset_carry = widen(reset_carry)
-    impl, interpret = mode, False
+    impl, interpret, vmapped = mode, False, False
     if mode in ("kernel", "cudnn", "auto"):
         from recur.kernels import dispatch
 
+        vmapped = _vmapped((params, xs, carry0, mask, resets))
         impl, interpret, reason = dispatch.choose(cell, mode, B, T, cell.input_size(params), remat,
                                                   resets=resets is not None, projected=projected,
-                                                  backward=backward, masked=mask is not None, unroll=unroll)
+                                                  backward=backward, masked=mask is not None, unroll=unroll,
+                                                  vmapped=vmapped)
         if reason:
             dispatch.notice(reason)
     if impl == "cudnn":
@@ -260,7 +262,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # remat="step": the reverse loop recomputes the gates from the carries
         bwd = persistent.backward_fn(cell, interpret, remat=remat)  # None: the lax.scan reverse loop (BACKWARD)
         fwd = persistent.forward_fn(cell, interpret, remat=remat)
-        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, False)
+        infer = None if vmapped else _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask,
+                                                resets, False)
         hs, carry = deferred_scan(cell, unroll, forward_fn=fwd, backward_fn=bwd, infer=infer)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
@@ -290,7 +293,8 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # with a fused backward step project each step's inputs inside the loop on a CPU
         xs_T = _time_major(xs)
         inside = projects_in_loop(cell, projected)
-        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, inside)
+        infer = None if vmapped else _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask,
+                                                resets, inside)
         hs, carry = deferred_scan(cell, unroll, project=inside, infer=infer)(
             params, carry0, xs_T if inside else project(xs_T), None if mask is None else mask.T,
             None if resets is None else resets.T, reset_carry)
@@ -340,6 +344,16 @@ def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, m
         return carry, hs
 
     return infer
+
+
+def _vmapped(tree) -> bool:
+    """Whether any leaf is being batched by jax.vmap (outside it a Pallas kernel's grid is the
+    kernel's own; inside, vmap multiplies it by the batch)."""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - another jax: assume not
+        return False
+    return any(isinstance(x, BatchTracer) for x in jax.tree.leaves(tree))
 
 
 def _time_major(tree):

@@ -95,6 +95,21 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
             assert scale > 0 and float(np.max(np.abs(a - b))) <= tol * scale, (kw.keys(), a.shape)
 
 
+def test_vmap_takes_the_loop_kernel_not_the_persistent_one(interpret):
+    """Under jax.vmap a Pallas kernel's grid is multiplied by the batch, and the persistent
+    kernels' programs must all be resident at once: a vmapped scan takes the loop kernel (same
+    values). (jax.vmap of an already jitted function is not seen: its scan traced unbatched.)"""
+    cell, params, xs, _ = _setup(jnp.float32, "gru")
+    xs3 = jnp.stack([xs, 2 * xs, -xs])
+    f = lambda mode: lambda x: recur.scan(cell, params, x, mode=mode, lengths=jnp.arange(B) % (T + 1))[0]
+    kinds = lambda g, x: [k for k in ("persistent", "loop") if f"recur_gru_{k}" in str(jax.make_jaxpr(g)(x))
+                          or (k == "loop" and "pallas_call" in str(jax.make_jaxpr(g)(x)))]
+    assert kinds(f("kernel"), xs)[0] == "persistent"
+    for g in (jax.vmap(f("kernel")), jax.jit(jax.vmap(f("kernel")))):
+        assert kinds(g, xs3) == ["loop"]
+    np.testing.assert_allclose(jax.vmap(f("kernel"))(xs3), jax.vmap(f("sequential"))(xs3), rtol=2e-5, atol=2e-6)
+
+
 def test_persistent_forward_alone_is_the_inference_path(interpret):
     cell, params, xs, carry0 = _setup(jnp.float32)
     lengths = jnp.array([T, 3, 0] + [5] * (B - 3))

@@ -82,14 +82,16 @@ def block_rows(B: int, gpu: bool) -> int:
 
 
 def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backward="deferred", masked=False,
-           unroll=1):
+           unroll=1, vmapped=False):
     """(implementation, interpret, reason): implementation in persistent / loop / linear / cudnn /
     sequential / parallel.
 
     reason is None when nothing was given up; else the notice's text. resets / projected: the
     scan has resets / takes projected inputs (cuDNN's LSTM can do neither). masked: the scan has
     lengths (the kernels then read a mask: on a GPU the probe lowers that form). unroll: the
-    scan's steps per loop iteration (``auto`` times the sequential scan with it).
+    scan's steps per loop iteration (``auto`` times the sequential scan with it). vmapped: the
+    scan runs under jax.vmap, which multiplies a Pallas kernel's grid by the batch (so the
+    persistent kernels, whose programs must all be resident at once, are not taken).
     """
     interpret = interpret_forced()
     gpu = _on_gpu()
@@ -103,7 +105,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
             # varying-axes type): the plain scan, without measuring
             return plain, False, None
         if T > 0 and not probing() and autotune.enabled(gpu):
-            return _fastest(cell, B, T, I, remat, interpret, resets=resets, projected=projected,
+            return _fastest(cell, B, T, I, remat, interpret, vmapped, resets=resets, projected=projected,
                             backward=backward, masked=masked, unroll=unroll)
         if not cell.linear:
             # the fixed table, measured on an H200 (docs/benchmarks.md, calls 3-4): in float32 the
@@ -115,7 +117,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
 
                 # (asked only where the persistent kernels take the scan: else choose would probe,
                 # and compile, the loop kernel, to be thrown away)
-                if persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
+                if not vmapped and persistent.problem(cell, B, resets=resets, remat=remat, backward=backward) is None:
                     impl, interp, _ = choose(cell, "kernel", B, T, I, remat, resets=resets, projected=projected,
                                              backward=backward, masked=masked, unroll=unroll)
                     if impl == "persistent":
@@ -150,6 +152,9 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
         from recur.kernels import persistent
 
         why_not = persistent.problem(cell, B, resets=resets, remat=remat, backward=backward)
+        if why_not is None and vmapped:
+            why_not = ("the persistent kernels' programs must all be resident at once, and jax.vmap multiplies "
+                       "their grid by the batch")
         if why_not is None:
             wanted = "persistent"  # LSTM, GRU, MGU, Elman: W_h split across the GPU's programs
         elif remat != "none" and persistent.problem(cell, B, resets=resets, backward=backward) is None:
@@ -163,7 +168,7 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
     return wanted, interpret, None
 
 
-def _fastest(cell, B, T, I, remat, interpret, **options):
+def _fastest(cell, B, T, I, remat, interpret, vmapped, **options):
     """``auto`` on a GPU: the fastest of the plain scan, the kernel and cuDNN's LSTM that can run
     this scan, measured once per cell and shape (recur/kernels/autotune.py)."""
     from recur.kernels import autotune
@@ -172,10 +177,12 @@ def _fastest(cell, B, T, I, remat, interpret, **options):
     candidates = {plain: (plain, False)}
     with _probing():  # no probe: the measurement compiles the kernel, and a failure there drops it
         for mode in ("kernel", "cudnn"):
-            impl, interp, why = choose(cell, mode, B, T, I, remat, **options)
+            impl, interp, why = choose(cell, mode, B, T, I, remat, vmapped=vmapped, **options)
             if why is None and impl not in ("sequential", "parallel"):
                 candidates[mode] = (impl, interp)
-    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **options)
+    # (under vmap "kernel" is the loop kernel where it is otherwise the persistent one: keyed apart)
+    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret,
+                     **(dict(vmapped=True) if vmapped else {}), **options)
     label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}"
     name = autotune.pick(candidates, k, lambda names, errors: autotune.measure(
         cell, names, B, T, I, remat=remat, errors=errors, **options), label)
