@@ -262,8 +262,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # remat="step": the reverse loop recomputes the gates from the carries
         bwd = persistent.backward_fn(cell, interpret, remat=remat)  # None: the lax.scan reverse loop (BACKWARD)
         fwd = persistent.forward_fn(cell, interpret, remat=remat)
-        infer = None if vmapped else _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask,
-                                                resets, False)
+        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, False, vmapped)
         hs, carry = deferred_scan(cell, unroll, forward_fn=fwd, backward_fn=bwd, infer=infer)(
             params, carry0, project(_time_major(xs)), None if mask is None else mask.T, None, None)
         hs = jnp.swapaxes(hs, 0, 1)
@@ -293,8 +292,7 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
         # with a fused backward step project each step's inputs inside the loop on a CPU
         xs_T = _time_major(xs)
         inside = projects_in_loop(cell, projected)
-        infer = None if vmapped else _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask,
-                                                resets, inside)
+        infer = _inference(cell, mode, impl, B, T, remat, unroll, projected, backward, mask, resets, inside, vmapped)
         hs, carry = deferred_scan(cell, unroll, project=inside, infer=infer)(
             params, carry0, xs_T if inside else project(xs_T), None if mask is None else mask.T,
             None if resets is None else resets.T, reset_carry)
@@ -315,15 +313,15 @@ def scan(cell, params, xs, *, initial_carry=None, lengths=None, resets=None, res
     return hs, carry
 
 
-def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, mask, resets, inside):
+def _inference(cell, mode, training, B, T, remat, unroll, projected, backward, mask, resets, inside, vmapped):
     """deferred_scan's ``infer`` for mode="auto": when the forward pass is not differentiated,
     the implementation ``auto`` measures fastest for it (dispatch.inference_choice), if not the
     training step's (``training``). inside: the deferred scan's inputs are the raw xs (projected
-    in its loop), not us."""
+    in its loop), not us. None under jax.vmap (the persistent kernels are not taken there)."""
     from recur.kernels import autotune, dispatch
 
     gpu = dispatch._on_gpu()
-    if mode != "auto" or not ((gpu or dispatch.interpret_forced()) and autotune.enabled(gpu)):
+    if mode != "auto" or vmapped or not ((gpu or dispatch.interpret_forced()) and autotune.enabled(gpu)):
         return None  # auto does not measure here (a CPU, or RECUR_AUTOTUNE=0): training's choice
 
     def infer(params, carry0, us_T, mask_T, resets_T, reset_carry):

@@ -560,10 +560,10 @@ def test_auto_times_inference_apart_from_training(tuning, monkeypatch):
     assert dispatch.inference_choice(cell, "sequential", 16, 5, 4, "none") is None and len(asked) == 2
     scan_module = importlib.import_module("recur.scan")
     assert scan_module._inference(cell, "auto", "sequential", 16, 5, "none", 1, False, "deferred", None, None,
-                                  False) is None
+                                  False, False) is None
     monkeypatch.setenv("RECUR_AUTOTUNE", "1")
     assert scan_module._inference(cell, "auto", "sequential", 16, 5, "none", 1, False, "deferred", None, None,
-                                  False) is not None
+                                  False, False) is not None
 
 
 def test_autotune_tolerates_what_rounding_does_to_the_plain_scan(tuning, monkeypatch):

@@ -171,8 +171,6 @@ def choose(cell, mode, B, T, I, remat, *, resets=False, projected=False, backwar
 def _fastest(cell, B, T, I, remat, interpret, vmapped, **options):
     """``auto`` on a GPU: the fastest of the plain scan, the kernel and cuDNN's LSTM that can run
     this scan, measured once per cell and shape (recur/kernels/autotune.py)."""
-    from recur.kernels import autotune
-
     plain = "parallel" if cell.linear else "sequential"  # first: the reference and the fallback
     candidates = {plain: (plain, False)}
     with _probing():  # no probe: the measurement compiles the kernel, and a failure there drops it
@@ -181,12 +179,21 @@ def _fastest(cell, B, T, I, remat, interpret, vmapped, **options):
             if why is None and impl not in ("sequential", "parallel"):
                 candidates[mode] = (impl, interp)
     # (under vmap "kernel" is the loop kernel where it is otherwise the persistent one: keyed apart)
-    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret,
-                     **(dict(vmapped=True) if vmapped else {}), **options)
-    label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}"
+    return (*_measured(cell, candidates, B, T, I, remat, interpret, options, True,
+                       **(dict(vmapped=True) if vmapped else {})), None)
+
+
+def _measured(cell, candidates, B, T, I, remat, interpret, options, train, **keyed):
+    """The (impl, interpret) of the fastest of ``candidates`` ({name: (impl, interpret)}, the plain
+    scan first) as autotune.pick finds it: measured for a training step, or with train=False the
+    forward pass alone, keyed by the cell, the shapes, the options and ``keyed``."""
+    from recur.kernels import autotune
+
+    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, **keyed, **options)
+    label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}" + ("" if train else ", forward pass alone")
     name = autotune.pick(candidates, k, lambda names, errors: autotune.measure(
-        cell, names, B, T, I, remat=remat, errors=errors, **options), label)
-    return (*candidates[name], None)
+        cell, names, B, T, I, remat=remat, errors=errors, train=train, **options), label)
+    return candidates[name]
 
 
 def inference_choice(cell, training, B, T, I, remat, **options):
@@ -208,11 +215,8 @@ def inference_choice(cell, training, B, T, I, remat, **options):
         candidates["kernel"] = (impl, interp)
     if len(candidates) == 1:
         return None
-    k = autotune.key(cell, B, T, I, tuple(candidates), remat=remat, interpret=interpret, task="infer", **options)
-    label = f"{cell.name} B={B} T={T} I={I} {jnp.dtype(cell.dtype).name}, forward pass alone"
-    name = autotune.pick(candidates, k, lambda names, errors: autotune.measure(
-        cell, names, B, T, I, remat=remat, errors=errors, train=False, **options), label)
-    return None if candidates[name][0] == training else candidates[name]
+    chosen = _measured(cell, candidates, B, T, I, remat, interpret, options, False, task="infer")
+    return None if chosen[0] == training else chosen
 
 
 def _in_shard_map() -> bool:
