@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--pad-three", action="store_true", help="cells: also time each cell's persistent kernel "
                    "(mode='kernel') as it is and with 3 gate blocks as one padded window of 4 "
                    "(recur.kernels.persistent.PAD_THREE), with their errors against the sequential scan")
+    p.add_argument("--poll-load", action="store_true", help="cells: also time each cell's persistent kernel "
+                   "(mode='kernel') with its barriers polling by volatile loads (recur.kernels.persistent.POLL)")
     p.add_argument("--parts", default="cells,linear", help="cells, linear, persistent")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -80,10 +82,13 @@ def main(argv=None):
                 if a.ln_fused and getattr(bg.recur.get_cell(cell, H), "layer_norm_fusable", False):
                     fns[f"recur {cell} ln-fused hoisted u{u}"] = with_attr(lstm, "LN_FUSED_BACKWARD", True, with_switch(
                         False, lambda c=cell, u=u: bg.recur_fn(c, H, a.batch, a.length, jdt, "sequential", train, u)))
-            if a.pad_three:
-                kernel = lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "kernel", train)
+            kernel = lambda c=cell: bg.recur_fn(c, H, a.batch, a.length, jdt, "kernel", train)
+            if a.pad_three or a.poll_load:
                 fns[f"recur {cell} kernel"] = kernel
+            if a.pad_three:
                 fns[f"recur {cell} kernel pad-three"] = with_attr(ps, "PAD_THREE", True, kernel)
+            if a.poll_load:
+                fns[f"recur {cell} kernel poll-load"] = with_attr(ps, "POLL", "load", kernel)
         print(f"H={H} {prec} {task}", flush=True)
         first_unroll = a.unrolls.split(",")[0]
         for name, (compile_s, t) in bg._time(fns, a.repeats).items():

@@ -142,8 +142,8 @@ def persistent_ir(H, dtype, B=64, programs=132, cell="lstm", remat="none"):
     return modules
 
 
-def compile_sm90(text, num_warps, num_stages=1):
-    """(shared bytes, registers, spill store bytes, spill load bytes) of one kernel for sm_90."""
+def sm90(text, num_warps, num_stages=1):
+    """One kernel's Triton IR compiled for sm_90: triton's CompiledKernel (its .asm["ptx"], ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -151,8 +151,16 @@ def compile_sm90(text, num_warps, num_stages=1):
         path = os.path.join(tmp, "recur_loop.ttir")
         with open(path, "w") as f:
             f.write(text)
-        kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps, "num_stages": num_stages})
+        return triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_sm90(text, num_warps, num_stages=1):
+    """(shared bytes, registers, spill store bytes, spill load bytes) of one kernel for sm_90."""
+    import triton
+
+    kernel = sm90(text, num_warps, num_stages)
+    with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])

@@ -8,6 +8,9 @@ GPU compiler path cannot express fails here rather than only on a GPU.
 import functools
 import importlib
 import json
+import os
+import subprocess
+import sys
 import types
 import warnings
 
@@ -448,6 +451,19 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
         assert choose("lstm")[0] == "loop" and len(asked) == n + 1, damaged
         n += 1
         assert [v["choice"] for v in json.loads(tuning.cache_path().read_text()).values()] == ["kernel"]
+
+
+def test_processes_storing_choices_at_once_keep_every_key(tmp_path):
+    """Four processes add 40 keys each to one autotune cache file at once: under the file's lock
+    none of their read-update-replace cycles loses another's key."""
+    code = ("import sys; from recur.kernels import autotune\n"
+            "for i in range(40): autotune._store(f'{sys.argv[1]}-{i}', {'choice': 'kernel'})")
+    env = dict(os.environ, RECUR_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(n)], env=env) for n in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    assert sorted(stored) == sorted(f"{n}-{i}" for n in range(4) for i in range(40))
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_auto_on_a_gpu_compiles_each_kernel_once_in_its_measurement(fresh_autotune, monkeypatch):

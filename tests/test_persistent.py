@@ -98,7 +98,7 @@ def test_persistent_equals_sequential(interpret, name, dtype, tol, backward, mon
 def test_vmap_takes_the_loop_kernel_not_the_persistent_one(interpret):
     """Under jax.vmap a Pallas kernel's grid is multiplied by the batch, and the persistent
     kernels' programs must all be resident at once: a vmapped scan takes the loop kernel (same
-    values). (jax.vmap of an already jitted function is not seen: its scan traced unbatched.)"""
+    values). (jax.vmap of an already jitted function is not seen: the next test.)"""
     cell, params, xs, _ = _setup(jnp.float32, "gru")
     xs3 = jnp.stack([xs, 2 * xs, -xs])
     f = lambda mode: lambda x: recur.scan(cell, params, x, mode=mode, lengths=jnp.arange(B) % (T + 1))[0]
@@ -108,6 +108,44 @@ def test_vmap_takes_the_loop_kernel_not_the_persistent_one(interpret):
     for g in (jax.vmap(f("kernel")), jax.jit(jax.vmap(f("kernel")))):
         assert kinds(g, xs3) == ["loop"]
     np.testing.assert_allclose(jax.vmap(f("kernel"))(xs3), jax.vmap(f("sequential"))(xs3), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm:ln"])
+def test_vmap_of_a_jitted_scan_runs_the_persistent_kernel_once_per_element(interpret, name):
+    """jax.vmap of an already jitted function traces its scan unbatched, so the scan takes the
+    persistent kernel; vmap would then batch the pallas_call by multiplying its grid (on a GPU more
+    programs than SMs, whose barriers give up: NaN). persistent.one_at_a_time makes the batched
+    kernel a lax.map over the elements: forward and gradients equal the sequential scan's."""
+    cell, params, xs, _ = _setup(jnp.float32, name)
+    xs3 = jnp.stack([xs, 2 * xs, -xs])
+    lengths = jnp.arange(B) % (T + 1)
+
+    def f(mode):
+        def loss(p, x):
+            hs = recur.scan(cell, p, x, mode=mode, lengths=lengths)[0]
+            return jnp.sum(jnp.sin(hs)), hs
+        return jax.vmap(jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), in_axes=(None, 0))
+
+    jaxpr = jax.make_jaxpr(f("kernel"))(params, xs3)
+    kind = persistent.rule_for(cell).name if name == "gru" else "lstm_ln"
+    assert f"recur_{kind}_persistent" in str(jaxpr)
+    grids = [tuple(e.params["grid_mapping"].grid) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    assert len(grids) >= 2 and set(grids) == {(1,)}, grids  # each kernel its own grid of one (interpret mode)
+    want, got = f("sequential")(params, xs3), f("kernel")(params, xs3)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.all(np.isfinite(b)) and np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(a)), a.shape
+
+
+def _eqns(jaxpr):
+    """Every equation of jaxpr and of the jaxprs in its equations' parameters (jit, scan, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for x in (v if isinstance(v, (tuple, list)) else [v]):
+                sub = x if hasattr(x, "eqns") else getattr(x, "jaxpr", None)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
 
 
 def test_persistent_forward_alone_is_the_inference_path(interpret):
@@ -534,6 +572,34 @@ def test_padded_three_gate_kernels_fit_an_h100_without_spills(monkeypatch):
     for text in (forward, backward):
         shared, regs, spill_st, spill_ld = compile_sm90(text, persistent.NUM_WARPS, persistent.NUM_STAGES)
         assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
+
+
+def test_barriers_polling_by_volatile_loads_compile_for_an_h100(monkeypatch):
+    """POLL="load": a program waiting at a barrier polls the counter with volatile loads, not
+    atomics, and takes one acq_rel atomic once the count is reached; the LSTM's float32 kernels
+    (B=64, H=1024) compile for sm_90 without spills. An unknown POLL is refused."""
+    pytest.importorskip("triton", reason="the triton package compiles the kernels for a GPU target")
+    import re
+
+    from experiments.triton_compile import compile_sm90, persistent_ir, sm90
+
+    def forward_ptx():
+        forward, backward = persistent_ir(1024, jnp.float32, cell="lstm")
+        ptx = sm90(forward, persistent.NUM_WARPS, persistent.NUM_STAGES).asm["ptx"]
+        return forward, backward, len(re.findall(r"ld\.volatile\.global", ptx)), len(re.findall(r"atom\.global\.gpu\.acq_rel", ptx))
+
+    *_, polls, atomics = forward_ptx()
+    monkeypatch.setattr(persistent, "POLL", "load")
+    forward, backward, polls_by_load, atomics_by_load = forward_ptx()
+    # the forward kernel's two barriers (before the loop, then each step): two polling loads, and per
+    # barrier still two atomics (the arrival, the acquire after the polls instead of the polls)
+    assert (polls, polls_by_load) == (0, 2) and atomics == atomics_by_load == 4
+    for text in (forward, backward):
+        shared, regs, spill_st, spill_ld = compile_sm90(text, persistent.NUM_WARPS, persistent.NUM_STAGES)
+        assert shared <= 227 * 1024 and spill_st == spill_ld == 0 and 0 < regs <= 255, (shared, regs, spill_st)
+    monkeypatch.setattr(persistent, "POLL", "spin")
+    with pytest.raises(ValueError, match="POLL must be 'atomic' or 'load', got 'spin'"):
+        persistent_ir(64, jnp.float32, cell="lstm")
 
 
 @pytest.mark.parametrize("name,dtype,spill", [("lstm", jnp.bfloat16, 0), ("gru", jnp.float32, 0),

@@ -28,7 +28,7 @@ shape, so on a GPU ``auto`` measures, as XLA's GEMM autotuner and cuDNN's algori
 - the choice is kept in memory and, when every candidate ran, in
   ``$RECUR_CACHE_DIR/autotune.json`` (default ``~/.cache/recur``), keyed by the GPU kind, the jax
   version, a hash of recur's source, the cell, the shapes, the options and the candidates, so a
-  shape is measured once per machine and code version.
+  shape is measured once per machine and code version (writers take turns under a lock file).
 
 It runs while the caller's function is being traced (inputs made under
 ``jax.ensure_compile_time_eval``, each candidate compiled ahead of time and called), once per new
@@ -44,6 +44,7 @@ half precision where they run, the linear kernel for linear cells); ``RECUR_AUTO
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -130,14 +131,17 @@ def _load() -> dict:
 
 
 def _store(k: str, entry: dict):
+    """Adds k to the cache file: read, update and replace under an exclusive lock on a file beside
+    it, so that processes measuring at once (data-parallel workers, a sweep) keep each other's keys."""
     path = cache_path()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    data = _load()
-    data[k] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with _locked(path):
+            data = _load()
+            data[k] = entry
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, path)
     except OSError as e:  # the choice still holds for this process
         try:
             tmp.unlink(missing_ok=True)
@@ -145,6 +149,22 @@ def _store(k: str, entry: dict):
             pass
         warnings.warn(f"recur autotune: could not write {path} ({e}); set RECUR_CACHE_DIR to a writable folder",
                       RuntimeWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """An exclusive lock on path + ".lock" while the block runs (POSIX flock; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the last writer's file wins
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:

@@ -77,6 +77,13 @@ RECOMPUTE_KB = 64
 # (19.9 against 6.7 ms, B=64 T=512 H=1024) and 1.4x in bfloat16; off until a GPU times it
 # (experiments/gpu_explore.py --parts persistent --pad-three)
 PAD_THREE = False
+# how a program waiting at a grid barrier polls the counter: "atomic", an acq_rel atomic add of 0
+# per poll (each an L2 read-modify-write on the one address every waiting program polls, queued
+# with the arrivals), or "load", volatile loads until the count is reached and one acq_rel atomic
+# add of 0 then (the acquire that orders the loads of the other programs' values after it). Both
+# agree in interpret mode and compile for sm_90; "atomic", the form measured, until a GPU times
+# "load" (experiments/gpu_explore.py --poll-load)
+POLL = "atomic"
 
 
 def _pow2_divisor(n, cap):
@@ -239,12 +246,40 @@ class _Grid:
             from jax.experimental.pallas import triton as pl_triton
 
             kwargs["compiler_params"] = pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-        outs = pl.pallas_call(
+        call = pl.pallas_call(
             body, out_shape=list(out_shape) + [jax.ShapeDtypeStruct((1,), jnp.int32)],
             grid=(1,) if self.interpret else (self.nb, self.nu), input_output_aliases={n_in: len(out_shape)},
             interpret=self.interpret, name=name, **kwargs,
-        )(*inputs, jnp.zeros((1,), jnp.int32))
+        )
+        outs = one_at_a_time(lambda *ins: call(*ins, jnp.zeros((1,), jnp.int32)))(*inputs)
         return outs[:-1], outs[-1][0] == n_programs * arrivals
+
+
+def one_at_a_time(f):
+    """f, which under jax.vmap runs once per batch element (a lax.map over the batched arguments)
+    instead of being batched. jax.vmap batches a pallas_call by multiplying its grid by the batch:
+    a persistent kernel's programs, which must all be resident at once, would then outnumber the
+    SMs and its barriers would give up (NaN). recur.scan sees a vmap around it and takes the loop
+    kernel (dispatch.choose(vmapped=)), but not jax.vmap of an already jitted function, whose scan
+    was traced unbatched; this is what makes that case correct (each element at the kernel's own
+    speed, one after another)."""
+    f = jax.custom_batching.custom_vmap(f)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        batched = [a for a, b in zip(args, in_batched) if b]
+        if not batched:
+            out = f(*args)
+            return out, jax.tree.map(lambda _: False, out)
+
+        def one(elements):
+            it = iter(elements)
+            return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+        out = jax.lax.map(one, batched)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
 
 
 # --- the cells' steps, unit by unit ------------------------------------------------------------
@@ -839,16 +874,22 @@ def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
         seen, spins = state
         return jnp.logical_and(seen < jnp.int32(target), spins < jnp.int32(MAX_SPINS))
 
+    by_load = POLL == "load"
+    if POLL not in ("atomic", "load"):
+        raise ValueError(f"recur.kernels.persistent.POLL must be 'atomic' or 'load', got {POLL!r}")
+
     def poll(state):
         seen, spins = state
-        if gpu:  # an acq_rel read; interpret mode's while loop cannot hold an atomic (its
-            # discharge adds constants there), and its single program never waits anyway
+        if gpu and not by_load:  # an acq_rel read; interpret mode's while loop cannot hold an atomic
+            # (its discharge adds constants there), and its single program never waits anyway
             return pl_triton.atomic_add(counter_ref, jnp.int32(0), jnp.int32(0)), spins + 1
-        return counter_ref[0], spins + 1
+        return _load_fresh(counter_ref, not gpu)[0], spins + 1
 
     # a program that gave up before starts with its polls spent: it does not wait again
     spins = gave_up.astype(jnp.int32) * jnp.int32(MAX_SPINS)
     seen, _ = jax.lax.while_loop(waiting, poll, (seen, spins))
+    if gpu and by_load:  # the acquire the volatile polls lack (a count only grows: the max is the latest)
+        seen = jnp.maximum(seen, pl_triton.atomic_add(counter_ref, jnp.int32(0), jnp.int32(0)))
     if gpu:
         pl_triton.debug_barrier()  # thread 0's acquire precedes every thread's loads
     return gave_up | (seen < target)
