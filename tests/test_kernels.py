@@ -9,8 +9,10 @@ import functools
 import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import time
 import types
 import warnings
 
@@ -454,16 +456,40 @@ def test_auto_measures_the_candidates_that_can_run_and_keeps_the_fastest(tuning,
 
 
 def test_processes_storing_choices_at_once_keep_every_key(tmp_path):
-    """Four processes add 40 keys each to one autotune cache file at once: under the file's lock
-    none of their read-update-replace cycles loses another's key."""
-    code = ("import sys; from recur.kernels import autotune\n"
+    """Four processes add 40 keys each to one autotune cache file at once (each starts storing when
+    a file appears, so that their stores overlap): under the file's lock none of their
+    read-update-replace cycles loses another's key."""
+    go = tmp_path / "go"
+    code = ("import os, pathlib, sys, time; from recur.kernels import autotune\n"
+            f"pathlib.Path({str(tmp_path)!r}, 'ready' + sys.argv[1]).touch()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
             "for i in range(40): autotune._store(f'{sys.argv[1]}-{i}', {'choice': 'kernel'})")
-    env = dict(os.environ, RECUR_CACHE_DIR=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(n)], env=env) for n in range(4)]
+    root = str(pathlib.Path(recur.__file__).parents[1])  # this checkout's recur, whatever the cwd
+    env = dict(os.environ, RECUR_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(n)], env=env, cwd=root) for n in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < 4 and time.monotonic() < deadline:  # every import done
+        time.sleep(0.01)
+    go.touch()
     assert [p.wait(timeout=120) for p in procs] == [0] * 4
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert sorted(stored) == sorted(f"{n}-{i}" for n in range(4) for i in range(40))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_cache_folder_without_file_locks_still_stores(fresh_autotune, monkeypatch):
+    """Where flock fails (a file system without locks: ENOLCK), the choice is written unlocked."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh_autotune._store("k", {"choice": "kernel"})
+    assert json.loads(fresh_autotune.cache_path().read_text()) == {"k": {"choice": "kernel"}}
 
 
 def test_auto_on_a_gpu_compiles_each_kernel_once_in_its_measurement(fresh_autotune, monkeypatch):

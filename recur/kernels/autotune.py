@@ -153,18 +153,25 @@ def _store(k: str, entry: dict):
 
 @contextlib.contextmanager
 def _locked(path: pathlib.Path):
-    """An exclusive lock on path + ".lock" while the block runs (POSIX flock; elsewhere none)."""
+    """An exclusive lock on path + ".lock" while the block runs (POSIX flock on a descriptor opened
+    read-only, so that another user's lock file in a shared folder serves too). Where there is no
+    flock (Windows; a file system without locks: ENOLCK, ENOSYS) the block runs unlocked, as before
+    the lock: the last of two simultaneous writers' files wins, and the other's keys are measured
+    again later."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows: the last writer's file wins
+    except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def pick(candidates: dict, k: str, measure, label: str | None = None) -> str:

@@ -256,30 +256,14 @@ class _Grid:
 
 
 def one_at_a_time(f):
-    """f, which under jax.vmap runs once per batch element (a lax.map over the batched arguments)
-    instead of being batched. jax.vmap batches a pallas_call by multiplying its grid by the batch:
-    a persistent kernel's programs, which must all be resident at once, would then outnumber the
-    SMs and its barriers would give up (NaN). recur.scan sees a vmap around it and takes the loop
-    kernel (dispatch.choose(vmapped=)), but not jax.vmap of an already jitted function, whose scan
-    was traced unbatched; this is what makes that case correct (each element at the kernel's own
-    speed, one after another)."""
-    f = jax.custom_batching.custom_vmap(f)
-
-    @f.def_vmap
-    def rule(axis_size, in_batched, *args):
-        batched = [a for a, b in zip(args, in_batched) if b]
-        if not batched:
-            out = f(*args)
-            return out, jax.tree.map(lambda _: False, out)
-
-        def one(elements):
-            it = iter(elements)
-            return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
-
-        out = jax.lax.map(one, batched)
-        return out, jax.tree.map(lambda _: True, out)
-
-    return f
+    """f, which under jax.vmap runs once per batch element (jax.custom_batching.sequential_vmap: a
+    lax.map over the batched arguments) instead of being batched. jax.vmap batches a pallas_call by
+    multiplying its grid by the batch: a persistent kernel's programs, which must all be resident at
+    once, would then outnumber the SMs and its barriers would give up (NaN). recur.scan sees a vmap
+    around it and takes the loop kernel (dispatch.choose(vmapped=)), but not jax.vmap of an already
+    jitted function, whose scan was traced unbatched; this is what makes that case correct (each
+    element at the kernel's own speed, one after another)."""
+    return jax.custom_batching.sequential_vmap(f)
 
 
 # --- the cells' steps, unit by unit ------------------------------------------------------------
