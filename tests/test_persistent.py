@@ -5,6 +5,8 @@ On CPU it runs in Pallas' interpret mode, where one program walks every (row, un
 within each step: the same kernel code, block slicing and barrier counting. A second group lowers
 it for an H100 through the Triton back end (no GPU needed).
 """
+import warnings
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -115,7 +117,8 @@ def test_vmap_of_a_jitted_scan_runs_the_persistent_kernel_once_per_element(inter
     """jax.vmap of an already jitted function traces its scan unbatched, so the scan takes the
     persistent kernel; vmap would then batch the pallas_call by multiplying its grid (on a GPU more
     programs than SMs, whose barriers give up: NaN). persistent.one_at_a_time makes the batched
-    kernel a lax.map over the elements: forward and gradients equal the sequential scan's."""
+    kernel a lax.map over the elements, with a warning that says how to batch them instead: forward
+    and gradients equal the sequential scan's."""
     cell, params, xs, _ = _setup(jnp.float32, name)
     xs3 = jnp.stack([xs, 2 * xs, -xs])
     lengths = jnp.arange(B) % (T + 1)
@@ -126,11 +129,16 @@ def test_vmap_of_a_jitted_scan_runs_the_persistent_kernel_once_per_element(inter
             return jnp.sum(jnp.sin(hs)), hs
         return jax.vmap(jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), in_axes=(None, 0))
 
-    jaxpr = jax.make_jaxpr(f("kernel"))(params, xs3)
+    with pytest.warns(persistent.PerformanceWarning, match=r"runs the persistent kernel recur_gru_persistent(_backward)? "
+                      r"once per element \(3 in turn\); jax.vmap inside jax.jit runs them all at once"):
+        jaxpr = jax.make_jaxpr(f("kernel"))(params, xs3)
+        got = f("kernel")(params, xs3)
     assert f"recur_{persistent.rule_for(cell).name}_persistent" in str(jaxpr)
     grids = [tuple(e.params["grid_mapping"].grid) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     assert len(grids) >= 2 and set(grids) == {(1,)}, grids  # each kernel its own grid of one (interpret mode)
-    want, got = f("sequential")(params, xs3), f("kernel")(params, xs3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the plain scan: nothing to warn of
+        want = f("sequential")(params, xs3)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.all(np.isfinite(b)) and np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(a)), a.shape

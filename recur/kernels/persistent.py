@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -251,19 +252,42 @@ class _Grid:
             grid=(1,) if self.interpret else (self.nb, self.nu), input_output_aliases={n_in: len(out_shape)},
             interpret=self.interpret, name=name, **kwargs,
         )
-        outs = one_at_a_time(lambda *ins: call(*ins, jnp.zeros((1,), jnp.int32)))(*inputs)
+        outs = one_at_a_time(lambda *ins: call(*ins, jnp.zeros((1,), jnp.int32)), name)(*inputs)
         return outs[:-1], outs[-1][0] == n_programs * arrivals
 
 
-def one_at_a_time(f):
-    """f, which under jax.vmap runs once per batch element (jax.custom_batching.sequential_vmap: a
-    lax.map over the batched arguments) instead of being batched. jax.vmap batches a pallas_call by
-    multiplying its grid by the batch: a persistent kernel's programs, which must all be resident at
-    once, would then outnumber the SMs and its barriers would give up (NaN). recur.scan sees a vmap
-    around it and takes the loop kernel (dispatch.choose(vmapped=)), but not jax.vmap of an already
-    jitted function, whose scan was traced unbatched; this is what makes that case correct (each
-    element at the kernel's own speed, one after another)."""
-    return jax.custom_batching.sequential_vmap(f)
+def one_at_a_time(f, name="kernel"):
+    """f, which under jax.vmap runs once per batch element (a lax.map over the batched arguments, as
+    jax.custom_batching.sequential_vmap), with a PerformanceWarning, instead of being batched.
+    jax.vmap batches a pallas_call by multiplying its grid by the batch: a persistent kernel's
+    programs, which must all be resident at once, would then outnumber the SMs and its barriers
+    would give up (NaN). recur.scan sees a vmap around it and takes the loop kernel
+    (dispatch.choose(vmapped=)), but not jax.vmap of an already jitted function, whose scan was
+    traced unbatched; this is what makes that case correct (each element at the kernel's own
+    speed, one after another)."""
+    f = jax.custom_batching.custom_vmap(f)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        if not any(in_batched):  # (only custom_vmap's jvp asks this; the kernels are not differentiated)
+            out = f(*args)
+            return out, jax.tree.map(lambda _: False, out)
+        warnings.warn(f"recur: jax.vmap of a jitted function runs the persistent kernel {name} once per element "
+                      f"({axis_size} in turn); jax.vmap inside jax.jit runs them all at once (the loop kernel)",
+                      PerformanceWarning, stacklevel=2)
+
+        def one(elements):
+            it = iter(elements)
+            return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+        out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+class PerformanceWarning(UserWarning):
+    """recur ran something correctly but slower than it could (the message says how to avoid it)."""
 
 
 # --- the cells' steps, unit by unit ------------------------------------------------------------
