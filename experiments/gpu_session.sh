@@ -16,11 +16,12 @@
 #                                             # Triton settings (~9 min)
 #   bash experiments/gpu_session.sh lent      # the first call of a session: persistent_check, then the
 #                                             # persistent kernels against cuDNN at both sizes (~9 min)
-#   bash experiments/gpu_session.sh next      # after lent: lstm:ln's fused backward, the padded 3-gate
-#                                             # kernels, auto's inference apart, the linear scans, the LSTM
-#                                             # variants not yet timed (~10 min; the last part is cut first)
+#   bash experiments/gpu_session.sh next      # after lent: lstm:ln's fused backward and polling barriers,
+#                                             # the linear scans, auto's inference apart, the padded 3-gate
+#                                             # kernels, the LSTM variants not yet timed (~10 min; the last
+#                                             # part is cut first)
 #   bash experiments/gpu_session.sh profile   # Nsight Compute on lstm:ln's float32 kernels and the LSTM's
-#                                             # bfloat16 ones, where issue 7 is short (~4 min)
+#                                             # bfloat16 ones, where issue 7 is short (~3.5 min)
 #   bash experiments/gpu_session.sh variants  # the persistent kernels of the LSTM with gate recurrence,
 #                                             # Greff's variants with layer norm, Sak's LSTMP with
 #                                             # peepholes and LSTMP with layer norm, H=1024 (~5 min)
@@ -103,31 +104,32 @@ case $plan in
     part 110 $B --hidden 1024 --cells mgu,lstm:cifg,lstm:ln,gru:cho --modes sequential,kernel --baselines none \
       --repeats 5 --parts cells --out "$OUT/variants" ;;
   next)
-    # what call 4 left: the layer-norm LSTM's float32 shortfall (its hand-written backward step;
-    # its kernel, three barriers a step, with the barriers polling by volatile loads), the 3-gate
-    # kernels as one padded window (the GRU's and lstm:cifg's float32 kernels ran 3.4x the LSTM's),
-    # the linear scans at the lengths of issue 7's 2x target, then the untimed LSTM variants
-    # (~10 min: run with timeout_s 590; the last part is cut first)
+    # what call 4 left, most decisive first: the layer-norm LSTM's float32 shortfall (its
+    # hand-written backward step; its kernel, three barriers a step, with the barriers polling by
+    # volatile loads); the linear scans at the lengths of issue 7's 2x target (never yet measured on
+    # the bare scan); auto's inference measured apart from training (never yet on a GPU: the GRU's
+    # half-precision inference should take the sequential scan, 4.31 against 5.85 ms in call 4, and
+    # its training the kernel); the 3-gate kernels as one padded window (the GRU's and lstm:cifg's
+    # float32 kernels ran 3.4x the LSTM's); the untimed LSTM variants (~10 min: run with timeout_s
+    # 590; the last part is cut first)
     part 130 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --poll-load --tasks train \
       --out "$OUT/ln"
-    part 120 $E --parts cells --hidden 1024 --cells gru,lstm:cifg --unrolls 8 --pad-three --out "$OUT/pad3"
-    # auto's inference measured apart from training, never yet on a GPU: the GRU's half-precision
-    # inference should now take the sequential scan (4.31 ms in call 4) and its training the kernel
-    part 100 $B --hidden 1024 --cells gru --modes auto --baselines none --repeats 3 --parts cells --out "$OUT/auto"
     part 90 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"
+    part 100 $B --hidden 1024 --cells gru --modes auto --baselines none --repeats 3 --parts cells --out "$OUT/auto"
+    part 120 $E --parts cells --hidden 1024 --cells gru,lstm:cifg --unrolls 8 --pad-three --out "$OUT/pad3"
     part 170 $B --hidden 1024 --cells lstm:fgr,lstm:cifg,ln,lstm:peepholes,ln,lstm:proj_size=512,lstm:ln,proj_size=512 \
       --modes sequential,kernel --baselines none --repeats 5 --parts cells --out "$OUT/variants2" ;;
   profile)
-    # Nsight Compute on the persistent kernels where issue 7 is short: lstm:ln in float32 beside the
-    # LSTM, and the LSTM's bfloat16 training step (0.89x cuDNN fp16). Each kernel launched once,
+    # Nsight Compute on the persistent kernels where issue 7 is short: lstm:ln in float32 (training
+    # and inference), and the LSTM's bfloat16 training step (0.89x cuDNN fp16). Each kernel launched once,
     # profiled by replay. ncu cannot read the counters in a gVisor sandbox: there the parts fail
-    # at once (~4 min with counters)
+    # at once (~3.5 min with counters)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 0; }
     S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy"
     S="$S --section WarpStateStats --section SchedulerStats --section SourceCounters --print-units base"
-    part 150 "$NCU" --clock-control none --kernel-name regex:persistent $S --log-file "$OUT/ncu_fp32.md" \
-      $PY -m experiments.profile_kernels --cells lstm:ln,lstm --hidden 1024 --dtype float32
+    part 120 "$NCU" --clock-control none --kernel-name regex:persistent $S --log-file "$OUT/ncu_fp32.md" \
+      $PY -m experiments.profile_kernels --cells lstm:ln --hidden 1024 --dtype float32
     part 90 "$NCU" --clock-control none --kernel-name regex:persistent $S --log-file "$OUT/ncu_bf16.md" \
       $PY -m experiments.profile_kernels --cells lstm --hidden 1024 --dtype bfloat16 --tasks train ;;
   variants)
