@@ -112,6 +112,10 @@ case $plan in
     # its training the kernel); the 3-gate kernels as one padded window (the GRU's and lstm:cifg's
     # float32 kernels ran 3.4x the LSTM's); the untimed LSTM variants (~10 min: run with timeout_s
     # 590; the last part is cut first)
+    # the polling barriers' correctness first, at T = 64, where lstm:ln's gradients are not chaotic
+    # (at T = 512 rounding alone moves them ~100%, which would hide a barrier passed early)
+    part 60 $PY -m experiments.persistent_check --batch 64 --hidden 1024 --length 64 --cells lstm lstm:ln \
+      --dtypes float32 --poll load
     part 130 $E --parts cells --hidden 1024 --cells lstm:ln --unrolls 8 --ln-fused --poll-load --tasks train \
       --out "$OUT/ln"
     part 90 $B --parts linear,scan --linear-lengths 4096,16384,65536 --repeats 7 --out "$OUT/linear"

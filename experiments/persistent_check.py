@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import recur
-from recur.kernels import autotune, dispatch
+from recur.kernels import autotune, dispatch, persistent
 
 
 def check(name, dtype, B, T, I, H, remat="none"):
@@ -80,9 +80,13 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--remat", default="none", choices=["none", "step"],
                    help="step: the backward kernels recompute the gates")
+    p.add_argument("--poll", default=None, choices=["atomic", "load"],
+                   help="how the barriers poll their counter (recur.kernels.persistent.POLL; default: its value)")
     a = p.parse_args(argv)
+    if a.poll:
+        persistent.POLL = a.poll  # read while the kernels are traced
     print(f"backend {jax.default_backend()}, interpret {dispatch.interpret_forced()}, B={a.batch}, T={a.length}, "
-          f"I={a.input}, H={a.hidden}, remat {a.remat}")
+          f"I={a.input}, H={a.hidden}, remat {a.remat}, barriers poll by {persistent.POLL}")
     print("cell | dtype | plain | lengths, reverse | rounding (sequential vs itself, weights moved 2^-11 / 2^-8)")
     for name in a.cells:
         for dt in a.dtypes:
