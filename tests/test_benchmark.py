@@ -116,3 +116,49 @@ def test_gpu_benchmark_notes_say_what_auto_measured_and_took(monkeypatch):
     assert set(out) == {"recur lstm auto", "recur lstm sequential"}
     assert bench_gpu.NOTES["recur lstm auto"] == "auto measured sequential 2.000 ms, kernel 1.000 ms: took kernel"
     assert bench_gpu.NOTES["recur lstm sequential"] == ""
+
+
+def test_profile_kernels_compiles_then_calls_each_kernel_once(monkeypatch, capsys):
+    """experiments/profile_kernels.py (for Nsight Compute): each task's function compiled, then
+    called once, through the persistent kernel (interpret mode here); an unknown task is an error."""
+    import pytest
+
+    from experiments import profile_kernels
+
+    monkeypatch.setenv("RECUR_PALLAS_INTERPRET", "1")
+    calls = []
+    real = profile_kernels.functions
+
+    def counting(*a):
+        impl, fns = real(*a)
+        for task, (f, args) in fns.items():
+            fns[task] = (_Counted(f, task, calls), args)
+        return impl, fns
+
+    monkeypatch.setattr(profile_kernels, "functions", counting)
+    profile_kernels.main(["--cells", "gru", "--batch", "16", "--length", "3", "--hidden", "16"])
+    out = capsys.readouterr().out
+    assert "gru train: persistent" in out and "gru infer: persistent" in out
+    assert calls == ["train", "infer"]  # one call each, after its compilation
+    with pytest.raises(SystemExit, match="'bwd' is not one of"):
+        profile_kernels.main(["--cells", "gru", "--batch", "16", "--length", "3", "--hidden", "16", "--tasks", "bwd"])
+
+
+class _Counted:
+    """A jitted function whose compiled form records each call."""
+
+    def __init__(self, f, task, calls):
+        self.f, self.task, self.calls = f, task, calls
+
+    def lower(self, *args):
+        lowered, task, calls = self.f.lower(*args), self.task, self.calls
+
+        class Compiled:
+            def __init__(self):
+                self.c = lowered.compile()
+
+            def __call__(self, *a):
+                calls.append(task)
+                return self.c(*a)
+
+        return type("Lowered", (), {"compile": lambda _: Compiled()})()
