@@ -148,11 +148,8 @@ def _eqns(jaxpr):
     """Every equation of jaxpr and of the jaxprs in its equations' parameters (jit, scan, custom rules)."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for v in eqn.params.values():
-            for x in (v if isinstance(v, (tuple, list)) else [v]):
-                sub = x if hasattr(x, "eqns") else getattr(x, "jaxpr", None)
-                if hasattr(sub, "eqns"):
-                    yield from _eqns(sub)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
 
 
 def test_persistent_forward_alone_is_the_inference_path(interpret):
@@ -498,17 +495,8 @@ def test_layer_norm_kernels_are_the_cells_step_saving_and_step_backward():
 
 def _kernel_outputs(jaxpr, name):
     """The output avals of the pallas_calls called ``name`` in a closed jaxpr (sub-jaxprs included)."""
-    found = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive.name == "pallas_call" and eqn.params.get("name") == name:
-                found.append([v.aval for v in eqn.outvars])
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
+    return [[v.aval for v in eqn.outvars] for eqn in _eqns(jaxpr.jaxpr)
+            if eqn.primitive.name == "pallas_call" and eqn.params.get("name") == name]
 
 
 # (cell, dtype, tolerance, the float32 values per row and step that remat="step" does not keep: the

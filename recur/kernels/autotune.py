@@ -333,7 +333,8 @@ def _widened(tols, step, params, args, want, dtype, errors, m):
 
 
 def _worst(errs) -> float:
-    return float("nan") if any(np.isnan(errs)) else max(errs, default=0.0)
+    """The largest of errs, or NaN if any is not finite."""
+    return float("nan") if not np.all(np.isfinite(errs)) else max(errs, default=0.0)
 
 
 def _disagreement(got, want) -> float:
@@ -343,5 +344,4 @@ def _disagreement(got, want) -> float:
     wide = lambda x: np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel()
     pairs = [(wide(a), wide(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
     scale = max((float(np.linalg.norm(b)) for _, b in pairs), default=0.0) + 1e-30
-    errs = [float(np.linalg.norm(a - b)) / (float(np.linalg.norm(b)) or scale) for a, b in pairs]
-    return float("nan") if not np.all(np.isfinite(errs)) else max(errs, default=0.0)
+    return _worst([float(np.linalg.norm(a - b)) / (float(np.linalg.norm(b)) or scale) for a, b in pairs])

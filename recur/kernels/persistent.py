@@ -882,9 +882,9 @@ def _grid_barrier(counter_ref, n_programs, arrivals, gave_up, *, gpu):
         seen, spins = state
         return jnp.logical_and(seen < jnp.int32(target), spins < jnp.int32(MAX_SPINS))
 
-    by_load = POLL == "load"
     if POLL not in ("atomic", "load"):
         raise ValueError(f"recur.kernels.persistent.POLL must be 'atomic' or 'load', got {POLL!r}")
+    by_load = POLL == "load"
 
     def poll(state):
         seen, spins = state
